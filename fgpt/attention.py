@@ -1,0 +1,87 @@
+"""Attention kernels: full causal, sliding window at O(T·W), and a dense masked reference.
+
+All take q [B, H, T, hd] and k, v [B, H_kv, S, hd] with H a multiple of H_kv
+(grouped-query attention: query head h reads kv head h // (H // H_kv)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sdpa(q, k, v, *, mask=None, causal=False, dropout_p=0.0):
+    gqa = q.shape[-3] != k.shape[-3]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa
+    )
+
+
+def causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+    """Full causal attention: query i sees keys 0..i. O(T²)."""
+    return _sdpa(q, k, v, causal=True, dropout_p=dropout_p)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Dense attention under a boolean mask broadcastable to [B, H, T, S] (True = attend)."""
+    return _sdpa(q, k, v, mask=mask, dropout_p=dropout_p)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Tq, Tk] bool: key j visible from query i iff i - window < j <= i (window None = causal)."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    ok = diff >= 0
+    if window is not None:
+        ok &= diff < window
+    return ok
+
+
+def dense_window_attention(q, k, v, window: int | None) -> torch.Tensor:
+    """The O(T²) reference: sliding window as a mask over full attention."""
+    pos = torch.arange(q.shape[-2], device=q.device)
+    return masked_attention(q, k, v, window_mask(pos, pos, window))
+
+
+def _band_mask(n_blocks: int, block: int, window: int, device) -> torch.Tensor:
+    """[n_blocks, 1, block, block + window - 1]: which keys of each block's span a query sees."""
+    r = torch.arange(block, device=device)[:, None]
+    c = torch.arange(block + window - 1, device=device)[None, :]
+    in_band = (c >= r) & (c <= r + window - 1)
+    first_key = (window - 1) - torch.arange(n_blocks, device=device) * block  # left padding
+    return (in_band[None] & (c[None] >= first_key[:, None, None]))[:, None]
+
+
+def sliding_window_attention(q, k, v, window: int, block: int | None = None,
+                             dropout_p: float = 0.0) -> torch.Tensor:
+    """Sliding-window causal attention in O(T·W) time and memory.
+
+    Queries are cut into blocks of `block`; each block attends to the span of
+    block + window - 1 keys that can reach it, gathered with `unfold` from keys padded
+    on the left by window - 1. Cost per query: block + window - 1 keys instead of T.
+    """
+    B, H, T, hd = q.shape
+    if window >= T:
+        return causal_attention(q, k, v, dropout_p)
+    block = min(block or window, T)
+    n_blocks = -(-T // block)
+    span = block + window - 1
+    pad_right = n_blocks * block - T
+    q = F.pad(q, (0, 0, 0, pad_right))
+    k = F.pad(k, (0, 0, window - 1, pad_right))
+    v = F.pad(v, (0, 0, window - 1, pad_right))
+    Hkv = k.shape[1]
+    # [B, H, nb*block, hd] -> [B*nb, H, block, hd]; keys -> [B*nb, Hkv, span, hd]
+    qb = q.view(B, H, n_blocks, block, hd).transpose(1, 2).reshape(B * n_blocks, H, block, hd)
+    kb = k.unfold(2, span, block).permute(0, 2, 1, 4, 3).reshape(B * n_blocks, Hkv, span, hd)
+    vb = v.unfold(2, span, block).permute(0, 2, 1, 4, 3).reshape(B * n_blocks, Hkv, span, hd)
+    mask = _band_mask(n_blocks, block, window, q.device).repeat(B, 1, 1, 1)
+    out = _sdpa(qb, kb, vb, mask=mask, dropout_p=dropout_p)  # [B*nb, H, block, hd]
+    out = out.view(B, n_blocks, H, block, hd).transpose(1, 2).reshape(B, H, n_blocks * block, hd)
+    return out[:, :, :T]
+
+
+def attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal self-attention over a whole sequence: the training / fresh-prefill path."""
+    if window is None:
+        return causal_attention(q, k, v, dropout_p)
+    return sliding_window_attention(q, k, v, window, dropout_p=dropout_p)

@@ -1,0 +1,77 @@
+"""Helpers over parameter trees: nested dicts (and the `h` list) of tensors.
+
+A tree's dotted paths are exactly the HF safetensors keys (`h.0.attn.c_attn.weight`), so
+loading and saving are key-path transforms, not renaming tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import optree
+import torch
+
+Tree = Any  # nested dict / list of tensors
+
+
+def _key(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flatten(tree: Tree) -> dict[str, torch.Tensor]:
+    """Nested tree -> {"h.0.attn.c_attn.weight": tensor, ...} (optree's sorted leaf order)."""
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    return {_key(p): leaf for p, leaf in zip(paths, leaves)}
+
+
+def unflatten(flat: Mapping[str, Any]) -> Tree:
+    """Inverse of `flatten`: dotted keys -> nested dicts; all-digit key sets become lists."""
+    root: dict = {}
+    for key, value in flat.items():
+        node = root
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return _lists_from_digit_dicts(root)
+
+
+def _lists_from_digit_dicts(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    node = {k: _lists_from_digit_dicts(v) for k, v in node.items()}
+    if node and all(k.isdigit() for k in node):
+        indices = sorted(int(k) for k in node)
+        if indices == list(range(len(indices))):
+            return [node[str(i)] for i in indices]
+    return node
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
+    return optree.tree_map(fn, tree)
+
+
+def tree_map_with_path(fn: Callable[[str, torch.Tensor], Any], tree: Tree) -> Tree:
+    """Like tree_map, but `fn` also receives the leaf's dotted path."""
+    return optree.tree_map_with_path(lambda p, x: fn(_key(p), x), tree)
+
+
+def leaves(tree: Tree) -> list[torch.Tensor]:
+    return optree.tree_leaves(tree)
+
+
+def cast(tree: Tree, dtype: torch.dtype) -> Tree:
+    """Cast floating-point leaves to `dtype` (integer leaves stay as they are)."""
+    return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, tree)
+
+
+def to_device(tree: Tree, device: torch.device | str) -> Tree:
+    return tree_map(lambda x: x.to(device), tree)
+
+
+def count(tree: Tree) -> int:
+    return sum(x.numel() for x in leaves(tree))
+
+
+def nbytes(tree: Tree) -> int:
+    return sum(x.numel() * x.element_size() for x in leaves(tree))
