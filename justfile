@@ -1,7 +1,23 @@
-# fgpt tasks. `just train strategy=custom-fsdp nproc=2 --steps 50` style arguments work in
-# any order: the recipes hand everything to Python, which reads `strategy=` / `nproc=`.
+# fgpt tasks. Arguments are handed to Python untouched, so `just train strategy=custom-fsdp
+# nproc=2 --steps 50` works with `strategy=` / `nproc=` in any position.
 set positional-arguments
 
 # run the whole test suite
 test *args:
     python -m pytest -q "$@"
+
+# train (default: a small GPT on the built-in corpus, single CPU process)
+train *args:
+    python -m run.train "$@"
+
+# sample from a checkpoint (default: the newest one `just train` left)
+generate *args:
+    python -m run.generate "$@"
+
+# benchmarks: generate | train | parallel | attention
+bench what *args:
+    python -m run.bench "$@"
+
+# the assessment study: writes docs/report.md, its plots and docs/report/results.json
+report *args:
+    python -m run.report "$@"
