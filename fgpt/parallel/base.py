@@ -87,6 +87,13 @@ class Strategy(abc.ABC):
     def load_params(self, params: dict) -> None:
         """Replace the parameters by a full tree (used by --resume)."""
 
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+        """Mean loss of this rank's batch, no gradients. This fallback gathers the full tree
+        on CPU (a collective: every rank calls it); strategies override it to avoid that."""
+        from fgpt.model import loss_fn
+        with torch.no_grad():
+            return loss_fn(self.full_params(), tokens.cpu(), targets.cpu(), config)
+
     def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value
 

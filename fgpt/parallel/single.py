@@ -22,8 +22,9 @@ def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> l
 class SingleDevice(Strategy):
     name = "single"
 
-    def __init__(self, device: str | torch.device = "cpu", **_):
+    def __init__(self, device: str | torch.device = "cpu", compile: bool = False, **_):
         self.device = torch.device(device)
+        self.compile = compile
 
     def setup(self, params, config: GPTConfig, *, lr, weight_decay, betas, precision):
         self.config = config
@@ -32,21 +33,36 @@ class SingleDevice(Strategy):
         self.named = tree.flatten(self.params)  # same tensors, dotted names
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay),
                                            lr=lr, betas=betas, fused=self.device.type == "cuda")
+        self._grad_and_loss = grad_and_value(self._loss)
+        if self.compile:
+            self._grad_and_loss = torch.compile(self._grad_and_loss)
+        self._compute_tree = None
+
+    def _compute_params(self) -> dict:
+        """fp32: the master tree itself. bf16: one cast copy per optimizer step, shared by
+        all micro-steps, rather than a cast inside every differentiated forward."""
+        if self._compute_tree is None:
+            self._compute_tree = (self.params if self.compute_dtype == torch.float32
+                                  else tree.cast(self.params, self.compute_dtype))
+        return self._compute_tree
 
     def _loss(self, params, tokens, targets):
-        if self.compute_dtype != torch.float32:
-            params = tree.cast(params, self.compute_dtype)
         return loss_fn(params, tokens, targets, self.config, train=True)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
-        grads, loss = grad_and_value(self._loss)(self.params, tokens.to(self.device), targets.to(self.device))
-        for name, g in tree.flatten(grads).items():
+        grads, loss = self._grad_and_loss(self._compute_params(), tokens.to(self.device),
+                                          targets.to(self.device))
+        for name, g in tree.flatten(grads).items():  # accumulate in fp32 on the master leaves
             p = self.named[name]
             if p.grad is None:
-                p.grad = g.mul_(scale)
+                p.grad = g.to(torch.float32).mul_(scale)
             else:
                 p.grad.add_(g, alpha=scale)
         return loss.detach()
+
+    def eval_loss(self, tokens, targets, config):
+        with torch.no_grad():
+            return loss_fn(self._compute_params(), tokens.to(self.device), targets.to(self.device), config)
 
     def clip_grad_norm(self, max_norm):
         grads = [p.grad for p in self.named.values() if p.grad is not None]
@@ -62,6 +78,7 @@ class SingleDevice(Strategy):
     def step(self):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._compute_tree = None  # the bf16 copy is stale now
 
     def full_params(self):
         return tree.tree_map(lambda x: x.detach().to("cpu", copy=True), self.params)
@@ -76,3 +93,4 @@ class SingleDevice(Strategy):
         with torch.no_grad():
             for name, value in tree.flatten(params).items():
                 self.named[name].copy_(value)
+        self._compute_tree = None

@@ -1,0 +1,428 @@
+"""The training loop over a parallel Strategy: schedule, accumulation, clipping, eval,
+metrics, checkpoints and exact resume.
+
+    result = train(TrainConfig(model=GPTConfig.preset("tiny"), steps=100, out="out/run"))
+    result.metrics[-1]["loss"]
+
+Rank-aware throughout: every rank runs the same loop on its slice of the global batch;
+only rank 0 writes metrics, progress and the model; each rank writes its own optimizer
+state (it may be a shard). Checkpoint layout in the output directory:
+
+    model.safetensors, config.json   HF-compatible params (fgpt.checkpoint.save_checkpoint)
+    train_state.pt                   step, run config, elapsed time, model file digest (rank 0)
+    optimizer.rank{r}.pt             optimizer and RNG state of rank r
+    metrics.jsonl                    one JSON object per optimizer step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fgpt import data
+from fgpt.config import GPTConfig
+from fgpt.errors import FgptError
+from fgpt.model import count_params, init_params
+from fgpt.parallel import Strategy, make_strategy
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+# Settings a resumed run may change; any other difference from the checkpoint is an error.
+RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
+                     "resume", "device", "compile", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig | None = None  # None: the --init-from checkpoint's, else the tiny preset
+    data: str | None = None  # text file / directory / glob; None = the built-in corpus
+    steps: int = 1000
+    batch_size: int = 16  # global sequences per optimizer step (over micro-batches and ranks)
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float | None = None  # cosine floor; None = lr / 10
+    warmup: int | None = None  # warmup steps; None = min(100, steps // 10)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # <= 0: no clipping
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    eval_interval: int = 0  # 0: no evaluation
+    eval_iters: int = 8  # validation batches per evaluation
+    checkpoint_interval: int = 0  # 0: only the final checkpoint
+    out: str | None = None  # None: nothing written (in-process use)
+    resume: bool = False
+    stop_after: int | None = None  # end this session after that step, checkpointed, as Ctrl-C would
+    init_from: str | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    strategy: str = "single"
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_hf_dict() if self.model else None
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass
+class TrainResult:
+    config: GPTConfig
+    metrics: list[dict] = field(default_factory=list)  # one per optimizer step run here
+    out_dir: Path | None = None
+    params: dict | None = None  # the final fp32 tree on CPU
+    step: int = 0  # optimizer steps done in total (including before a resume)
+    interrupted: bool = False  # stopped early by SIGINT / SIGTERM
+
+
+# --- schedule, flops --------------------------------------------------------------------
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over `warmup`
+    steps, then half a cosine down to `min_lr` at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6N for the matmuls, plus attention scores."""
+    return 6 * count_params(config) + 12 * config.n_layer * config.n_embd * seq_len
+
+
+@functools.cache
+def peak_flops(device: str, dtype: torch.dtype) -> float:
+    """This device's measured matmul FLOP/s in `dtype`: the yardstick for the MFU estimate."""
+    n = 4096 if device == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start, reps = time.perf_counter(), 8
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+# --- resolving the run ------------------------------------------------------------------
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FgptError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise FgptError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.steps < 1:
+        raise FgptError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise FgptError("--batch-size and --grad-accum must be at least 1")
+    if cfg.batch_size % cfg.grad_accum:
+        raise FgptError(f"--batch-size {cfg.batch_size} does not split into --grad-accum "
+                        f"{cfg.grad_accum} micro-batches")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise FgptError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    if not cfg.lr > 0:
+        raise FgptError(f"--lr must be positive, got {cfg.lr}")
+    if min(cfg.eval_interval, cfg.checkpoint_interval) < 0:
+        raise FgptError("--eval-interval and --checkpoint-interval must be >= 0")
+    if cfg.eval_interval and cfg.eval_iters < 1:
+        raise FgptError("--eval-iters must be at least 1 when evaluating")
+    if cfg.resume and not cfg.out:
+        raise FgptError("--resume needs --out DIR: the run directory to continue")
+
+
+def default_out_dir(name: str = "train") -> str:
+    return f"out/{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def saved_run_config(out_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpointed run was started with."""
+    path = Path(out_dir) / STATE_FILE
+    if not path.exists():
+        raise FgptError(f"--resume: no training checkpoint in {out_dir} (missing {STATE_FILE})")
+    d = dict(torch.load(path, weights_only=True)["run_config"])
+    d["model"] = GPTConfig.from_hf_dict(d["model"])
+    d["betas"] = tuple(d["betas"])
+    return TrainConfig(**d)
+
+
+def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUMABLE_CHANGES or f.name == "init_from":
+            continue
+        mine, theirs = getattr(cfg, f.name), getattr(saved, f.name)
+        if f.name == "model" and mine is not None:
+            for m in dataclasses.fields(GPTConfig):
+                if getattr(mine, m.name) != getattr(theirs, m.name):
+                    raise FgptError(f"--resume: {m.name} = {getattr(mine, m.name)!r} contradicts "
+                                    f"the checkpoint's {getattr(theirs, m.name)!r}")
+        elif f.name != "model" and mine != theirs:
+            raise FgptError(f"--resume: {f.name} = {mine!r} contradicts the checkpoint's {theirs!r}")
+
+
+def _load_checkpoint(path):
+    from fgpt.checkpoint import load_checkpoint
+    return load_checkpoint(path)
+
+
+def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
+    if cfg.init_from:
+        config, params = _load_checkpoint(cfg.init_from)
+        if cfg.model is not None and cfg.model != config:
+            raise FgptError(f"--init-from {cfg.init_from}: its model config contradicts the one given")
+        return config, params
+    config = cfg.model or GPTConfig.preset("tiny")
+    return config, init_params(config, seed=cfg.seed)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temp file beside `path`, then rename: a crash leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_train_checkpoint(out_dir: Path, strategy: Strategy, cfg: TrainConfig, config: GPTConfig,
+                          *, step: int, elapsed_s: float) -> None:
+    """Every rank calls this. Order: per-rank optimizer files, then the model, then rank 0's
+    train_state.pt naming the model file's digest, so resume can tell a torn save."""
+    from fgpt.checkpoint import save_checkpoint
+    params = strategy.full_params()  # a collective
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    atomic_torch_save({"step": step, "optimizer": strategy.optimizer_state(), "rng": rng},
+                      out_dir / f"optimizer.rank{strategy.rank}.pt")
+    strategy.barrier()
+    if strategy.is_main:
+        save_checkpoint(out_dir, config, params)
+        atomic_torch_save({"step": step, "run_config": cfg.to_dict(), "elapsed_s": elapsed_s,
+                           "strategy": strategy.name, "world_size": strategy.world_size,
+                           "model_sha256": file_digest(out_dir / MODEL_FILE)},
+                          out_dir / STATE_FILE)
+    strategy.barrier()
+
+
+def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, dict]:
+    """(rank 0's train state, this rank's optimizer file), checked to belong together."""
+    state = torch.load(out_dir / STATE_FILE, weights_only=True)
+    if (state["strategy"], state["world_size"]) != (strategy.name, strategy.world_size):
+        raise FgptError(f"--resume: the checkpoint was written by strategy={state['strategy']} "
+                        f"nproc={state['world_size']}, not {strategy.name} nproc={strategy.world_size}")
+    rank_file = out_dir / f"optimizer.rank{strategy.rank}.pt"
+    if not rank_file.exists():
+        raise FgptError(f"--resume: {rank_file} is missing")
+    rank_state = torch.load(rank_file, weights_only=True)
+    if rank_state["step"] != state["step"] or file_digest(out_dir / MODEL_FILE) != state["model_sha256"]:
+        raise FgptError(f"--resume: the checkpoint in {out_dir} is torn (a save was interrupted)")
+    return state, rank_state
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+@contextmanager
+def stop_requests():
+    """SIGINT / SIGTERM set a flag the loop checks after each step (a second one aborts)."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_signal(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def evaluate(strategy: Strategy, val, cfg: TrainConfig, config: GPTConfig, seq_len: int) -> float:
+    """Mean loss over `eval_iters` fixed validation batches (the same every time)."""
+    batch = cfg.batch_size // cfg.grad_accum  # global micro-batch size: fits in memory
+    losses = []
+    for i in range(cfg.eval_iters):
+        x, y = data.eval_batch(val, seq_len=seq_len, batch_size=batch, seed=cfg.seed, index=i,
+                               rank=strategy.rank, world_size=strategy.world_size)
+        losses.append(strategy.eval_loss(x, y, config).float().cpu())
+    return float(strategy.mean_across_ranks(torch.stack(losses).mean()))
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or continue) a training run; see the module docstring for what is written."""
+    validate(cfg)
+    strategy = make_strategy(cfg.strategy, device=resolve_device(cfg.device), compile=cfg.compile)
+    try:
+        with stop_requests() as stop:
+            return _train(cfg, strategy, stop)
+    finally:
+        strategy.close()
+
+
+def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
+    out_dir = Path(cfg.out) if cfg.out else None
+    W, K = strategy.world_size, cfg.grad_accum
+    if cfg.batch_size % (K * W):
+        raise FgptError(f"--batch-size {cfg.batch_size} does not split into {K} micro-batches "
+                        f"on each of {W} ranks")
+    if cfg.resume:
+        saved = saved_run_config(out_dir)
+        check_resumable(cfg, saved)
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+        state, rank_state = load_train_checkpoint(out_dir, strategy)
+        config, params = _load_checkpoint(out_dir)
+        start, elapsed0 = state["step"], state["elapsed_s"]
+        if start >= cfg.steps:
+            raise FgptError(f"--resume: the run already did {start} of --steps {cfg.steps}")
+    else:
+        if out_dir and (out_dir / STATE_FILE).exists():
+            raise FgptError(f"{out_dir} already holds a run; pass --resume to continue it")
+        config, params = initial_params(cfg)
+        start, elapsed0 = 0, 0.0
+    T = config.n_ctx
+
+    corpus = _load_corpus(cfg, strategy)
+    data.check_fits(corpus.train, T, cfg.batch_size, "train")
+    if cfg.eval_interval:
+        data.check_fits(corpus.val, T, 1, "val")
+
+    strategy.setup(params, config, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                   precision=cfg.precision)
+    del params
+    if cfg.resume:
+        strategy.load_optimizer_state(rank_state["optimizer"])
+        torch.set_rng_state(rank_state["rng"]["cpu"])
+        if "cuda" in rank_state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rank_state["rng"]["cuda"])
+    else:
+        torch.manual_seed(cfg.seed + strategy.rank)  # dropout differs per rank, as in DDP
+
+    metrics_file = _open_metrics(out_dir, strategy, keep_until=start)
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    warmup = min(100, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
+    tokens_per_step = cfg.batch_size * T
+    flops_tok = flops_per_token(config, T)
+    peak = peak_flops(strategy.device.type, torch.bfloat16 if cfg.precision == "bf16" else torch.float32) \
+        if strategy.is_main else 1.0
+    result = TrainResult(config=config, out_dir=out_dir, step=start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and strategy.is_main))
+    t0 = time.perf_counter() - elapsed0
+    try:
+        for s in range(start, cfg.steps):
+            step_start = time.perf_counter()
+            lr = lr_at(s, lr=cfg.lr, min_lr=min_lr, warmup=warmup, total=cfg.steps)
+            x, y = data.rank_batch(corpus.train, seq_len=T, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   step=s, rank=strategy.rank, world_size=W)
+            losses = [strategy.forward_backward(xm, ym, scale=1.0 / K, sync=i == K - 1)
+                      for i, (xm, ym) in enumerate(data.micro_batches(x, y, K))]
+            loss = float(strategy.mean_across_ranks(torch.stack(losses).mean().float()))
+            if not math.isfinite(loss):
+                where = f"; the last good checkpoint stays in {out_dir}" if out_dir else ""
+                raise FgptError(f"loss is {loss} at step {s + 1}: training stopped{where}")
+            grad_norm = strategy.clip_grad_norm(cfg.grad_clip)
+            strategy.set_lr(lr)
+            strategy.step()
+            step_s = time.perf_counter() - step_start
+            n = s + 1
+            row = {"step": n, "loss": loss, "lr": lr, "tokens": n * tokens_per_step,
+                   "elapsed_s": round(time.perf_counter() - t0, 4), "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_step / step_s,
+                   "mfu": flops_tok * tokens_per_step / step_s / (peak * W)}
+            if cfg.eval_interval and (n % cfg.eval_interval == 0 or n == cfg.steps):
+                row["val_loss"] = evaluate(strategy, corpus.val, cfg, config, T)
+                row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+            result.metrics.append(row)
+            result.step = n
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mfu=f"{row['mfu']:.1%}", refresh=False)
+            bar.update()
+            stopping = _agree(strategy, stop["stop"]) or n == cfg.stop_after
+            periodic = cfg.checkpoint_interval and n % cfg.checkpoint_interval == 0
+            if out_dir and (periodic or stopping or n == cfg.steps):
+                save_train_checkpoint(out_dir, strategy, cfg, config, step=n,
+                                      elapsed_s=time.perf_counter() - t0)
+            if stopping:
+                result.interrupted = True
+                break
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    result.params = strategy.full_params()
+    return result
+
+
+def _agree(strategy: Strategy, flag: bool) -> bool:
+    """Stop only if any rank was signalled: all ranks must take the same checkpoint path."""
+    return bool(strategy.mean_across_ranks(torch.tensor(float(flag), device=strategy.device)) > 0)
+
+
+def _load_corpus(cfg: TrainConfig, strategy: Strategy) -> data.Corpus:
+    """Rank 0 tokenises (or finds the cache); the others then read the same shards."""
+    if strategy.is_main:
+        corpus = data.load_corpus(cfg.data, progress=cfg.progress)
+    strategy.barrier()
+    if not strategy.is_main:
+        corpus = data.load_corpus(cfg.data, progress=False)
+    return corpus
+
+
+def _open_metrics(out_dir: Path | None, strategy: Strategy, keep_until: int):
+    """Rank 0's metrics.jsonl, keeping only rows up to the step a resume starts from."""
+    if out_dir is None or not strategy.is_main:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / METRICS_FILE
+    kept = []
+    if keep_until and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= keep_until]
+    f = open(path, "w")
+    f.writelines(line + "\n" for line in kept)
+    return f

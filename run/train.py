@@ -1,0 +1,148 @@
+"""`python -m run.train [strategy=NAME] [nproc=N] [FLAGS...]`: train a GPT (see README "Train").
+
+With no flags it runs the embedded default: the tiny preset on the built-in corpus, on CPU.
+`strategy=` / `nproc=` may appear anywhere (that is how `just train` hands them over). With
+nproc > 1 outside torchrun, it re-launches itself under `torch.distributed.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+
+from fgpt.config import PRESETS, GPTConfig
+from fgpt.errors import FgptError
+from fgpt.train import TrainConfig, default_out_dir, saved_run_config, train
+from run._cli import main_guard
+
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx", "n_kv_head", "pos_emb", "window")
+
+
+def window_arg(text: str):
+    """`64`, `none`, or one entry per layer: `64,64,none,64`."""
+    def one(item: str):
+        if item.strip().lower() == "none":
+            return None
+        try:
+            return int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"window entries are integers or 'none', got {item!r}") from None
+    items = [one(x) for x in text.split(",")]
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m run.train", description=__doc__.split("\n")[0],
+                                argument_default=None)
+    p.add_argument("--strategy", help="single | ddp | fsdp | custom-fsdp (also strategy=NAME)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (also nproc=N)")
+    g = p.add_argument_group("model (a preset, then overrides)")
+    g.add_argument("--model", choices=list(PRESETS), help="preset (default: tiny)")
+    g.add_argument("--n-layer", type=int)
+    g.add_argument("--n-head", type=int)
+    g.add_argument("--n-embd", type=int)
+    g.add_argument("--n-ctx", type=int, help="context length = training sequence length")
+    g.add_argument("--n-kv-head", type=int, help="grouped-query attention: key/value heads")
+    g.add_argument("--pos-emb", choices=["learned", "rope"])
+    g.add_argument("--window", type=window_arg, help="sliding window: N, none, or a per-layer list")
+    g = p.add_argument_group("training")
+    g.add_argument("--data", help="text file, directory or glob (default: Python's stdlib)")
+    g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, help=f"global sequences per step (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--min-lr", type=float, help="cosine floor (default lr/10)")
+    g.add_argument("--warmup", type=int, help="warmup steps (default min(100, steps/10))")
+    g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=float, help=f"global-norm clip, 0 = off (default {d.grad_clip})")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--precision", choices=["fp32", "bf16"])
+    g.add_argument("--eval-interval", type=int, help=f"0 = off (default {d.eval_interval})")
+    g.add_argument("--eval-iters", type=int, help=f"val batches per eval (default {d.eval_iters})")
+    g.add_argument("--checkpoint-interval", type=int, help="0 = final checkpoint only")
+    g.add_argument("--out", help="run directory (default out/train-<timestamp>)")
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    g.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (resume later)")
+    g.add_argument("--init-from", help="fine-tune from a checkpoint (file or directory)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    return p
+
+
+def expand_launcher_tokens(argv: list[str]) -> list[str]:
+    """`strategy=X` / `nproc=N` anywhere -> `--strategy X` / `--nproc N`."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in ("strategy", "nproc"):
+            out += [f"--{key}", value]
+        else:
+            out.append(arg)
+    return out
+
+
+def model_config(args, base: GPTConfig | None) -> GPTConfig | None:
+    """The preset (or `base`) with the explicit --n-* overrides; None if nothing was given."""
+    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    if args.model:
+        base = GPTConfig.preset(args.model)
+    if not overrides:
+        return base if args.model else None
+    return (base or GPTConfig.preset("tiny")).replace(**overrides)
+
+
+def build_config(args) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.resume:
+        if args.init_from:
+            raise FgptError("--resume and --init-from exclude each other")
+        saved = saved_run_config(args.out)
+        model = model_config(args, saved.model)
+        return dataclasses.replace(saved, **given, **({"model": model} if model else {}))
+    return TrainConfig(**given, model=model_config(args, None))
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Run this command under torchrun with `nproc` ranks, OMP threads split between them."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "run.train", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def main() -> int:
+    argv = expand_launcher_tokens(sys.argv[1:])
+    args = parser().parse_args(argv)
+    args.strategy = args.strategy or "single"
+    if args.nproc < 1:
+        raise FgptError(f"nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and args.strategy == "single":
+        raise FgptError("strategy=single runs one process; use ddp, fsdp or custom-fsdp with nproc > 1")
+    if args.resume and not args.out:
+        raise FgptError("--resume needs --out DIR: the run directory to continue")
+    if args.out is None:  # chosen once, before any re-launch, so every rank agrees
+        args.out = default_out_dir()
+        argv += ["--out", args.out]
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return relaunch(argv, args.nproc)
+
+    result = train(build_config(args))
+    if int(os.environ.get("RANK", 0)) == 0:
+        last = result.metrics[-1] if result.metrics else {}
+        summary = f"step {result.step}" + (f", loss {last['loss']:.4f}" if last else "")
+        if result.interrupted:
+            print(f"stopped at {summary}; continue with: python -m run.train --resume --out {args.out}",
+                  file=sys.stderr)
+        print(f"{summary}. checkpoint: {result.out_dir} "
+              f"(sample: python -m run.generate --checkpoint {result.out_dir})")
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    main_guard(main)
