@@ -1,0 +1,165 @@
+"""Sampling from a model with a preallocated KV cache: prefill once, then one token a step.
+
+    for new in stream(params, config, [prompt_ids], 50, sampling=Sampling(temperature=0.8)):
+        ...                                   # new: [rows] token ids (-1 once a row has stopped)
+    sequences = generate(params, config, [ids_a, ids_b], 50, num_samples=2, seed=0)
+
+Prompts of different lengths run as one left-padded batch: the cache knows each row's
+padding, so positions start at 0 in every row and padding is never attended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from fgpt.config import GPTConfig
+from fgpt.errors import FgptError
+from fgpt.kv_cache import KVCache
+from fgpt.model import block, embed, head, positions_for, rope_for
+from fgpt.tokenizer import EOT
+
+STOPPED = -1  # what `stream` yields for a row that has already met its end-of-text
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set
+    whose probability reaches p (nucleus sampling). Both filters apply after temperature."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise FgptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise FgptError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise FgptError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the likelier ones already reach p (the likeliest always stays)
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_layout(params: dict) -> dict:
+    """The same parameters in the memory layout that makes one-token steps fastest on CPU.
+
+    A step is a row vector times each weight. In fp32 MKL is fastest on weights stored
+    [in, out] row-major (the checkpoint layout); in bf16 on weights stored [out, in]. The
+    LM head is x @ wte.T, so wte wants the opposite. Only strides change: shapes and
+    values are the same, so `forward` runs on the result unchanged.
+    """
+    bf16 = params["wte"]["weight"].dtype == torch.bfloat16
+
+    def relayout(t: torch.Tensor, want_in_out_rows: bool) -> torch.Tensor:
+        return t.contiguous() if want_in_out_rows else t.T.contiguous().T
+
+    h = [{**b, "attn": {k: {**v, "weight": relayout(v["weight"], not bf16)} for k, v in b["attn"].items()},
+          "mlp": {k: {**v, "weight": relayout(v["weight"], not bf16)} for k, v in b["mlp"].items()}}
+         for b in params["h"]]
+    return {**params, "h": h, "wte": {"weight": relayout(params["wte"]["weight"], bf16)}}
+
+
+def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache) -> torch.Tensor:
+    """tokens [B, T] continue the cached sequence -> logits of the last position [B, V]."""
+    positions, end = positions_for(tokens, config, cache)
+    x = embed(params, tokens, config, positions)  # [B, T, d]
+    rope = rope_for(positions, end, config, x.dtype)
+    for i, p in enumerate(params["h"]):
+        x = block(p, x, config, layer=i, rope=rope, cache=cache)
+    cache.length = end
+    return head(params, x[:, -1], config)  # only the last position is sampled from
+
+
+def _check_length(config: GPTConfig, longest: int, max_new_tokens: int, allow_past_ctx: bool) -> None:
+    if longest + max_new_tokens <= config.n_ctx:
+        return
+    if config.pos_emb == "rope" and (config.max_window is not None or allow_past_ctx):
+        return  # rotary positions extend; all-windowed layers keep rolling caches
+    why = ("learned positions stop at n_ctx" if config.pos_emb == "learned" else
+           "full-attention layers; pass allow_past_ctx to extrapolate anyway")
+    raise FgptError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
+                    f"n_ctx={config.n_ctx} ({why})")
+
+
+def _validate(prompts: Sequence[Sequence[int]], config: GPTConfig, max_new_tokens: int, num_samples: int):
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise FgptError("empty prompt: give at least one token")
+    if max_new_tokens < 0:
+        raise FgptError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise FgptError(f"num_samples must be >= 1, got {num_samples}")
+    bad = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
+    if bad:
+        raise FgptError(f"token id {bad[0]} is outside the vocabulary of {config.vocab_size}")
+
+
+@torch.inference_mode()
+def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+           sampling: Sampling = Sampling(), seed: int | None = None, num_samples: int = 1,
+           eos_id: int | None = EOT, ignore_eos: bool = False,
+           allow_past_ctx: bool = False) -> Iterator[torch.Tensor]:
+    """Yield, per step, the new token of every row ([len(prompts) * num_samples] ids; rows
+    are prompt-major). A row that produced `eos_id` yields STOPPED afterwards; the stream
+    ends when every row has stopped or after `max_new_tokens` steps."""
+    _validate(prompts, config, max_new_tokens, num_samples)
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    longest = max(len(r) for r in rows)
+    _check_length(config, longest, max_new_tokens, allow_past_ctx)
+    if max_new_tokens == 0:
+        return
+    wte = params["wte"]["weight"]
+    device = wte.device
+    pad = torch.tensor([longest - len(r) for r in rows], device=device)  # [N]
+    tokens = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=device)  # [N, T]
+    cache = KVCache.allocate(config, len(rows), longest + max_new_tokens, dtype=wte.dtype,
+                             device=device, pad=pad)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    stops = eos_id is not None and not ignore_eos
+    stopped = torch.zeros(len(rows), dtype=torch.bool, device=device)
+
+    logits = _step(params, tokens, config, cache)  # prefill: [N, V]
+    for i in range(max_new_tokens):
+        new = sample(logits, sampling, generator)  # [N]
+        yield new.masked_fill(stopped, STOPPED)
+        if stops:
+            stopped |= new == eos_id
+            if bool(stopped.all()):
+                return
+        if i + 1 < max_new_tokens:
+            logits = _step(params, new[:, None], config, cache)
+
+
+def generate(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             on_token: Callable[[torch.Tensor], None] | None = None, eos_id: int | None = EOT,
+             ignore_eos: bool = False, num_samples: int = 1, **kwargs) -> list[list[int]]:
+    """Each prompt followed by its continuation, `num_samples` rows per prompt (prompt-major).
+    A stopping end-of-text token is not included. `on_token` sees each step's new tokens;
+    other keywords are those of `stream`."""
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    for new in stream(params, config, prompts, max_new_tokens, eos_id=eos_id, ignore_eos=ignore_eos,
+                      num_samples=num_samples, **kwargs):
+        if on_token is not None:
+            on_token(new)
+        for row, t in zip(rows, new.tolist()):
+            if t != STOPPED and (ignore_eos or t != eos_id):
+                row.append(t)
+    return rows

@@ -1,0 +1,88 @@
+"""`just bench generate`: greedy decode tokens/s, fgpt vs transformers, in one run.
+
+GPT-2 124M shapes with random weights, batch 1, a short prompt, 128 new tokens. fgpt runs
+in fp32 and bf16; transformers in fp32 (the reference) and bf16. In fp32 both must pick
+the same tokens, or the comparison is void.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from fgpt import tree
+from fgpt.config import GPTConfig
+from fgpt.errors import FgptError
+from fgpt.generate import Sampling, decode_layout, generate
+from fgpt.model import init_params
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="just bench generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt2", help="config preset for the shapes (default gpt2 = 124M)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best counts")
+    return ap.parse_args(argv)
+
+
+def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx,
+                                    n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head))
+    hf.transformer.load_state_dict(tree.flatten(params), strict=False)
+    return hf.eval().to(dtype)
+
+
+def best_rate(run, n_tokens: int, repeats: int) -> tuple[float, list[int]]:
+    tokens = run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = run()
+        best = min(best, time.perf_counter() - t0)
+    return n_tokens / best, tokens
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    config = GPTConfig.preset(args.model)
+    params = init_params(config, seed=0)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    n = args.new_tokens
+    rows, results = [], {}
+    for name, dtype in DTYPES.items():
+        fast = decode_layout(tree.cast(params, dtype))
+        run = lambda: generate(fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0]  # noqa: E731
+        results[("fgpt", name)] = best_rate(run, n, args.repeats)
+        del fast
+        hf = hf_model(params, config, dtype)
+        ids = torch.tensor([prompt])
+
+        def run_hf():
+            with torch.inference_mode():
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+            return out[0].tolist()
+        results[("transformers", name)] = best_rate(run_hf, n, args.repeats)
+        del hf
+    if results[("fgpt", "float32")][1] != results[("transformers", "float32")][1]:
+        raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
+    ref = results[("transformers", "float32")][0]
+    print(f"greedy decode, {args.model} shapes, batch 1, prompt {args.prompt_len}, {n} new tokens, "
+          f"{torch.get_num_threads()} threads; fp32 tokens identical: yes", file=sys.stderr)
+    print(f"| engine | dtype | tokens/s | vs transformers fp32 |")
+    print(f"|---|---|---:|---:|")
+    for (engine, name), (rate, _) in results.items():
+        rows.append((engine, name, rate))
+    for engine, name, rate in sorted(rows, key=lambda r: (r[1], r[0])):
+        print(f"| {engine} | {name} | {rate:.1f} | {rate / ref:.2f}x |")
+    for name in DTYPES:
+        ratio = results[("fgpt", name)][0] / results[("transformers", name)][0]
+        print(f"fgpt / transformers, both {name}: {ratio:.2f}x")
