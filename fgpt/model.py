@@ -150,5 +150,10 @@ def forward(params: dict, tokens: torch.Tensor, config: GPTConfig, *,
 def loss_fn(params: dict, tokens: torch.Tensor, targets: torch.Tensor, config: GPTConfig,
             *, train: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy; targets of -1 are ignored."""
-    logits = forward(params, tokens, config, train=train)
+    return token_loss(forward(params, tokens, config, train=train), targets)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] against targets [B, T]; -1 is ignored.
+    Shared with the parallel strategies, which run embed / blocks / head piece by piece."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

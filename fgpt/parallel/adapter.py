@@ -1,0 +1,160 @@
+"""An nn.Module face on the parameter tree, for torch's own wrappers (DDP, FSDP2).
+
+`GPTModule` registers the tree's leaves as parameters under their HF dotted names
+(`h.0.attn.c_attn.weight`) and runs the same pure functions from `fgpt.model`. Each block is
+its own submodule whose `forward` is called, so FSDP2's per-module hooks gather it just
+before use. `AdapterStrategy` is what ddp and fsdp share: autograd on the module, AdamW on
+its parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from fgpt import tree
+from fgpt.config import GPTConfig
+from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
+from fgpt.parallel.dist import DistributedStrategy, check_world_size
+from fgpt.parallel.single import adamw_param_groups
+
+
+class ParamTree(nn.Module):
+    """A nested dict of tensors as parameters / submodules; `tree()` reads them back."""
+
+    def __init__(self, node: dict):
+        super().__init__()
+        self._keys = list(node)
+        for key, value in node.items():
+            if isinstance(value, torch.Tensor):
+                self.register_parameter(key, nn.Parameter(value))
+            else:
+                self.add_module(key, ParamTree(value))
+
+    def tree(self) -> dict:
+        # Read the attributes on every call: FSDP2 swaps sharded and gathered parameters.
+        return {k: (v.tree() if isinstance(v, ParamTree) else v)
+                for k in self._keys for v in [getattr(self, k)]}
+
+
+def cast_to(node: dict, dtype: torch.dtype | None) -> dict:
+    """bf16 compute without an autocast: cast the (fp32) tree inside the differentiated call."""
+    return node if dtype is None else tree.cast(node, dtype)
+
+
+class Block(ParamTree):
+    def __init__(self, node: dict, config: GPTConfig, layer: int, compute_dtype: torch.dtype | None):
+        super().__init__(node)
+        self.config, self.layer, self.compute_dtype = config, layer, compute_dtype
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        p = cast_to(self.tree(), self.compute_dtype)
+        return block(p, x, self.config, layer=self.layer, rope=rope, train=True)
+
+
+class GPTModule(nn.Module):
+    """tokens, targets -> mean loss, through fgpt.model's embed / block / head.
+    `compute_dtype` casts the parameters for compute (ddp's bf16); fsdp leaves it None
+    because its MixedPrecisionPolicy gathers in bf16 already."""
+
+    def __init__(self, params: dict, config: GPTConfig, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config, self.compute_dtype = config, compute_dtype
+        self.root_keys = [k for k in params if k != "h"]  # wte, wpe, ln_f: one unit
+        for key in self.root_keys:
+            self.add_module(key, ParamTree(params[key]))
+        self.h = nn.ModuleList(Block(p, config, i, compute_dtype) for i, p in enumerate(params["h"]))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        root = cast_to({k: getattr(self, k).tree() for k in self.root_keys}, self.compute_dtype)
+        positions, end = positions_for(tokens, self.config, None)
+        x = embed(root, tokens, self.config, positions, train=True)  # [B, T, d]
+        rope = rope_for(positions, end, self.config, x.dtype)
+        for blk in self.h:
+            x = blk(x, rope)  # [B, T, d]
+        return token_loss(head(root, x, self.config), targets)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class AdapterStrategy(DistributedStrategy):
+    """Autograd on a wrapped GPTModule; subclasses choose the wrapper and how to skip sync."""
+
+    sharded = False  # True when optimizer state is per-rank shards (fsdp)
+
+    def wrap(self, params: dict, config: GPTConfig, precision: str) -> nn.Module:
+        raise NotImplementedError
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def setup(self, params, config, *, lr, weight_decay, betas, precision):
+        self.config = config
+        params = tree.tree_map(lambda x: x.detach().to(self.device, torch.float32).clone(), params)
+        self.model = self.wrap(params, config, precision)
+        self.named = dict(self.model.module.named_parameters() if hasattr(self.model, "module")
+                          else self.model.named_parameters())
+        self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay), lr=lr,
+                                           betas=betas, foreach=True)
+
+    def forward_backward(self, tokens, targets, *, scale, sync):
+        with contextlib.nullcontext() if sync else self.no_sync():
+            loss = self.model(tokens.to(self.device), targets.to(self.device))
+            (loss * scale).backward()
+        return loss.detach()
+
+    def eval_loss(self, tokens, targets, config):
+        with torch.no_grad():
+            return self.model(tokens.to(self.device), targets.to(self.device)).float()
+
+    def clip_grad_norm(self, max_norm):
+        params = [p for p in self.named.values() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(full_tensor(norm))
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_grads(self) -> dict:
+        """The whole fp32 gradient tree on CPU (a collective; for tests and debugging)."""
+        return tree.unflatten({k: full_tensor(p.grad).detach().cpu().clone() for k, p in self.named.items()})
+
+    def full_params(self):
+        return tree.unflatten({k: full_tensor(p).detach().cpu().clone() for k, p in self.named.items()})
+
+    def load_params(self, params):
+        with torch.no_grad():
+            for name, value in tree.flatten(params).items():
+                p = self.named[name]
+                value = value.to(self.device, torch.float32)
+                p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value)
+
+    def optimizer_state(self):
+        # DTensor state (fsdp) is saved as this rank's local shard.
+        state = self.optimizer.state_dict()
+        state["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in s.items()}
+                          for i, s in state["state"].items()}
+        return {"world_size": self.world_size, "optimizer": state}
+
+    def load_optimizer_state(self, state):
+        check_world_size(self.name, state, self.world_size, reshardable=not self.sharded)
+        opt = state["optimizer"]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        opt["state"] = {i: {k: as_sharded_like(params[int(i)], v) for k, v in s.items()}
+                        for i, s in opt["state"].items()}
+        self.optimizer.load_state_dict(opt)
+
+
+def as_sharded_like(param: torch.Tensor, value):
+    """A saved local shard back as a DTensor placed like `param` (scalars such as `step` stay)."""
+    if isinstance(param, DTensor) and torch.is_tensor(value) and value.ndim > 0:
+        return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                  shape=param.shape, stride=param.stride())  # uneven shards
+    return value

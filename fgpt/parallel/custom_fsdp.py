@@ -1,0 +1,229 @@
+"""custom-fsdp: ZeRO-3 by hand, on the same pure functions as single-device training.
+
+The model is cut into units: the root (wte, wpe, ln_f: embedding and tied head) and one
+unit per block. Each unit is one flat padded buffer (fgpt/parallel/flat.py); rank r keeps
+only its shard: fp32 master weights, fp32 gradients and AdamW's two moments. Every byte
+that crosses ranks moves in this file:
+
+  forward   all_gather_into_tensor(block i+1) is in flight while block i computes; after
+            block i the gathered buffer's storage is freed (resized to 0 bytes).
+  backward  the same buffer is gathered again (block i-1 prefetched while block i runs
+            backward) and autograd runs over that one block; its gradient is
+            reduce_scatter_tensor'ed (sum, then / world size = mean) into the local shard,
+            asynchronously, overlapping the next block's backward.
+  clip      one all_reduce of the shards' squared norms (padding excluded).
+  step      AdamW on local shards only: no communication.
+
+Backward keeps the forward's activations and re-gathers only the parameters (as FSDP2 does)
+rather than recomputing each block: recomputation would free the activations but add a
+third forward's worth of compute, and the goal is FSDP2's step time at FSDP2's memory.
+Autograd's saved tensors are views of the gathered buffer, so refilling the same storage in
+backward makes them valid again; the gather writes through an alias with its own version
+counter, so autograd does not mistake the refill for an in-place edit.
+
+Collectives stay outside differentiated code: each segment (embed, block i, head) is a
+plain autograd graph from a detached input, walked in reverse with torch.autograd.grad.
+Micro-steps with sync=False keep each unit's unsharded fp32 gradient locally (no
+communication; costs 4 bytes/parameter until the synced micro-step reduce-scatters it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fgpt import tree
+from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
+from fgpt.parallel.dist import (DistributedStrategy, all_gather_into_tensor, check_world_size,
+                                reduce_scatter_tensor)
+from fgpt.parallel.flat import FlatLayout
+
+
+class Unit:
+    """One all-gather unit: its layout, this rank's shards, and the gathered buffer."""
+
+    def __init__(self, params: dict, world_size: int, rank: int, device: torch.device,
+                 compute_dtype: torch.dtype):
+        self.layout = FlatLayout(params, world_size)
+        self.rank = rank
+        self.shard = self.layout.shard(self.layout.pack(params).to(device), rank).clone()  # fp32 master
+        self.grad = torch.zeros_like(self.shard)  # fp32, mean over ranks after a synced step
+        self.unsharded_grad: torch.Tensor | None = None  # accumulation across sync=False steps
+        # The gathered parameters: one leaf autograd differentiates against, storage empty
+        # except between a gather and a free.
+        self.full = torch.empty(self.layout.padded_numel, dtype=compute_dtype, device=device,
+                                requires_grad=True)
+        self._bytes = self.full.untyped_storage().nbytes()
+        self.free()
+        self._gather = None
+
+    def start_gather(self) -> None:
+        storage = self.full.untyped_storage()
+        storage.resize_(self._bytes)
+        target = torch.empty(0, dtype=self.full.dtype, device=self.full.device).set_(
+            storage, 0, self.full.shape)  # same bytes, own version counter
+        local = self.shard.to(self.full.dtype)  # [shard_numel]: bf16 gathers cast here
+        self._gather = (all_gather_into_tensor(target, local, async_op=True), local)
+
+    def wait_gather(self) -> dict:
+        """Finish the gather; the unit's tree as views of the gathered buffer."""
+        self._gather[0].wait()
+        self._gather = None
+        return self.layout.views(self.full)
+
+    def free(self) -> None:
+        self.full.untyped_storage().resize_(0)
+
+
+class CustomFSDP(DistributedStrategy):
+    name = "custom-fsdp"
+
+    def __init__(self, device="auto", bf16_reduce: bool = False, **kwargs):
+        super().__init__(device, **kwargs)
+        self.bf16_reduce = bf16_reduce  # with --precision bf16: reduce-scatter in bf16 too
+
+    def setup(self, params, config, *, lr, weight_decay, betas, precision):
+        self.config = config
+        self.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.reduce_dtype = torch.bfloat16 if self.bf16_reduce else torch.float32
+        self.root_keys = [k for k in params if k != "h"]
+        units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
+        self.units = [Unit(u, self.world_size, self.rank, self.device, self.compute_dtype) for u in units]
+        self.root, self.blocks = self.units[0], self.units[1:]
+        self.optimizer = torch.optim.AdamW(self._param_groups(weight_decay), lr=lr, betas=betas, foreach=True)
+        self._reductions: list = []
+
+    def _param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW sees each shard's segments: views of the master shard whose .grad are views
+        of the gradient shard; decay only on segments made of >=2-D leaves."""
+        decay, no_decay = [], []
+        for u in self.units:
+            for seg in u.layout.segments(self.rank):
+                p = u.shard[seg.lo:seg.hi]
+                p.grad = u.grad[seg.lo:seg.hi]
+                (decay if seg.decay else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    # --- forward / backward ------------------------------------------------------------
+
+    def _forward(self, tokens, targets):
+        """Loss, plus each segment's (input, output) for the backward walk."""
+        self.root.start_gather()
+        if self.blocks:
+            self.blocks[0].start_gather()
+        root = self.root.wait_gather()
+        positions, end = positions_for(tokens, self.config, None)
+        x0 = embed(root, tokens, self.config, positions, train=True)  # [B, T, d]
+        rope = rope_for(positions, end, self.config, x0.dtype)
+        x, saved = x0, []
+        for i, unit in enumerate(self.blocks):
+            p = unit.wait_gather()
+            if i + 1 < len(self.blocks):
+                self.blocks[i + 1].start_gather()  # overlaps this block's compute
+            x_in = x.detach().requires_grad_(x.requires_grad)
+            x = block(p, x_in, self.config, layer=i, rope=rope, train=True)  # [B, T, d]
+            saved.append((x_in, x))
+            unit.free()
+        x_last = x.detach().requires_grad_(x.requires_grad)
+        loss = token_loss(head(root, x_last, self.config), targets)
+        return loss, x0, saved, x_last
+
+    def forward_backward(self, tokens, targets, *, scale, sync):
+        loss, x0, saved, x_last = self._forward(tokens.to(self.device), targets.to(self.device))
+        if self.blocks:
+            self.blocks[-1].start_gather()  # overlaps the head's backward
+        g_root, g = torch.autograd.grad(loss * scale, (self.root.full, x_last))
+        for i in reversed(range(len(self.blocks))):
+            unit = self.blocks[i]
+            unit.wait_gather()
+            if i > 0:
+                self.blocks[i - 1].start_gather()
+            x_in, x_out = saved[i]
+            g_unit, g = torch.autograd.grad(x_out, (unit.full, x_in), g)
+            unit.free()
+            self._reduce(unit, g_unit, sync)
+        g_root = g_root.float() + torch.autograd.grad(x0, self.root.full, g)[0].float()  # tied: both uses
+        self.root.free()
+        self._reduce(self.root, g_root, sync)
+        self._finish_reductions()
+        return loss.detach()
+
+    def _reduce(self, unit: Unit, g_full: torch.Tensor, sync: bool) -> None:
+        """Add a unit's gradient [padded] to its accumulator; on a synced micro-step
+        reduce-scatter the total into the shard (async: waits for the previous one only)."""
+        g_full = g_full.to(torch.float32)
+        if unit.unsharded_grad is not None:
+            g_full = unit.unsharded_grad.add_(g_full)
+            unit.unsharded_grad = None
+        if not sync:
+            unit.unsharded_grad = g_full
+            return
+        self._finish_reductions()  # at most one reduce-scatter in flight: bounded memory
+        send = g_full.to(self.reduce_dtype)  # [padded]
+        out = torch.empty(unit.layout.shard_numel, dtype=self.reduce_dtype, device=self.device)
+        work = reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, async_op=True)
+        self._reductions.append((work, out, send, unit))
+
+    def _finish_reductions(self) -> None:
+        for work, out, _send, unit in self._reductions:
+            work.wait()
+            unit.grad.add_(out.to(torch.float32), alpha=1 / self.world_size)  # sum -> mean
+        self._reductions.clear()
+
+    def eval_loss(self, tokens, targets, config):
+        with torch.no_grad():
+            loss = self._forward(tokens.to(self.device), targets.to(self.device))[0]
+        self.root.free()
+        return loss
+
+    # --- optimizer ---------------------------------------------------------------------
+
+    def clip_grad_norm(self, max_norm):
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for u in self.units:
+            for seg in u.layout.segments(self.rank):  # padding excluded
+                squares += u.grad[seg.lo:seg.hi].square().sum()
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+        norm = squares.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for u in self.units:
+                u.grad.mul_(coef)
+        return float(norm)
+
+    def step(self):
+        self.optimizer.step()
+        for u in self.units:
+            u.grad.zero_()  # in place: the optimizer's .grad views point into it
+
+    # --- whole trees (collectives) -----------------------------------------------------
+
+    def _gather_tree(self, shard_of) -> dict:
+        """All-gather fp32 shards unit by unit into one CPU tree in the HF layout."""
+        trees = []
+        for u in self.units:
+            full = torch.empty(u.layout.padded_numel, dtype=torch.float32, device=self.device)
+            all_gather_into_tensor(full, shard_of(u))
+            trees.append(tree.tree_map(lambda x: x.to("cpu", copy=True), u.layout.views(full)))
+        return {**trees[0], "h": trees[1:]}
+
+    def full_params(self):
+        return self._gather_tree(lambda u: u.shard)
+
+    def full_grads(self) -> dict:
+        """The whole fp32 gradient tree on CPU (a collective; for tests and debugging)."""
+        return self._gather_tree(lambda u: u.grad)
+
+    def load_params(self, params):
+        units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
+        with torch.no_grad():
+            for u, p in zip(self.units, units):
+                u.shard.copy_(u.layout.shard(u.layout.pack(p), self.rank))
+
+    def optimizer_state(self):
+        return {"world_size": self.world_size, "optimizer": self.optimizer.state_dict()}
+
+    def load_optimizer_state(self, state):
+        check_world_size(self.name, state, self.world_size, reshardable=False)
+        self.optimizer.load_state_dict(state["optimizer"])

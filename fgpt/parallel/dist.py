@@ -1,0 +1,103 @@
+"""Process-group plumbing shared by ddp, fsdp and custom-fsdp.
+
+torchrun (`python -m torch.distributed.run`) sets RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT; the strategies join that group through env:// — gloo on CPU,
+NCCL on CUDA — and build an explicit 1-D device mesh over all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from fgpt.errors import FgptError
+from fgpt.parallel.base import Strategy
+
+# A dead peer must end the job promptly; torchrun kills the survivors, and this bounds the
+# wait of a collective whose peer vanished without torchrun noticing.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+# torch 2.13 renamed these two (same semantics) and warns on the old names.
+all_gather_into_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_device(device: str | torch.device) -> torch.device:
+    """'auto' -> this rank's GPU when there is one, else CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    kind = str(device)
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise FgptError("--device cuda requested but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if kind != "cpu":
+        raise FgptError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def share_cpu_threads() -> None:
+    """Split the cores between the ranks on this machine (torchrun defaults to 1 thread)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+
+
+def join_process_group(strategy_name: str, device: torch.device) -> bool:
+    """Join torchrun's group; True when this call created it (and so must destroy it)."""
+    if dist.is_initialized():
+        return False
+    if not launched_by_torchrun():
+        raise FgptError(f"strategy {strategy_name!r} runs under torchrun: use nproc=N "
+                        "(or `python -m torch.distributed.run --nproc-per-node N -m run.train ...`)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
+    return True
+
+
+class DistributedStrategy(Strategy):
+    """The rank / world / device / mesh bookkeeping every multi-process strategy shares."""
+
+    def __init__(self, device: str | torch.device = "auto", **_):
+        self.device = pick_device(device)
+        self._owns_group = join_process_group(self.name, self.device)
+        if self.device.type == "cpu":
+            share_cpu_threads()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.mesh: DeviceMesh = init_device_mesh(self.device.type, (self.world_size,))
+
+    def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        # SUM then divide: AVG is not offered by every backend for every op.
+        total = value.detach().to(self.device, torch.float32).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return (total / self.world_size).cpu()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+
+def check_world_size(name: str, state: dict, world_size: int, *, reshardable: bool) -> None:
+    """Sharded optimizer state only fits the world size it was saved with."""
+    saved = state.get("world_size", world_size)
+    if saved != world_size and not reshardable:
+        raise FgptError(f"{name}: the checkpoint's optimizer state is sharded over {saved} ranks; "
+                        f"resume it with nproc={saved} (this run has {world_size})")

@@ -1,0 +1,35 @@
+"""fsdp: torch FSDP2. `fully_shard` each block, then the root (wte / wpe / ln_f: the
+embedding and the tied head in one unit), on the explicit 1-D mesh. Parameters, gradients
+and AdamW state are DTensors sharded on dim 0; each unit is all-gathered before its forward
+and again before its backward, and its gradients are reduce-scattered (mean) after it."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fgpt.parallel.adapter import AdapterStrategy, GPTModule
+
+
+class FSDP2(AdapterStrategy):
+    name = "fsdp"
+    sharded = True
+
+    def wrap(self, params, config, precision):
+        module = GPTModule(params, config)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                      reduce_dtype=torch.float32)
+        for blk in module.h:
+            fully_shard(blk, mesh=self.mesh, mp_policy=policy)
+        return fully_shard(module, mesh=self.mesh, mp_policy=policy)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Keep unsharded gradients; the next synced backward reduce-scatters them all."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
