@@ -75,6 +75,21 @@ class Unit:
         self.full.untyped_storage().resize_(0)
 
 
+def shard_param_groups(shards: list[tuple[FlatLayout, torch.Tensor, torch.Tensor]], rank: int,
+                       weight_decay: float) -> list[dict]:
+    """AdamW's groups over (layout, master shard, gradient shard) triples: each segment is
+    a view of the master shard whose .grad is a view of the gradient shard; decay only on
+    segments of >=2-D leaves; padding is in no segment, so the optimizer never touches it."""
+    decay, no_decay = [], []
+    for layout, shard, grad in shards:
+        for seg in layout.segments(rank):
+            p = shard[seg.lo:seg.hi]
+            p.grad = grad[seg.lo:seg.hi]
+            (decay if seg.decay else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 class CustomFSDP(DistributedStrategy):
     name = "custom-fsdp"
 
@@ -90,20 +105,9 @@ class CustomFSDP(DistributedStrategy):
         units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
         self.units = [Unit(u, self.world_size, self.rank, self.device, self.compute_dtype) for u in units]
         self.root, self.blocks = self.units[0], self.units[1:]
-        self.optimizer = torch.optim.AdamW(self._param_groups(weight_decay), lr=lr, betas=betas, foreach=True)
+        groups = shard_param_groups([(u.layout, u.shard, u.grad) for u in self.units], self.rank, weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
         self._reductions: list = []
-
-    def _param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW sees each shard's segments: views of the master shard whose .grad are views
-        of the gradient shard; decay only on segments made of >=2-D leaves."""
-        decay, no_decay = [], []
-        for u in self.units:
-            for seg in u.layout.segments(self.rank):
-                p = u.shard[seg.lo:seg.hi]
-                p.grad = u.grad[seg.lo:seg.hi]
-                (decay if seg.decay else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
 
     # --- forward / backward ------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""custom-fsdp's packing, without processes: the collectives are simulated on the flat
+buffers (all_gather_into_tensor = concatenating the ranks' shards in rank order;
+reduce_scatter_tensor = summing the ranks' buffers and taking each rank's slice), while the
+packing, sharding and optimizer grouping are the very functions custom-fsdp runs."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fgpt import tree
+from fgpt.parallel.custom_fsdp import shard_param_groups
+from fgpt.parallel.flat import FlatLayout
+
+shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
+
+
+@st.composite
+def trees(draw) -> dict:
+    """Nested dicts (and lists, like `h`) of small leaves, many smaller than the world size."""
+    names = draw(st.lists(st.sampled_from(["weight", "bias", "attn", "mlp", "ln"]), min_size=1,
+                          max_size=3, unique=True))
+    node = {}
+    for name in names:
+        kind = draw(st.sampled_from(["leaf", "leaf", "dict", "list"]))
+        if kind == "leaf":
+            node[name] = torch.randn(draw(shapes))
+        elif kind == "dict":
+            node[name] = {"weight": torch.randn(draw(shapes)), "bias": torch.randn(draw(shapes))}
+        else:
+            node[name] = [{"w": torch.randn(draw(shapes))} for _ in range(draw(st.integers(1, 3)))]
+    return node
+
+
+worlds = st.integers(1, 5)
+
+
+def assert_same_tree(a: dict, b: dict) -> None:
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert fa[k].shape == fb[k].shape and torch.equal(fa[k], fb[k]), k
+
+
+def all_gather(layout: FlatLayout, shards: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(shards)  # rank order, as all_gather_into_tensor lays it out
+
+
+@given(trees(), worlds)
+def test_shard_then_gather_is_the_identity(unit, world):
+    layout = FlatLayout(unit, world)
+    flat = layout.pack(unit)
+    shards = [layout.shard(flat, r).clone() for r in range(world)]
+    assert all(s.numel() == layout.shard_numel for s in shards)  # even split, padding included
+    gathered = all_gather(layout, shards)
+    assert_same_tree(layout.views(gathered), unit)
+    assert torch.all(gathered[layout.numel:] == 0)
+
+
+@given(trees(), worlds)
+def test_views_tile_the_unpadded_buffer_exactly_with_decayed_leaves_first(unit, world):
+    layout = FlatLayout(unit, world)
+    assert layout.padded_numel % world == 0 and 0 <= layout.padded_numel - layout.numel < world
+    ends = 0
+    for slot in layout.slots:  # contiguous, no overlap, nothing reaches the padding
+        assert slot.offset == ends
+        ends += slot.numel
+    assert ends == layout.numel == tree.count(unit)
+    ndims = [len(s.shape) >= 2 for s in layout.slots]
+    assert ndims == sorted(ndims, reverse=True)
+    # a view of a full buffer never sees a byte of padding
+    flat = layout.pack(unit)
+    flat[layout.numel:] = float("nan")
+    assert not any(torch.isnan(v).any() for v in tree.leaves(layout.views(flat)))
+
+
+@given(trees(), worlds)
+def test_segments_cover_every_parameter_once_and_never_padding(unit, world):
+    layout = FlatLayout(unit, world)
+    decayed_at = torch.zeros(layout.padded_numel, dtype=torch.int8)  # 1 decayed, 2 not
+    for r in range(world):
+        for seg in layout.segments(r):
+            span = slice(r * layout.shard_numel + seg.lo, r * layout.shard_numel + seg.hi)
+            assert torch.all(decayed_at[span] == 0)  # covered once
+            decayed_at[span] = 1 if seg.decay else 2
+    expected = torch.zeros_like(decayed_at)
+    for s in layout.slots:
+        expected[s.offset:s.offset + s.numel] = 1 if len(s.shape) >= 2 else 2
+    assert torch.equal(decayed_at, expected)
+
+
+@given(trees(), worlds)
+def test_reduce_scatter_of_padded_gradients_gives_the_mean_tree(unit, world):
+    layout = FlatLayout(unit, world)
+    grads = [tree.tree_map(lambda x: torch.randn_like(x), unit) for _ in range(world)]
+    total = torch.stack([layout.pack(g) for g in grads]).sum(0)  # what reduce-scatter sums
+    shards = [layout.shard(total, r) / world for r in range(world)]
+    got = tree.flatten(layout.views(all_gather(layout, shards)))
+    for k in got:
+        torch.testing.assert_close(got[k], torch.stack([tree.flatten(g)[k] for g in grads]).mean(0))
+
+
+@given(trees(), worlds, st.floats(0.0, 0.5))
+def test_adamw_on_shards_decays_only_matrices_and_leaves_padding_alone(unit, world, weight_decay):
+    """A zero-gradient AdamW step is pure decay: >=2-D leaves shrink by (1 - lr*wd), 1-D
+    leaves stay; gradient noise planted in the padding reaches nothing."""
+    lr = 0.1
+    layout = FlatLayout(unit, world)
+    flat = layout.pack(unit)
+    masters = [layout.shard(flat, r).clone() for r in range(world)]
+    grads = [torch.zeros(layout.shard_numel) for _ in range(world)]
+    for r in range(world):  # garbage in the padding part of each gradient shard
+        lo = max(0, layout.numel - r * layout.shard_numel)
+        grads[r][lo:] = 1e3
+    for r in range(world):
+        groups = shard_param_groups([(layout, masters[r], grads[r])], r, weight_decay)
+        torch.optim.AdamW(groups, lr=lr).step()
+    stepped = all_gather(layout, masters)
+    assert torch.all(stepped[layout.numel:] == 0)
+    expected = tree.tree_map(lambda x: x * (1 - lr * weight_decay) if x.ndim >= 2 else x, unit)
+    got = layout.views(stepped)
+    for k, v in tree.flatten(expected).items():
+        torch.testing.assert_close(tree.flatten(got)[k], v)
