@@ -14,6 +14,7 @@ import torch
 
 from fgpt.attention import masked_attention, attention
 from fgpt.config import GPTConfig
+from fgpt.errors import FgptError
 
 
 @dataclass
@@ -65,7 +66,7 @@ class KVCache:
         """Attention of the new queries over everything cached plus the new keys; stores k, v."""
         T = q.shape[2]
         if self.length + T > self.capacity:
-            raise ValueError(f"KV cache overflow: {self.length + T} slots > capacity {self.capacity}")
+            raise FgptError(f"KV cache overflow: {self.length + T} slots > capacity {self.capacity}")
         slots = torch.arange(self.length, self.length + T, device=q.device)
         size = self.slot_pos[layer].numel()
         if self.length == 0 and not self.has_padding:  # fresh prefill: the training kernels

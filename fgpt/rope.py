@@ -23,7 +23,11 @@ def _table(length: int, head_dim: int, base: float, dtype: torch.dtype, device: 
 
 def rope_tables(length: int, head_dim: int, base: float, dtype: torch.dtype, device) -> tuple:
     """(cos, sin), each [length, head_dim], for positions 0..length-1."""
-    return _table(length, head_dim, float(base), dtype, str(torch.device(device)))
+    # Tables come in power-of-two lengths, so decoding token by token reuses one table
+    # instead of building a new one per step; a row's values do not depend on the length.
+    size = max(64, 1 << (length - 1).bit_length())
+    cos, sin = _table(size, head_dim, float(base), dtype, str(torch.device(device)))
+    return cos[:length], sin[:length]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
