@@ -54,6 +54,9 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     shapes = {ours: tuple(where[hf].get_slice(hf).get_shape()) for ours, hf in keys.items()}
     config = GPTConfig.from_json(config_json) if config_json else infer_config(shapes)
     _check_against(config, shapes, path, from_json=config_json is not None)
+    if config_json is None:
+        log.warning("no config.json beside %s: inferred n_layer=%d n_head=%d n_kv_head=%s pos_emb=%s "
+                    "from tensor shapes", path, config.n_layer, config.n_head, config.n_kv_head, config.pos_emb)
 
     def read(hf_key: str) -> torch.Tensor:
         t = where[hf_key].get_tensor(hf_key)
@@ -176,8 +179,6 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> GPTConfig:
     qkv_heads = need("h.0.attn.c_attn.weight")[-1] // head_dim if n_layer else 3 * n_head
     n_kv_head = (qkv_heads - n_head) // 2
     wpe = shapes.get("wpe.weight")
-    log.warning("no config.json: inferred n_layer=%d n_head=%d (head size %d) from tensor shapes",
-                n_layer, n_head, head_dim)
     return GPTConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      n_kv_head=None if n_kv_head == n_head else n_kv_head,
                      n_ctx=wpe[0] if wpe else 1024, pos_emb="learned" if wpe else "rope")

@@ -89,7 +89,8 @@ def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache)
     return head(params, x[:, -1], config)  # only the last position is sampled from
 
 
-def _check_length(config: GPTConfig, longest: int, max_new_tokens: int, allow_past_ctx: bool) -> None:
+def check_length(config: GPTConfig, longest: int, max_new_tokens: int, allow_past_ctx: bool = False) -> None:
+    """Refuse a prompt + continuation longer than the model's context, where it has one."""
     if longest + max_new_tokens <= config.n_ctx:
         return
     if config.pos_emb == "rope" and (config.max_window is not None or allow_past_ctx):
@@ -123,7 +124,7 @@ def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], ma
     _validate(prompts, config, max_new_tokens, num_samples)
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     longest = max(len(r) for r in rows)
-    _check_length(config, longest, max_new_tokens, allow_past_ctx)
+    check_length(config, longest, max_new_tokens, allow_past_ctx)
     if max_new_tokens == 0:
         return
     wte = params["wte"]["weight"]

@@ -17,7 +17,7 @@ import torch
 from fgpt import tree
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
 from fgpt.errors import FgptError
-from fgpt.generate import STOPPED, Sampling, decode_layout, generate, stream
+from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
 from fgpt.tokenizer import EOT, gpt2_encoding
 from run._cli import main_guard
 
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     config, params = load_checkpoint(path, dtype=DTYPES[args.dtype])
     if config.vocab_size < enc.n_vocab:
         raise FgptError(f"{path}: vocabulary of {config.vocab_size} is smaller than GPT-2's {enc.n_vocab}")
+    check_length(config, len(prompt), args.max_new_tokens, args.allow_past_ctx)
     params = decode_layout(params)
     print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
