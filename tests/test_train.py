@@ -42,7 +42,7 @@ def data_cache(tmp_path_factory, monkeypatch):
 
 def tiny_run(text_file, **kw) -> TrainConfig:
     base = dict(model=TINY, data=str(text_file), steps=6, batch_size=4, lr=3e-3, warmup=2,
-                seed=0, progress=False)
+                seed=0, eval_interval=0, checkpoint_interval=0, progress=False)
     return TrainConfig(**{**base, **kw})
 
 

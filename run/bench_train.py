@@ -1,0 +1,98 @@
+"""`just bench train`: training tokens/s, fgpt vs transformers' GPT2LMHeadModel, measured in
+the same run on the same batches.
+
+A step is forward + backward + global-norm clip + AdamW. Contenders run in interleaved
+rounds (one step each per round) so that machine noise hits them alike; the table shows the
+median step time per contender and its speed relative to transformers in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fgpt import GPTConfig, init_params
+from fgpt.parallel.single import SingleDevice, adamw_param_groups
+
+OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def fgpt_step(config: GPTConfig, precision: str, device: str):
+    strategy = SingleDevice(device)
+    strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
+
+    def step(x, y):
+        strategy.forward_backward(x, y, scale=1.0, sync=True)
+        strategy.clip_grad_norm(1.0)
+        strategy.step()
+    return step
+
+
+def hf_step(config: GPTConfig, autocast: bool, device: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=config.n_ctx, n_layer=config.n_layer, n_head=config.n_head,
+                                    n_embd=config.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    hf = hf.to(device).train()
+    named = dict(hf.named_parameters())
+    opt = torch.optim.AdamW(adamw_param_groups(named, OPT["weight_decay"]), lr=OPT["lr"], betas=OPT["betas"])
+
+    def step(x, y):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            logits = hf(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="just bench train")
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per contender")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", default="", help="comma list of contender names to run")
+    args = p.parse_args()
+    config = GPTConfig.preset(args.model)
+    B, T, dev = args.batch_size, args.seq_len, args.device
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    builders = {
+        "transformers fp32": lambda: hf_step(config, False, dev),
+        "transformers bf16 autocast": lambda: hf_step(config, True, dev),
+        "fgpt fp32": lambda: fgpt_step(config, "fp32", dev),
+        "fgpt bf16": lambda: fgpt_step(config, "bf16", dev),
+    }
+    if args.only:
+        keep = args.only.split(",")
+        builders = {k: v for k, v in builders.items() if k in keep or k == "transformers fp32"}
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, config.vocab_size, (B, T), generator=gen).to(dev),
+                torch.randint(0, config.vocab_size, (B, T), generator=gen).to(dev))
+               for _ in range(args.rounds + 1)]
+    steps = {name: build() for name, build in builders.items()}
+    for step in steps.values():  # warm-up: allocator, kernels, optimizer state
+        step(*batches[0])
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for x, y in batches[1:]:
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step(x, y)
+            sync()
+            times[name].append(time.perf_counter() - start)
+
+    print(f"training step, {args.model} ({B} x {T} tokens), {dev}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")
+    ref = statistics.median(times["transformers fp32"])
+    print(f"| {'contender':<28} | {'s/step':>7} | {'tokens/s':>9} | {'vs transformers fp32':>20} |")
+    print(f"|{'-' * 30}|{'-' * 9}|{'-' * 11}|{'-' * 22}|")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"| {name:<28} | {t:7.3f} | {B * T / t:9.0f} | {ref / t:19.2f}x |")
