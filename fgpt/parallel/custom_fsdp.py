@@ -45,14 +45,11 @@ class Unit:
     def __init__(self, params: dict, world_size: int, rank: int, device: torch.device,
                  compute_dtype: torch.dtype):
         self.layout = FlatLayout(params, world_size)
-        self.rank = rank
         self.shard = self.layout.shard(self.layout.pack(params).to(device), rank).clone()  # fp32 master
         self.grad = torch.zeros_like(self.shard)  # fp32, mean over ranks after a synced step
         self.unsharded_grad: torch.Tensor | None = None  # accumulation across sync=False steps
-        # The gathered parameters: one leaf autograd differentiates against, storage empty
-        # except between a gather and a free.
-        self.full = torch.empty(self.layout.padded_numel, dtype=compute_dtype, device=device,
-                                requires_grad=True)
+        # The gathered parameters; its storage is empty except between a gather and a free.
+        self.full = torch.empty(self.layout.padded_numel, dtype=compute_dtype, device=device)
         self._bytes = self.full.untyped_storage().nbytes()
         self.free()
         self._gather = None
@@ -65,11 +62,16 @@ class Unit:
         local = self.shard.to(self.full.dtype)  # [shard_numel]: bf16 gathers cast here
         self._gather = (all_gather_into_tensor(target, local, async_op=True), local)
 
-    def wait_gather(self) -> dict:
-        """Finish the gather; the unit's tree as views of the gathered buffer."""
+    def wait_gather(self) -> list[torch.Tensor]:
+        """Finish the gather; the unit's leaves (slot order) as views of the gathered buffer,
+        each an autograd leaf so a segment's backward yields exactly their gradients."""
         self._gather[0].wait()
         self._gather = None
-        return self.layout.views(self.full)
+        leaves = self.layout.leaf_views(self.full)
+        if torch.is_grad_enabled():
+            for leaf in leaves:
+                leaf.requires_grad_()
+        return leaves
 
     def free(self) -> None:
         self.full.untyped_storage().resize_(0)
@@ -112,51 +114,54 @@ class CustomFSDP(DistributedStrategy):
     # --- forward / backward ------------------------------------------------------------
 
     def _forward(self, tokens, targets):
-        """Loss, plus each segment's (input, output) for the backward walk."""
+        """Loss, plus what the backward walk needs: each segment's leaves, input and output."""
         self.root.start_gather()
         if self.blocks:
             self.blocks[0].start_gather()
-        root = self.root.wait_gather()
+        root_leaves = self.root.wait_gather()
+        root = self.root.layout.as_tree(root_leaves)
         positions, end = positions_for(tokens, self.config, None)
         x0 = embed(root, tokens, self.config, positions, train=True)  # [B, T, d]
         rope = rope_for(positions, end, self.config, x0.dtype)
         x, saved = x0, []
         for i, unit in enumerate(self.blocks):
-            p = unit.wait_gather()
+            leaves = unit.wait_gather()
             if i + 1 < len(self.blocks):
                 self.blocks[i + 1].start_gather()  # overlaps this block's compute
             x_in = x.detach().requires_grad_(x.requires_grad)
-            x = block(p, x_in, self.config, layer=i, rope=rope, train=True)  # [B, T, d]
-            saved.append((x_in, x))
+            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, rope=rope, train=True)
+            saved.append((leaves, x_in, x))  # x: [B, T, d]
             unit.free()
         x_last = x.detach().requires_grad_(x.requires_grad)
         loss = token_loss(head(root, x_last, self.config), targets)
-        return loss, x0, saved, x_last
+        return loss, (root_leaves, x0, saved, x_last)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
-        loss, x0, saved, x_last = self._forward(tokens.to(self.device), targets.to(self.device))
+        loss, (root_leaves, x0, saved, x_last) = self._forward(tokens.to(self.device), targets.to(self.device))
         if self.blocks:
             self.blocks[-1].start_gather()  # overlaps the head's backward
-        g_root, g = torch.autograd.grad(loss * scale, (self.root.full, x_last))
+        # the root's leaves are used twice (embed and tied head): sum both segments' grads
+        *g_head, g = torch.autograd.grad(loss * scale, root_leaves + [x_last], materialize_grads=True)
+        g_root = self.root.layout.pack_leaves(g_head)  # [padded] fp32
+        del g_head
         for i in reversed(range(len(self.blocks))):
             unit = self.blocks[i]
-            unit.wait_gather()
+            unit.wait_gather()  # refills the storage the saved views point at
             if i > 0:
                 self.blocks[i - 1].start_gather()
-            x_in, x_out = saved[i]
-            g_unit, g = torch.autograd.grad(x_out, (unit.full, x_in), g)
+            leaves, x_in, x_out = saved[i]
+            *g_leaves, g = torch.autograd.grad(x_out, leaves + [x_in], g)
             unit.free()
-            self._reduce(unit, g_unit, sync)
-        g_root = g_root.float() + torch.autograd.grad(x0, self.root.full, g)[0].float()  # tied: both uses
+            self._reduce(unit, unit.layout.pack_leaves(g_leaves), sync)
+        g_embed = torch.autograd.grad(x0, root_leaves, g, materialize_grads=True)
         self.root.free()
-        self._reduce(self.root, g_root, sync)
+        self._reduce(self.root, self.root.layout.pack_leaves(g_embed, add_to=g_root), sync)
         self._finish_reductions()
         return loss.detach()
 
     def _reduce(self, unit: Unit, g_full: torch.Tensor, sync: bool) -> None:
-        """Add a unit's gradient [padded] to its accumulator; on a synced micro-step
+        """Add a unit's fp32 gradient [padded] to its accumulator; on a synced micro-step
         reduce-scatter the total into the shard (async: waits for the previous one only)."""
-        g_full = g_full.to(torch.float32)
         if unit.unsharded_grad is not None:
             g_full = unit.unsharded_grad.add_(g_full)
             unit.unsharded_grad = None

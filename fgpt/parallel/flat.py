@@ -60,14 +60,32 @@ class FlatLayout:
     def pack(self, unit: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The unit's leaves -> one zero-padded buffer [padded_numel]."""
         leaves = tree.flatten(unit)
-        flat = torch.zeros(self.padded_numel, dtype=dtype, device=next(iter(leaves.values())).device)
-        for s in self.slots:
-            flat[s.offset:s.offset + s.numel].copy_(leaves[s.path].reshape(-1))
+        return self.pack_leaves([leaves[s.path] for s in self.slots], dtype)
+
+    def pack_leaves(self, leaves: list[torch.Tensor], dtype: torch.dtype = torch.float32,
+                    add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """Leaves in slot order (e.g. their gradients) -> one zero-padded buffer
+        [padded_numel]; with `add_to`, added into that buffer instead."""
+        if add_to is not None:
+            for s, leaf in zip(self.slots, leaves):
+                add_to[s.offset:s.offset + s.numel].add_(leaf.reshape(-1))
+            return add_to
+        flat = torch.empty(self.padded_numel, dtype=dtype, device=leaves[0].device)
+        for s, leaf in zip(self.slots, leaves):
+            flat[s.offset:s.offset + s.numel].copy_(leaf.reshape(-1))
+        flat[self.numel:].zero_()
         return flat
+
+    def leaf_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A buffer [padded_numel] -> its leaves in slot order, each a view (no copy)."""
+        return [flat[s.offset:s.offset + s.numel].view(s.shape) for s in self.slots]
+
+    def as_tree(self, leaves: list[torch.Tensor]) -> dict:
+        return tree.unflatten({s.path: leaf for s, leaf in zip(self.slots, leaves)})
 
     def views(self, flat: torch.Tensor) -> dict:
         """A buffer [padded_numel] -> the unit's tree, every leaf a view (no copy)."""
-        return tree.unflatten({s.path: flat[s.offset:s.offset + s.numel].view(s.shape) for s in self.slots})
+        return self.as_tree(self.leaf_views(flat))
 
     def shard(self, flat: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank `rank`'s piece of a full buffer (a view)."""
