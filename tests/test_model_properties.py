@@ -1,0 +1,131 @@
+"""Invariants of the pure model over random tiny configs (hypothesis)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fgpt import GPTConfig, count_params, forward, init_params, tree
+from fgpt.kv_cache import KVCache
+from fgpt.model import param_shapes
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@st.composite
+def configs(draw, *, variants: bool = True) -> GPTConfig:
+    n_head = draw(st.sampled_from([1, 2, 4]))
+    kw = dict(vocab_size=draw(st.integers(5, 40)), n_ctx=16, n_layer=draw(st.integers(1, 3)),
+              n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 4, 8])))
+    if variants:
+        kw["pos_emb"] = draw(st.sampled_from(["learned", "rope"]))
+        kw["n_kv_head"] = draw(st.sampled_from([None] + [k for k in (1, 2) if n_head % k == 0]))
+        kw["window"] = draw(st.sampled_from([None, 1, 3, 6]))
+    return GPTConfig(**kw)
+
+
+def random_params(config: GPTConfig, seed: int) -> dict:
+    # wider than GPT-2's init so every position's logits depend visibly on its context
+    return tree.tree_map(lambda x: x + 0.3 * torch.randn_like(x), init_params(config, seed=seed))
+
+
+def tokens_of(draw, config: GPTConfig, batch: int, length: int) -> torch.Tensor:
+    ids = draw(st.lists(st.integers(0, config.vocab_size - 1), min_size=batch * length, max_size=batch * length))
+    return torch.tensor(ids).view(batch, length)
+
+
+@settings(max_examples=10)
+@given(config=configs(), data=st.data())
+def test_causality_future_tokens_do_not_change_past_logits(config, data):
+    params = random_params(config, seed=data.draw(st.integers(0, 99)))
+    tokens = tokens_of(data.draw, config, 2, data.draw(st.integers(2, 12)))
+    t = data.draw(st.integers(0, tokens.shape[1] - 2))
+    changed = tokens.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % config.vocab_size
+    a, b = forward(params, tokens, config), forward(params, changed, config)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], **TOL)
+
+
+@settings(max_examples=10)
+@given(config=configs(), data=st.data())
+def test_causality_by_gradient_of_the_embeddings(config, data):
+    """The gradient of position t's logits reaches no embedding after t (x: the blocks' input)."""
+    from fgpt.model import block, head
+    from fgpt.rope import rope_angles
+    params = random_params(config, seed=0)
+    T = data.draw(st.integers(2, 8))
+    t = data.draw(st.integers(0, T - 2))
+    x = torch.randn(1, T, config.n_embd, requires_grad=True)
+    rope = rope_angles(torch.arange(T), T, config.head_dim, config.rope_base, x.dtype) \
+        if config.pos_emb == "rope" else None
+    h = x
+    for i, p in enumerate(params["h"]):
+        h = block(p, h, config, layer=i, rope=rope)
+    logits = head(params, h, config)  # [1, T, V]
+    (grad,) = torch.autograd.grad(logits[0, t].square().sum(), x)
+    assert torch.count_nonzero(grad[0, t + 1:]) == 0
+    assert torch.count_nonzero(grad[0, t]) > 0  # the check can see a dependence when there is one
+
+
+@settings(max_examples=10)
+@given(config=configs(), data=st.data())
+def test_rows_of_a_batch_are_independent(config, data):
+    params = random_params(config, seed=1)
+    tokens = tokens_of(data.draw, config, data.draw(st.integers(2, 4)), data.draw(st.integers(1, 10)))
+    batched = forward(params, tokens, config)
+    for b in range(tokens.shape[0]):
+        torch.testing.assert_close(batched[b: b + 1], forward(params, tokens[b: b + 1], config), **TOL)
+
+
+@settings(max_examples=15)
+@given(config=configs(), data=st.data())
+def test_kv_cache_decoding_equals_the_full_forward(config, data):
+    """Prefill a random prefix, then feed the rest in random chunks (one token = a decode
+    step); every chunk's logits equal the full pass's. Rows may be left-padded."""
+    params = random_params(config, seed=2)
+    T = data.draw(st.integers(2, 14))
+    tokens = tokens_of(data.draw, config, 2, T)
+    pad = torch.tensor([0, data.draw(st.integers(0, T - 1))])  # row 1 is shorter
+    cache = KVCache.allocate(config, 2, T, pad=pad)
+    start = 0
+    while start < T:
+        n = data.draw(st.integers(1, T - start), label="chunk")
+        logits = forward(params, tokens[:, start: start + n], config, cache=cache)
+        for b in range(2):  # a row's reference: its own tokens, unpadded
+            p = int(pad[b])
+            ref = forward(params, tokens[b: b + 1, p:], config)[0]
+            first = max(start, p)  # pad slots have no reference
+            if first < start + n:
+                torch.testing.assert_close(logits[b, first - start:], ref[first - p: start + n - p], **TOL)
+        start += n
+
+
+@given(config=configs())
+def test_tree_flatten_unflatten_round_trips(config):
+    params = init_params(config, seed=0)
+    flat = tree.flatten(params)
+    assert flat.keys() == param_shapes(config).keys()
+    assert all(tuple(flat[k].shape) == s for k, s in param_shapes(config).items())
+    again = tree.unflatten(flat)
+    assert isinstance(again["h"], list) and len(again["h"]) == config.n_layer
+    assert tree.flatten(again).keys() == flat.keys()
+    assert all(again_leaf is leaf for again_leaf, leaf in zip(tree.leaves(again), tree.leaves(params)))
+
+
+@given(config=configs())
+def test_parameter_count_matches_closed_form_and_leaves(config):
+    params = init_params(config, seed=0)
+    assert count_params(config) == tree.count(params) == sum(x.numel() for x in tree.leaves(params))
+
+
+@settings(max_examples=5)
+@given(config=configs(variants=False))
+def test_parameter_count_matches_transformers(config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx,
+                                    n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd))
+    assert count_params(config) == sum(p.numel() for p in hf.parameters())  # tied head counted once
+
+
+def test_gpt2_preset_has_124m_parameters():
+    assert count_params(GPTConfig.preset("gpt2")) == 124_439_808  # GPT-2 small as published
