@@ -18,6 +18,8 @@ from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
 from fgpt import train as train_mod
 from fgpt.train import TrainConfig, lr_at, train
+from run import train as run_train
+from run._cli import main_guard
 from run.train import expand_launcher_tokens, window_arg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,34 +182,51 @@ def test_launcher_tokens_and_window_lists():
     assert window_arg("64") == 64 and window_arg("64,64,none,64") == (64, 64, None, 64)
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.Popen([sys.executable, "-m", "run.train", "--no-progress", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+def run_cli_inprocess(args, capsys, monkeypatch) -> tuple[int, str]:
+    """The entry point exactly as `python -m run.train` runs it, minus the process start."""
+    monkeypatch.setattr(sys, "argv", ["run.train", "--no-progress", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(run_train.main)
+    return exit_info.value.code, capsys.readouterr().err
 
 
-def test_bad_input_is_one_line_error(text_file, tmp_path):
+def assert_one_line_error(code, stderr, msg):
+    assert code == 2, (msg, stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (msg, stderr)
+
+
+TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-ctx", "16", "--steps", "2"]
+
+
+def test_bad_input_is_one_line_error(text_file, tmp_path, capsys, monkeypatch):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
     trained = tmp_path / "trained"
     train(tiny_run(text_file, out=str(trained), steps=1))
-    tiny = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-ctx", "16", "--steps", "2"]
     cases = {
-        "no such file": ["--data", str(tmp_path / "missing.txt"), *tiny],
-        "hold no text": ["--data", str(tmp_path / "empty.txt"), *tiny],
-        "binary": ["--data", str(tmp_path / "blob.bin"), *tiny],
-        "--steps must be": ["--data", str(text_file), *tiny, "--steps", "0"],
-        "too few for a context": ["--data", str(text_file), *tiny, "--n-ctx", "100000"],
-        "too few to fill a batch": ["--data", str(text_file), *tiny, "--batch-size", "4096"],
+        "no such file": ["--data", str(tmp_path / "missing.txt")],
+        "hold no text": ["--data", str(tmp_path / "empty.txt")],
+        "too few for a context": ["--data", str(text_file), "--n-ctx", "100000"],
+        "too few to fill a batch": ["--data", str(text_file), "--batch-size", "4096"],
+        "does not split": ["--data", str(text_file), "--batch-size", "5", "--grad-accum", "2"],
         "no training checkpoint": ["--resume", "--out", str(tmp_path / "nothing")],
         "n_layer = 3 contradicts": ["--resume", "--out", str(trained), "--n-layer", "3"],
-        "does not split": ["--data", str(text_file), *tiny, "--batch-size", "5", "--grad-accum", "2"],
     }
-    procs = {msg: run_cli(*args, "--out", str(tmp_path / f"out{i}")) if "--out" not in args
-             else run_cli(*args) for i, (msg, args) in enumerate(cases.items())}
+    for i, (msg, args) in enumerate(cases.items()):
+        if "--out" not in args:
+            args = [*TINY_FLAGS, *args, "--out", str(tmp_path / f"out{i}")]
+        assert_one_line_error(*run_cli_inprocess(args, capsys, monkeypatch), msg)
+
+
+def test_bad_input_from_a_real_process(text_file, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    cases = {"binary": ["--data", str(tmp_path / "blob.bin")],
+             "--steps must be": ["--data", str(text_file), "--steps", "0"]}
+    procs = {msg: subprocess.Popen(
+        [sys.executable, "-m", "run.train", *TINY_FLAGS, *args, "--out", str(tmp_path / msg)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        for msg, args in cases.items()}
     for msg, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (msg, stderr)
-        assert "Traceback" not in stderr
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (msg, stderr)
+        _, stderr = proc.communicate(timeout=120)
+        assert_one_line_error(proc.returncode, stderr, msg)
