@@ -246,3 +246,13 @@ def test_bad_input_is_one_line_without_traceback(case, cli_checkpoint, tmp_path)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- section: api -->")[1].split("<!-- /section: api -->")[0]
+    code = section.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "checkpoints" / "demo" / "model.safetensors").is_file()
+    assert capsys.readouterr().out.startswith("Hello, world. Hello again")
