@@ -230,3 +230,25 @@ def test_bad_input_from_a_real_process(text_file, tmp_path):
     for msg, proc in procs.items():
         _, stderr = proc.communicate(timeout=120)
         assert_one_line_error(proc.returncode, stderr, msg)
+
+
+def test_sigint_finishes_the_step_checkpoints_and_resumes(text_file, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "run.train", "--no-progress", *TINY_FLAGS, "--steps", "100000",
+            "--data", str(text_file), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    done = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert done == metrics.read_text().count("\n") >= 2
+    resumed = train(TrainConfig(out=str(out), resume=True, steps=100000, stop_after=done + 1,
+                                progress=False, data=str(text_file), model=TINY))
+    assert resumed.metrics[0]["step"] == done + 1
