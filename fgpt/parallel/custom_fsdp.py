@@ -140,10 +140,7 @@ class CustomFSDP(DistributedStrategy):
         loss, (root_leaves, x0, saved, x_last) = self._forward(tokens.to(self.device), targets.to(self.device))
         if self.blocks:
             self.blocks[-1].start_gather()  # overlaps the head's backward
-        # the root's leaves are used twice (embed and tied head): sum both segments' grads
-        *g_head, g = torch.autograd.grad(loss * scale, root_leaves + [x_last], materialize_grads=True)
-        g_root = self.root.layout.pack_leaves(g_head)  # [padded] fp32
-        del g_head
+        *g_root, g = torch.autograd.grad(loss * scale, root_leaves + [x_last], materialize_grads=True)
         for i in reversed(range(len(self.blocks))):
             unit = self.blocks[i]
             unit.wait_gather()  # refills the storage the saved views point at
@@ -155,7 +152,10 @@ class CustomFSDP(DistributedStrategy):
             self._reduce(unit, unit.layout.pack_leaves(g_leaves), sync)
         g_embed = torch.autograd.grad(x0, root_leaves, g, materialize_grads=True)
         self.root.free()
-        self._reduce(self.root, self.root.layout.pack_leaves(g_embed, add_to=g_root), sync)
+        for g_head, g_emb in zip(g_root, g_embed):  # wte is used twice: embedding and tied head
+            g_head.add_(g_emb)
+        del g_embed  # packed only now, after the activations are gone: lower peak memory
+        self._reduce(self.root, self.root.layout.pack_leaves(g_root), sync)
         self._finish_reductions()
         return loss.detach()
 

@@ -62,14 +62,8 @@ class FlatLayout:
         leaves = tree.flatten(unit)
         return self.pack_leaves([leaves[s.path] for s in self.slots], dtype)
 
-    def pack_leaves(self, leaves: list[torch.Tensor], dtype: torch.dtype = torch.float32,
-                    add_to: torch.Tensor | None = None) -> torch.Tensor:
-        """Leaves in slot order (e.g. their gradients) -> one zero-padded buffer
-        [padded_numel]; with `add_to`, added into that buffer instead."""
-        if add_to is not None:
-            for s, leaf in zip(self.slots, leaves):
-                add_to[s.offset:s.offset + s.numel].add_(leaf.reshape(-1))
-            return add_to
+    def pack_leaves(self, leaves: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Leaves in slot order (e.g. their gradients) -> one zero-padded buffer [padded_numel]."""
         flat = torch.empty(self.padded_numel, dtype=dtype, device=leaves[0].device)
         for s, leaf in zip(self.slots, leaves):
             flat[s.offset:s.offset + s.numel].copy_(leaf.reshape(-1))
