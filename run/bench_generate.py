@@ -8,7 +8,6 @@ the same tokens, or the comparison is void.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -35,7 +34,7 @@ def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head))
-    hf.transformer.load_state_dict(tree.flatten(params), strict=False)
+    hf.transformer.load_state_dict(tree.flatten(params), strict=True)
     return hf.eval().to(dtype)
 
 
@@ -51,38 +50,35 @@ def best_rate(run, n_tokens: int, repeats: int) -> tuple[float, list[int]]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     config = GPTConfig.preset(args.model)
     params = init_params(config, seed=0)
-    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
     n = args.new_tokens
-    rows, results = [], {}
+    rate, tokens = {}, {}
     for name, dtype in DTYPES.items():
         fast = decode_layout(tree.cast(params, dtype))
-        run = lambda: generate(fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0]  # noqa: E731
-        results[("fgpt", name)] = best_rate(run, n, args.repeats)
+        rate["fgpt", name], tokens["fgpt", name] = best_rate(
+            lambda: generate(fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0],
+            n, args.repeats)
         del fast
-        hf = hf_model(params, config, dtype)
-        ids = torch.tensor([prompt])
+        hf, ids = hf_model(params, config, dtype), torch.tensor([prompt])
 
         def run_hf():
             with torch.inference_mode():
-                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-            return out[0].tolist()
-        results[("transformers", name)] = best_rate(run_hf, n, args.repeats)
+                return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0].tolist()
+        rate["transformers", name], tokens["transformers", name] = best_rate(run_hf, n, args.repeats)
         del hf
-    if results[("fgpt", "float32")][1] != results[("transformers", "float32")][1]:
+    if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
-    ref = results[("transformers", "float32")][0]
-    print(f"greedy decode, {args.model} shapes, batch 1, prompt {args.prompt_len}, {n} new tokens, "
-          f"{torch.get_num_threads()} threads; fp32 tokens identical: yes", file=sys.stderr)
-    print(f"| engine | dtype | tokens/s | vs transformers fp32 |")
-    print(f"|---|---|---:|---:|")
-    for (engine, name), (rate, _) in results.items():
-        rows.append((engine, name, rate))
-    for engine, name, rate in sorted(rows, key=lambda r: (r[1], r[0])):
-        print(f"| {engine} | {name} | {rate:.1f} | {rate / ref:.2f}x |")
+    ref = rate["transformers", "float32"]
+    print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
+          f"{n} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}; "
+          "fp32 tokens identical in both: yes")
+    print("| engine | weights | tokens/s | vs transformers fp32 | vs transformers, same dtype |")
+    print("|---|---|---:|---:|---:|")
     for name in DTYPES:
-        ratio = results[("fgpt", name)][0] / results[("transformers", name)][0]
-        print(f"fgpt / transformers, both {name}: {ratio:.2f}x")
+        for engine in ("transformers", "fgpt"):
+            r = rate[engine, name]
+            print(f"| {engine} | {name} | {r:.1f} | {r / ref:.2f}x | {r / rate['transformers', name]:.2f}x |")
