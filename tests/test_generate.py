@@ -256,3 +256,16 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "checkpoints" / "demo" / "model.safetensors").is_file()
     assert capsys.readouterr().out.startswith("Hello, world. Hello again")
+
+
+def test_bf16_cached_decoding_follows_the_bf16_full_forward():
+    config = GPTConfig(vocab_size=53, n_ctx=32, n_layer=2, n_head=2, n_embd=32)
+    params = tree.cast(wide_params(config), torch.bfloat16)
+    tokens = torch.randint(0, 53, (1, 20))
+    full = forward(params, tokens, config).float()
+    from fgpt.kv_cache import KVCache
+    cache = KVCache.allocate(config, 1, 20, dtype=torch.bfloat16)
+    steps = [forward(params, tokens[:, :8], config, cache=cache)]
+    steps += [forward(params, tokens[:, t: t + 1], config, cache=cache) for t in range(8, 20)]
+    cached = torch.cat(steps, dim=1).float()
+    assert cached.dtype == full.dtype and ((cached - full).abs().max() / full.abs().max()) < 2e-2
