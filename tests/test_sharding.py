@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgpt import tree
-from fgpt.parallel.custom_fsdp import shard_param_groups
+from fgpt.parallel.custom_fsdp import adamw_groups, attach_grads, segment_params
 from fgpt.parallel.flat import FlatLayout
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
@@ -114,8 +114,9 @@ def test_adamw_on_shards_decays_only_matrices_and_leaves_padding_alone(unit, wor
         lo = max(0, layout.numel - r * layout.shard_numel)
         grads[r][lo:] = 1e3
     for r in range(world):
-        groups = shard_param_groups([(layout, masters[r], grads[r])], r, weight_decay)
-        torch.optim.AdamW(groups, lr=lr).step()
+        segments = segment_params(layout, masters[r], r)
+        attach_grads(segments, grads[r])
+        torch.optim.AdamW(adamw_groups(segments, weight_decay), lr=lr).step()
     stepped = all_gather(layout, masters)
     assert torch.all(stepped[layout.numel:] == 0)
     expected = tree.tree_map(lambda x: x * (1 - lr * weight_decay) if x.ndim >= 2 else x, unit)

@@ -36,7 +36,7 @@ from fgpt import tree
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
 from fgpt.parallel.dist import (DistributedStrategy, all_gather_into_tensor, check_world_size,
                                 reduce_scatter_tensor)
-from fgpt.parallel.flat import FlatLayout
+from fgpt.parallel.flat import FlatLayout, Segment
 
 
 class Unit:
@@ -46,7 +46,11 @@ class Unit:
                  compute_dtype: torch.dtype):
         self.layout = FlatLayout(params, world_size)
         self.shard = self.layout.shard(self.layout.pack(params).to(device), rank).clone()  # fp32 master
-        self.grad = torch.zeros_like(self.shard)  # fp32, mean over ranks after a synced step
+        # AdamW's parameters: the shard's decayed / undecayed runs (views, padding excluded)
+        self.segments = segment_params(self.layout, self.shard, rank)
+        # fp32 gradient shard, mean over ranks; None between step() and the next reduce, so
+        # it costs no memory through the forward (as FSDP2's set_to_none)
+        self.grad: torch.Tensor | None = None
         self.unsharded_grad: torch.Tensor | None = None  # accumulation across sync=False steps
         # The gathered parameters; its storage is empty except between a gather and a free.
         self.full = torch.empty(self.layout.padded_numel, dtype=compute_dtype, device=device)
@@ -77,19 +81,22 @@ class Unit:
         self.full.untyped_storage().resize_(0)
 
 
-def shard_param_groups(shards: list[tuple[FlatLayout, torch.Tensor, torch.Tensor]], rank: int,
-                       weight_decay: float) -> list[dict]:
-    """AdamW's groups over (layout, master shard, gradient shard) triples: each segment is
-    a view of the master shard whose .grad is a view of the gradient shard; decay only on
-    segments of >=2-D leaves; padding is in no segment, so the optimizer never touches it."""
-    decay, no_decay = [], []
-    for layout, shard, grad in shards:
-        for seg in layout.segments(rank):
-            p = shard[seg.lo:seg.hi]
-            p.grad = grad[seg.lo:seg.hi]
-            (decay if seg.decay else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def segment_params(layout: FlatLayout, shard: torch.Tensor, rank: int) -> list[tuple[Segment, torch.Tensor]]:
+    """The runs of real parameters in a master shard, each a view AdamW optimizes in place;
+    padding is in no run, so the optimizer never touches it."""
+    return [(seg, shard[seg.lo:seg.hi]) for seg in layout.segments(rank)]
+
+
+def attach_grads(segments: list[tuple[Segment, torch.Tensor]], grad: torch.Tensor | None) -> None:
+    """Point each run's .grad at the same run of the gradient shard (or None)."""
+    for seg, p in segments:
+        p.grad = None if grad is None else grad[seg.lo:seg.hi]
+
+
+def adamw_groups(segments: list[tuple[Segment, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Weight decay only on runs made of >=2-D leaves (FlatLayout puts them first)."""
+    return [{"params": [p for seg, p in segments if seg.decay], "weight_decay": weight_decay},
+            {"params": [p for seg, p in segments if not seg.decay], "weight_decay": 0.0}]
 
 
 class CustomFSDP(DistributedStrategy):
@@ -107,7 +114,7 @@ class CustomFSDP(DistributedStrategy):
         units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
         self.units = [Unit(u, self.world_size, self.rank, self.device, self.compute_dtype) for u in units]
         self.root, self.blocks = self.units[0], self.units[1:]
-        groups = shard_param_groups([(u.layout, u.shard, u.grad) for u in self.units], self.rank, weight_decay)
+        groups = adamw_groups([sp for u in self.units for sp in u.segments], weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
         self._reductions: list = []
 
@@ -177,7 +184,12 @@ class CustomFSDP(DistributedStrategy):
     def _finish_reductions(self) -> None:
         for work, out, _send, unit in self._reductions:
             work.wait()
-            unit.grad.add_(out.to(torch.float32), alpha=1 / self.world_size)  # sum -> mean
+            mean = out.to(torch.float32).div_(self.world_size)  # sum -> mean
+            if unit.grad is None:
+                unit.grad = mean
+                attach_grads(unit.segments, unit.grad)
+            else:
+                unit.grad.add_(mean)
         self._reductions.clear()
 
     def eval_loss(self, tokens, targets, config):
@@ -191,20 +203,23 @@ class CustomFSDP(DistributedStrategy):
     def clip_grad_norm(self, max_norm):
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
         for u in self.units:
-            for seg in u.layout.segments(self.rank):  # padding excluded
-                squares += u.grad[seg.lo:seg.hi].square().sum()
+            for _seg, p in u.segments:  # padding excluded
+                if p.grad is not None:
+                    squares += p.grad.square().sum()
         dist.all_reduce(squares, op=dist.ReduceOp.SUM)
         norm = squares.sqrt()
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for u in self.units:
-                u.grad.mul_(coef)
+                if u.grad is not None:
+                    u.grad.mul_(coef)
         return float(norm)
 
     def step(self):
         self.optimizer.step()
         for u in self.units:
-            u.grad.zero_()  # in place: the optimizer's .grad views point into it
+            u.grad = None
+            attach_grads(u.segments, None)
 
     # --- whole trees (collectives) -----------------------------------------------------
 
@@ -222,7 +237,7 @@ class CustomFSDP(DistributedStrategy):
 
     def full_grads(self) -> dict:
         """The whole fp32 gradient tree on CPU (a collective; for tests and debugging)."""
-        return self._gather_tree(lambda u: u.grad)
+        return self._gather_tree(lambda u: torch.zeros_like(u.shard) if u.grad is None else u.grad)
 
     def load_params(self, params):
         units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
