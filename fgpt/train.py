@@ -51,10 +51,10 @@ RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "chec
 @dataclass
 class TrainConfig:
     """One run's settings. The defaults are `just train`'s embedded run: the tiny preset on
-    the built-in corpus, 150 steps of 8 x 256 tokens (about 4 minutes on 2 CPU cores)."""
+    the built-in corpus, 120 steps of 8 x 256 tokens."""
     model: GPTConfig | None = None  # None: the --init-from checkpoint's, else the tiny preset
     data: str | None = None  # text file / directory / glob; None = the built-in corpus
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 8  # global sequences per optimizer step (over micro-batches and ranks)
     grad_accum: int = 1
     lr: float = 1e-3
