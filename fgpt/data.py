@@ -169,15 +169,32 @@ def _memmap(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def load_corpus(data: str | None = None, *, progress: bool = True) -> Corpus:
-    """Tokenise `data` (None = the built-in corpus) into cached shards, or reuse them."""
-    docs = stdlib_documents() if data is None else user_documents(data)
-    description = "python stdlib" if data is None else str(data)
-    directory = cache_root() / content_key(docs)
+def documents(data: str | None) -> list[Document]:
+    """The documents of `data` (None = the built-in corpus); bad input raises FgptError."""
+    return stdlib_documents() if data is None else user_documents(data)
+
+
+def cache_dir_for(docs: list[Document]) -> Path:
+    return cache_root() / content_key(docs)
+
+
+def build_cache(docs: list[Document], description: str, *, progress: bool = True) -> Path:
+    """Tokenise into the cache unless an earlier run already did."""
+    directory = cache_dir_for(docs)
     if not (directory / "meta.json").exists():
         train, val = tokenise(docs, progress=progress)
         _write_shards(directory, train, val, description)
+    return directory
+
+
+def open_corpus(directory: Path, description: str) -> Corpus:
     return Corpus(_memmap(directory / "train.bin"), _memmap(directory / "val.bin"), directory, description)
+
+
+def load_corpus(data: str | None = None, *, progress: bool = True) -> Corpus:
+    """Tokenise `data` (None = the built-in corpus) into cached shards, or reuse them."""
+    description = "python stdlib" if data is None else str(data)
+    return open_corpus(build_cache(documents(data), description, progress=progress), description)
 
 
 # --- batches --------------------------------------------------------------------------

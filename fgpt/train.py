@@ -358,15 +358,8 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
             lr = lr_at(s, lr=cfg.lr, min_lr=min_lr, warmup=warmup, total=cfg.steps)
             x, y = data.rank_batch(corpus.train, seq_len=T, batch_size=cfg.batch_size, seed=cfg.seed,
                                    step=s, rank=strategy.rank, world_size=W)
-            losses = [strategy.forward_backward(xm, ym, scale=1.0 / K, sync=i == K - 1)
-                      for i, (xm, ym) in enumerate(data.micro_batches(x, y, K))]
-            loss = float(strategy.mean_across_ranks(torch.stack(losses).mean().float()))
-            if not math.isfinite(loss):
-                where = f"; the last good checkpoint stays in {out_dir}" if out_dir else ""
-                raise FgptError(f"loss is {loss} at step {s + 1}: training stopped{where}")
-            grad_norm = strategy.clip_grad_norm(cfg.grad_clip)
-            strategy.set_lr(lr)
-            strategy.step()
+            loss, grad_norm = optimizer_step(strategy, data.micro_batches(x, y, K), lr=lr,
+                                             grad_clip=cfg.grad_clip, step=s + 1, out_dir=out_dir)
             step_s = time.perf_counter() - step_start
             n = s + 1
             row = {"step": n, "loss": loss, "lr": lr, "tokens": n * tokens_per_step,
@@ -400,19 +393,37 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
     return result
 
 
+def optimizer_step(strategy: Strategy, micro_batches: list, *, lr: float, grad_clip: float,
+                   step: int, out_dir: Path | None) -> tuple[float, float]:
+    """Accumulate over the micro-batches, check the loss, clip, step: (loss, grad norm).
+    The loss is the mean over the global batch, so every rank takes the same branch."""
+    K = len(micro_batches)
+    losses = [strategy.forward_backward(x, y, scale=1.0 / K, sync=i == K - 1)
+              for i, (x, y) in enumerate(micro_batches)]
+    loss = float(strategy.mean_across_ranks(torch.stack(losses).mean().float()))
+    if not math.isfinite(loss):  # before the optimizer step: the params stay good
+        where = f"; the last good checkpoint stays in {out_dir}" if out_dir else ""
+        raise FgptError(f"loss is {loss} at step {step}: training stopped{where}")
+    grad_norm = strategy.clip_grad_norm(grad_clip)
+    strategy.set_lr(lr)
+    strategy.step()
+    return loss, grad_norm
+
+
 def _agree(strategy: Strategy, flag: bool) -> bool:
     """Stop only if any rank was signalled: all ranks must take the same checkpoint path."""
     return bool(strategy.mean_across_ranks(torch.tensor(float(flag), device=strategy.device)) > 0)
 
 
 def _load_corpus(cfg: TrainConfig, strategy: Strategy) -> data.Corpus:
-    """Rank 0 tokenises (or finds the cache); the others then read the same shards."""
+    """Every rank reads the sources (so bad input fails everywhere alike, never a hang);
+    rank 0 tokenises into the cache while the others wait, then all open the same shards."""
+    docs = data.documents(cfg.data)
+    description = "python stdlib" if cfg.data is None else cfg.data
     if strategy.is_main:
-        corpus = data.load_corpus(cfg.data, progress=cfg.progress)
+        data.build_cache(docs, description, progress=cfg.progress)
     strategy.barrier()
-    if not strategy.is_main:
-        corpus = data.load_corpus(cfg.data, progress=False)
-    return corpus
+    return data.open_corpus(data.cache_dir_for(docs), description)
 
 
 def _open_metrics(out_dir: Path | None, strategy: Strategy, keep_until: int):
