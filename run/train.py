@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m run.train", description=__doc__.split("\n")[0],
                                 argument_default=None)
     p.add_argument("--strategy", help="single | ddp | fsdp | custom-fsdp (also strategy=NAME)")
-    p.add_argument("--nproc", type=int, default=1, help="processes (also nproc=N)")
+    p.add_argument("--nproc", type=int, help="processes (also nproc=N; default 1 for single, 2 otherwise)")
     g = p.add_argument_group("model (a preset, then overrides)")
     g.add_argument("--model", choices=list(PRESETS), help="preset (default: tiny)")
     g.add_argument("--n-layer", type=int)
@@ -120,6 +120,8 @@ def main() -> int:
     argv = expand_launcher_tokens(sys.argv[1:])
     args = parser().parse_args(argv)
     args.strategy = args.strategy or "single"
+    if args.nproc is None:  # `just train strategy=custom-fsdp` means two ranks
+        args.nproc = 1 if args.strategy == "single" else 2
     if args.nproc < 1:
         raise FgptError(f"nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and args.strategy == "single":
@@ -129,7 +131,7 @@ def main() -> int:
     if args.out is None:  # chosen once, before any re-launch, so every rank agrees
         args.out = default_out_dir()
         argv += ["--out", args.out]
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if args.strategy != "single" and "RANK" not in os.environ:
         return relaunch(argv, args.nproc)
 
     result = train(build_config(args))

@@ -52,7 +52,7 @@ class Block(ParamTree):
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         p = cast_to(self.tree(), self.compute_dtype)
-        return block(p, x, self.config, layer=self.layer, rope=rope, train=True)
+        return block(p, x, self.config, layer=self.layer, rope=rope, train=self.training)
 
 
 class GPTModule(nn.Module):
@@ -71,7 +71,7 @@ class GPTModule(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         root = cast_to({k: getattr(self, k).tree() for k in self.root_keys}, self.compute_dtype)
         positions, end = positions_for(tokens, self.config, None)
-        x = embed(root, tokens, self.config, positions, train=True)  # [B, T, d]
+        x = embed(root, tokens, self.config, positions, train=self.training)  # [B, T, d]
         rope = rope_for(positions, end, self.config, x.dtype)
         for blk in self.h:
             x = blk(x, rope)  # [B, T, d]
@@ -98,8 +98,8 @@ class AdapterStrategy(DistributedStrategy):
         self.config = config
         params = tree.tree_map(lambda x: x.detach().to(self.device, torch.float32).clone(), params)
         self.model = self.wrap(params, config, precision)
-        self.named = dict(self.model.module.named_parameters() if hasattr(self.model, "module")
-                          else self.model.named_parameters())
+        module = getattr(self.model, "module", self.model)  # DDP wraps; FSDP2 shards in place
+        self.named = dict(module.named_parameters())  # HF dotted names
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay), lr=lr,
                                            betas=betas, foreach=True)
 
@@ -110,8 +110,12 @@ class AdapterStrategy(DistributedStrategy):
         return loss.detach()
 
     def eval_loss(self, tokens, targets, config):
-        with torch.no_grad():
-            return self.model(tokens.to(self.device), targets.to(self.device)).float()
+        self.model.eval()  # dropout off
+        try:
+            with torch.no_grad():
+                return self.model(tokens.to(self.device), targets.to(self.device)).float()
+        finally:
+            self.model.train()
 
     def clip_grad_norm(self, max_norm):
         params = [p for p in self.named.values() if p.grad is not None]

@@ -120,7 +120,7 @@ class CustomFSDP(DistributedStrategy):
 
     # --- forward / backward ------------------------------------------------------------
 
-    def _forward(self, tokens, targets):
+    def _forward(self, tokens, targets, train: bool = True):
         """Loss, plus what the backward walk needs: each segment's leaves, input and output."""
         self.root.start_gather()
         if self.blocks:
@@ -128,7 +128,7 @@ class CustomFSDP(DistributedStrategy):
         root_leaves = self.root.wait_gather()
         root = self.root.layout.as_tree(root_leaves)
         positions, end = positions_for(tokens, self.config, None)
-        x0 = embed(root, tokens, self.config, positions, train=True)  # [B, T, d]
+        x0 = embed(root, tokens, self.config, positions, train=train)  # [B, T, d]
         rope = rope_for(positions, end, self.config, x0.dtype)
         x, saved = x0, []
         for i, unit in enumerate(self.blocks):
@@ -136,7 +136,7 @@ class CustomFSDP(DistributedStrategy):
             if i + 1 < len(self.blocks):
                 self.blocks[i + 1].start_gather()  # overlaps this block's compute
             x_in = x.detach().requires_grad_(x.requires_grad)
-            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, rope=rope, train=True)
+            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, rope=rope, train=train)
             saved.append((leaves, x_in, x))  # x: [B, T, d]
             unit.free()
         x_last = x.detach().requires_grad_(x.requires_grad)
@@ -194,7 +194,7 @@ class CustomFSDP(DistributedStrategy):
 
     def eval_loss(self, tokens, targets, config):
         with torch.no_grad():
-            loss = self._forward(tokens.to(self.device), targets.to(self.device))[0]
+            loss = self._forward(tokens.to(self.device), targets.to(self.device), train=False)[0]
         self.root.free()
         return loss
 
