@@ -1,7 +1,6 @@
 """The training loop: learning, accumulation, clipping, schedule, exact resume, atomic
 checkpoints, and one-line errors for bad input."""
 
-import dataclasses
 import json
 import math
 import os
@@ -16,7 +15,6 @@ from hypothesis import given, settings, strategies as st
 from fgpt import GPTConfig, init_params, load_checkpoint, loss_fn, tree
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt import train as train_mod
 from fgpt.train import TrainConfig, lr_at, train
 from run import train as run_train
 from run._cli import main_guard
