@@ -8,6 +8,7 @@ the same tokens, or the comparison is void.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -30,22 +31,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def run_hf(hf, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0].tolist()
+
+
 def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head))
     hf.transformer.load_state_dict(tree.flatten(params), strict=True)
     return hf.eval().to(dtype)
-
-
-def best_rate(run, n_tokens: int, repeats: int) -> tuple[float, list[int]]:
-    tokens = run()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = run()
-        best = min(best, time.perf_counter() - t0)
-    return n_tokens / best, tokens
 
 
 def main(argv=None) -> None:
@@ -55,27 +52,28 @@ def main(argv=None) -> None:
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     n = args.new_tokens
-    rate, tokens = {}, {}
+    engines = {}
     for name, dtype in DTYPES.items():
         fast = decode_layout(tree.cast(params, dtype))
-        rate["fgpt", name], tokens["fgpt", name] = best_rate(
-            lambda: generate(fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0],
-            n, args.repeats)
-        del fast
-        hf, ids = hf_model(params, config, dtype), torch.tensor([prompt])
-
-        def run_hf():
-            with torch.inference_mode():
-                return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0].tolist()
-        rate["transformers", name], tokens["transformers", name] = best_rate(run_hf, n, args.repeats)
-        del hf
+        engines["fgpt", name] = lambda fast=fast: generate(
+            fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0]
+        engines["transformers", name] = lambda hf=hf_model(params, config, dtype): run_hf(hf, prompt, n)
+    # Round-robin, best of `repeats` each: a machine whose load drifts hits every engine alike.
+    tokens = {key: run() for key, run in engines.items()}  # warm-up
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(args.repeats):
+        for key, run in engines.items():
+            t0 = time.perf_counter()
+            run()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    rate = {key: n / seconds for key, seconds in best.items()}
+    load = os.getloadavg()[0]  # other processes on the same cores skew every number
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
     ref = rate["transformers", "float32"]
     print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
           f"{n} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}; "
-          "fp32 tokens identical in both: yes")
+          f"fp32 tokens identical in both: yes; load average {load:.1f}")
     print("| engine | weights | tokens/s | vs transformers fp32 | vs transformers, same dtype |")
     print("|---|---|---:|---:|---:|")
     for name in DTYPES:
