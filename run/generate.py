@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # validates before any loading
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise FgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     enc = gpt2_encoding()
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not prompt:
