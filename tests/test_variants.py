@@ -1,0 +1,229 @@
+"""Every variant (learned/rope x MHA/GQA/MQA x full/window/per-layer window) end to end:
+causality, GQA == MHA with repeated K/V, KV-cache decoding == full recomputation,
+gradients, running past n_ctx, checkpoints, and one-line config errors."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import fgpt.model
+from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, loss_fn, save_checkpoint
+from fgpt.attention import dense_window_attention
+from fgpt.kv_cache import KVCache
+
+VOCAB = 37
+POS = ("learned", "rope")
+KV_HEADS = (None, 2, 1)  # MHA, GQA (2 groups of 2), MQA
+WINDOWS = (None, 3, (3, None, 5))
+COMBOS = list(itertools.product(POS, KV_HEADS, WINDOWS))
+
+
+def tiny(pos_emb="learned", n_kv_head=None, window=None, n_ctx=48) -> GPTConfig:
+    return GPTConfig(vocab_size=VOCAB, n_ctx=n_ctx, n_layer=3, n_head=4, n_embd=32,
+                     n_kv_head=n_kv_head, pos_emb=pos_emb, window=window)
+
+
+def combo_id(combo) -> str:
+    return "-".join(str(x) for x in combo).replace(" ", "")
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One tiny model per combination, built once."""
+    return {c: (cfg := tiny(*c), init_params(cfg, seed=COMBOS.index(c))) for c in COMBOS}
+
+
+def tokens_from(seed: int, *shape) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- whole-sequence forward ----------------------------------------------------------
+
+@given(st.sampled_from(COMBOS), st.integers(1, 24), st.integers(0, 23), st.integers(0, 999))
+def test_every_variant_is_causal(models, combo, T, t, seed):
+    """Changing the tokens from position t on changes no logits before t."""
+    config, params = models[combo]
+    t = min(t, T - 1)
+    a = tokens_from(seed, 2, T)
+    b = a.clone()
+    b[:, t:] = (b[:, t:] + 1) % VOCAB
+    torch.testing.assert_close(forward(params, a, config)[:, :t], forward(params, b, config)[:, :t])
+
+
+def mha_from_gqa(config: GPTConfig, params: dict) -> tuple[GPTConfig, dict]:
+    """The same model with every K/V head copied for each query head of its group."""
+    H, Hkv, hd = config.n_head, config.kv_heads, config.head_dim
+    kv_of_head = torch.arange(H) // (H // Hkv)
+    cols = lambda base: (base + kv_of_head[:, None] * hd + torch.arange(hd)).flatten()  # noqa: E731
+    index = torch.cat([torch.arange(H * hd), cols(H * hd), cols((H + Hkv) * hd)])
+    h = [{**b, "attn": {**b["attn"], "c_attn": {"weight": b["attn"]["c_attn"]["weight"][:, index],
+                                                "bias": b["attn"]["c_attn"]["bias"][index]}}}
+         for b in params["h"]]
+    return config.replace(n_kv_head=None), {**params, "h": h}
+
+
+@given(st.sampled_from([c for c in COMBOS if c[1] is not None]), st.integers(1, 20), st.integers(0, 999))
+def test_gqa_equals_mha_with_repeated_kv_heads(models, combo, T, seed):
+    config, params = models[combo]
+    mha_config, mha_params = mha_from_gqa(config, params)
+    assert mha_params["h"][0]["attn"]["c_attn"]["weight"].shape[1] == 3 * config.n_embd
+    tokens = tokens_from(seed, 2, T)
+    torch.testing.assert_close(forward(params, tokens, config), forward(mha_params, tokens, mha_config))
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c[2] is not None], ids=combo_id)
+def test_fast_window_path_equals_dense_mask_in_values_and_grads(models, combo, monkeypatch):
+    """The whole model (logits and torch.func.grad of the loss) with fgpt's O(T·W) kernel
+    equals the same model with the window as a dense mask."""
+    config, params = models[combo]
+    tokens, targets = tokens_from(1, 2, 30), tokens_from(2, 2, 30)
+    fast_logits = forward(params, tokens, config)
+    fast_grads = torch.func.grad(loss_fn)(params, tokens, targets, config)
+    monkeypatch.setattr(fgpt.model, "attention", lambda q, k, v, window, dropout_p=0.0:
+                        dense_window_attention(q, k, v, window))
+    torch.testing.assert_close(fast_logits, forward(params, tokens, config))
+    dense_grads = torch.func.grad(loss_fn)(params, tokens, targets, config)
+    torch.testing.assert_close(fast_grads, dense_grads)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_func_grad_equals_autograd(models, combo):
+    config, params = models[combo]
+    tokens, targets = tokens_from(3, 2, 12), tokens_from(4, 2, 12)
+    func_grads = torch.func.grad(loss_fn)(params, tokens, targets, config)
+    leaves = fgpt.tree.tree_map(lambda x: x.detach().requires_grad_(), params)
+    flat = fgpt.tree.leaves(leaves)
+    auto = torch.autograd.grad(loss_fn(leaves, tokens, targets, config), flat)
+    for g, a in zip(fgpt.tree.leaves(func_grads), auto):
+        torch.testing.assert_close(g, a)
+    assert all(g.abs().sum() > 0 for g in fgpt.tree.leaves(func_grads) if g.dim() == 2)
+
+
+# --- KV cache and rolling buffers ------------------------------------------------------
+
+def greedy_with_cache(params, config, prompt, n_new, chunk, capacity=None):
+    """Prefill `prompt` [B, P] in chunks, then decode greedily one token at a time.
+    Returns (tokens [B, P + n_new], logits of every decoded step [B, n_new, V])."""
+    cache = KVCache.allocate(config, prompt.shape[0], capacity or prompt.shape[1] + n_new)
+    for start in range(0, prompt.shape[1], chunk):
+        logits = forward(params, prompt[:, start:start + chunk], config, cache=cache)[:, -1]
+    tokens, steps = prompt, []
+    for _ in range(n_new):
+        steps.append(logits)
+        nxt = logits.argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        logits = forward(params, nxt, config, cache=cache)[:, -1]
+    return tokens, torch.stack(steps, dim=1)
+
+
+def greedy_by_recomputation(params, config, prompt, n_new):
+    tokens, steps = prompt, []
+    for _ in range(n_new):
+        logits = forward(params, tokens, config)[:, -1]
+        steps.append(logits)
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens, torch.stack(steps, dim=1)
+
+
+@given(st.sampled_from(COMBOS), st.integers(4, 12), st.integers(1, 8), st.integers(9, 16), st.integers(0, 999))
+def test_cached_greedy_decoding_equals_full_recomputation(models, combo, P, chunk, n_new, seed):
+    """Prompts longer than the window (3), chunked prefill into rolling buffers, and
+    generation that wraps a 3-slot buffer several times."""
+    config, params = models[combo]
+    prompt = tokens_from(seed, 2, P)
+    cached_tokens, cached_logits = greedy_with_cache(params, config, prompt, n_new, chunk)
+    full_tokens, full_logits = greedy_by_recomputation(params, config, prompt, n_new)
+    torch.testing.assert_close(cached_logits, full_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached_tokens, full_tokens)
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c[2] is not None], ids=combo_id)
+def test_rolling_buffer_memory_stays_flat(models, combo):
+    config, _ = models[combo]
+    short, long = KVCache.allocate(config, 1, 50), KVCache.allocate(config, 1, 5000)
+    windowed = [i for i, w in enumerate(config.layer_windows) if w is not None]
+    for i in windowed:
+        assert short.k[i].shape == long.k[i].shape == (1, config.kv_heads, config.layer_windows[i],
+                                                       config.head_dim)
+
+
+@given(st.sampled_from(COMBOS), st.integers(1, 6), st.integers(1, 5), st.integers(0, 999))
+def test_left_padded_rows_decode_like_rows_alone(models, combo, short_len, extra, seed):
+    """A batch of a short (left-padded) and a long prompt decodes each row as if alone."""
+    config, params = models[combo]
+    long_len, n_new = short_len + extra, 8
+    rows = [tokens_from(seed, 1, short_len), tokens_from(seed + 1, 1, long_len)]
+    batch = torch.cat([torch.cat([torch.zeros(1, extra, dtype=torch.long), rows[0]], 1), rows[1]])
+    cache = KVCache.allocate(config, 2, long_len + n_new, pad=torch.tensor([extra, 0]))
+    logits = forward(params, batch, config, cache=cache)[:, -1]
+    for _ in range(n_new):
+        nxt = logits.argmax(-1, keepdim=True)
+        rows = [torch.cat([r, nxt[i:i + 1]], 1) for i, r in enumerate(rows)]
+        logits = forward(params, nxt, config, cache=cache)[:, -1]
+    for i, r in enumerate(rows):
+        alone = forward(params, r, config)[:, -1]
+        torch.testing.assert_close(logits[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_overflow_is_a_clear_error(models):
+    config, params = models[("rope", 2, 3)]
+    cache = KVCache.allocate(config, 1, 4)
+    forward(params, tokens_from(0, 1, 4), config, cache=cache)
+    with pytest.raises(FgptError, match="capacity 4"):
+        forward(params, tokens_from(0, 1, 1), config, cache=cache)
+
+
+# --- past n_ctx --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window"])
+def test_rope_model_runs_past_n_ctx(window):
+    config = tiny("rope", 2, window, n_ctx=8)
+    params = init_params(config, seed=5)
+    prompt = tokens_from(6, 1, 6)
+    cached_tokens, cached_logits = greedy_with_cache(params, config, prompt, 18, chunk=4)
+    full_tokens, full_logits = greedy_by_recomputation(params, config, prompt, 18)
+    assert cached_tokens.shape[1] == 24 > config.n_ctx
+    torch.testing.assert_close(cached_logits, full_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_learned_positions_stop_at_n_ctx():
+    config = tiny("learned", 2, 3, n_ctx=8)
+    params = init_params(config)
+    with pytest.raises(FgptError, match="n_ctx=8"):
+        forward(params, tokens_from(0, 1, 9), config)
+    cache = KVCache.allocate(config, 1, 20)
+    forward(params, tokens_from(0, 1, 8), config, cache=cache)
+    with pytest.raises(FgptError, match="n_ctx=8"):
+        forward(params, tokens_from(0, 1, 1), config, cache=cache)
+
+
+# --- checkpoints and config errors ------------------------------------------------------
+
+@pytest.mark.parametrize("combo", [("rope", 2, (3, None, 5)), ("learned", 1, 3)], ids=combo_id)
+def test_variant_checkpoint_round_trip(models, combo, tmp_path):
+    config, params = models[combo]
+    save_checkpoint(tmp_path / "ckpt", config, params)
+    loaded_config, loaded_params = load_checkpoint(tmp_path / "ckpt")
+    assert loaded_config == config
+    tokens = tokens_from(0, 2, 10)
+    torch.testing.assert_close(forward(loaded_params, tokens, loaded_config), forward(params, tokens, config))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(n_head=4, n_kv_head=0), "multiple of n_kv_head"),
+    (dict(n_head=4, n_embd=12, pos_emb="rope"), "even head dim"),
+    (dict(window=0), "window must be"),
+    (dict(window=-2), "window must be"),
+    (dict(window=(4, 0, None)), "window must be"),
+    (dict(window=(4, None)), "window list has 2 entries for 3 layers"),
+    (dict(window=2.5), "window must be"),
+    (dict(pos_emb="alibi"), "pos_emb"),
+])
+def test_bad_variant_configs_are_one_line_errors(kwargs, message):
+    base = dict(vocab_size=VOCAB, n_ctx=16, n_layer=3, n_head=4, n_embd=32)
+    with pytest.raises(FgptError, match=message) as info:
+        GPTConfig(**{**base, **kwargs})
+    assert "\n" not in str(info.value)
