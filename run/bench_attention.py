@@ -1,0 +1,276 @@
+"""`just bench attention [--flex] [--quick]`: the attention variants on this machine.
+
+Tables (each with ratios against a peer measured in the same run):
+  1. kernels, one 64-wide head, W=256: full causal SDPA vs dense-masked SWA vs fgpt's SWA,
+     forward time and peak memory for T = 1k..16k;
+  2. fgpt's SWA block sizes at T=16k (forward, forward+backward), as a FLOP rate against
+     a plain matmul of the same shape (the FLOP floor is 4·T·W·d per forward);
+  3. a 2-layer attention-dominated model (1 head of 64, vocab 256) forward, full vs SWA;
+  4. GQA: SDPA's enable_gqa vs repeat_interleave / expand of K/V (forward+backward);
+  5. KV-cache bytes per token for MHA / GQA-4 / MQA / SWA at GPT-2 124M shapes;
+  6. decode tokens/s at a 2k context, MHA vs GQA vs SWA (124M shapes, 4 layers).
+--flex adds compiled flex_attention (first call compiles, ~10-30 s per length).
+Peak memory is the resident-set growth during the call, sampled every millisecond, with
+glibc told to return every large block to the OS on free (so the resident set tracks live
+tensors instead of the allocator's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fgpt import GPTConfig, forward, init_params
+from fgpt.attention import causal_attention, dense_window_attention, sliding_window_attention
+from fgpt.kv_cache import KVCache
+
+W = 256
+HD = 64
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def best_time(fn, reps: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _release_freed_memory() -> None:
+    """mallopt(M_MMAP_THRESHOLD, 64 KiB): large blocks are mmapped and unmapped on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+    except OSError:  # not glibc: memory columns then show the allocator's growth only
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_memory(fn) -> int:
+    """Bytes the resident set grew by, at most, while `fn` ran."""
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss() - base)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss() - base)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    cells = [header] + [[c if isinstance(c, str) else f"{c:.3g}" for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+        if j == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def qkv(T: int, H: int = 1, Hkv: int | None = None, B: int = 1, grad: bool = False):
+    q = torch.randn(B, H, T, HD, requires_grad=grad)
+    k, v = (torch.randn(B, Hkv or H, T, HD, requires_grad=grad) for _ in range(2))
+    return q, k, v
+
+
+def matmul_rate(T: int) -> float:
+    """FLOP/s of [T, 64] @ [64, W]: the shape of the work the window kernel must do."""
+    a, b = torch.randn(T, HD), torch.randn(HD, W)
+    return 2 * T * HD * W / best_time(lambda: a @ b, 5)
+
+
+# --- 1. kernels ----------------------------------------------------------------------------
+
+def kernels(lengths, flex: bool) -> None:
+    dense_limit = 8192  # a dense [T, T] mask and score matrix: 1.3 GB at 16k, pointless
+    flex_fn = _compiled_flex() if flex else None
+    rows = []
+    for T in lengths:
+        q, k, v = qkv(T)
+        with torch.no_grad():
+            t_full = best_time(lambda: causal_attention(q, k, v))
+            m_full = peak_memory(lambda: causal_attention(q, k, v))
+            t_swa = best_time(lambda: sliding_window_attention(q, k, v, W), 5)
+            m_swa = peak_memory(lambda: sliding_window_attention(q, k, v, W))
+            if T <= dense_limit:
+                t_dense = best_time(lambda: dense_window_attention(q, k, v, W))
+                m_dense = peak_memory(lambda: dense_window_attention(q, k, v, W))
+                dense = [t_dense * 1e3, m_dense / 2**20, t_dense / t_swa]
+            else:
+                dense = ["skipped", "(T² mask)", "-"]
+            row = [str(T), t_full * 1e3, m_full / 2**20, *dense, t_swa * 1e3, m_swa / 2**20, t_full / t_swa]
+            if flex_fn:
+                t0 = time.perf_counter()
+                run = flex_fn(T)
+                compile_s = time.perf_counter() - t0
+                row += [best_time(run) * 1e3, compile_s]
+        rows.append(row)
+    header = ["T", "causal ms", "causal MiB", "dense-SWA ms", "dense-SWA MiB", "dense/fgpt",
+              "fgpt-SWA ms", "fgpt-SWA MiB", "causal/fgpt"]
+    if flex_fn:
+        header += ["flex ms", "flex 1st call s"]
+    table(f"1. attention kernels, forward, 1 head x {HD}, W={W}", header, rows)
+    swa = {int(r[0]): r[6] for r in rows}
+    if 8192 in swa and 16384 in swa:
+        print(f"fgpt-SWA t(16k)/t(8k) = {swa[16384] / swa[8192]:.2f} (linear: 2.0)")
+
+
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def for_length(T):
+        q, k, v = qkv(T)
+        mask = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < W), 1, 1, T, T, device="cpu")
+        compiled(q, k, v, block_mask=mask)  # compiles
+        return lambda: compiled(q, k, v, block_mask=mask)
+
+    return for_length
+
+
+# --- 2. block sizes and the FLOP floor -------------------------------------------------------
+
+def block_sweep(T: int) -> None:
+    rate = matmul_rate(T)
+    floor = 4 * T * W * HD  # QK^T and PV over exactly W keys per query
+    rows = []
+    q, k, v = qkv(T, grad=True)
+    for block in (W, W // 2, W // 4, W // 8):
+        with torch.no_grad():
+            t_fwd = best_time(lambda: sliding_window_attention(q, k, v, W, block=block), 5)
+
+        def fwd_bwd():
+            sliding_window_attention(q, k, v, W, block=block).sum().backward()
+
+        t_fb = best_time(fwd_bwd)
+        achieved = floor / t_fwd
+        rows.append([str(block), t_fwd * 1e3, achieved / 1e9, rate / achieved, t_fb * 1e3])
+    table(f"2. fgpt-SWA block size, T={T}, W={W}, 1 head x {HD}; matmul [T,64]@[64,W] runs at "
+          f"{rate / 1e9:.0f} GFLOP/s", ["block", "fwd ms", "fwd GFLOP/s (floor 4TWd)",
+                                      "x from floor", "fwd+bwd ms"], rows)
+
+
+# --- 3. a 2-layer model -------------------------------------------------------------------------
+
+def model_forward(lengths) -> None:
+    base = dict(vocab_size=256, n_ctx=max(lengths), n_layer=2, n_head=1, n_embd=HD, pos_emb="rope")
+    full, swa = GPTConfig(**base), GPTConfig(**base, window=W)
+    params = init_params(full)
+    rows, prev = [], None
+    for T in lengths:
+        tokens = torch.randint(0, 256, (1, T))
+        with torch.no_grad():
+            t_full = best_time(lambda: forward(params, tokens, full))
+            t_swa = best_time(lambda: forward(params, tokens, swa), 5)
+        growth = f"{t_swa / prev:.2f}" if prev else "-"
+        rows.append([str(T), t_full * 1e3, t_swa * 1e3, t_full / t_swa, growth])
+        prev = t_swa
+    table(f"3. 2-layer model forward (1 head x {HD}, vocab 256, rope), full causal vs W={W}",
+          ["T", "full ms", "SWA ms", "full/SWA", "SWA t(T)/t(T/2)"], rows)
+
+
+# --- 4. GQA -----------------------------------------------------------------------------------
+
+def gqa(T: int = 1024, B: int = 2, H: int = 12, Hkv: int = 4, context: int = 2048) -> None:
+    g = H // Hkv
+    sdpa = F.scaled_dot_product_attention
+
+    def widen_expand(x):  # [B, Hkv, S, hd] -> [B, H, S, hd] through a broadcast view, then a copy
+        return x[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2)
+
+    ways = {
+        "SDPA enable_gqa": lambda q, k, v, causal: sdpa(q, k, v, is_causal=causal, enable_gqa=True),
+        "repeat_interleave": lambda q, k, v, causal: sdpa(
+            q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=causal),
+        "expand": lambda q, k, v, causal: sdpa(q, widen_expand(k), widen_expand(v), is_causal=causal),
+    }
+    q, k, v = qkv(T, H, Hkv, B, grad=True)
+    q1 = torch.randn(B, H, 1, HD)
+    k_ctx, v_ctx = (torch.randn(B, Hkv, context, HD) for _ in range(2))
+    rows = []
+    for name, fn in ways.items():
+        t_fb = best_time(lambda: fn(q, k, v, True).sum().backward())
+        with torch.no_grad():
+            t_dec = best_time(lambda: fn(q1, k_ctx, v_ctx, False), 50)
+        rows.append([name, t_fb * 1e3, t_dec * 1e6])
+    ref_fb, ref_dec = rows[0][1], rows[0][2]
+    for r in rows:
+        r += [r[1] / ref_fb, r[2] / ref_dec]
+    table(f"4. GQA kernels: causal fwd+bwd B={B} T={T}, {H} heads / {Hkv} kv heads x {HD}; "
+          f"decode step = 1 query over {context} keys",
+          ["K/V by", "fwd+bwd ms", "decode step us", "fwd+bwd / enable_gqa", "decode / enable_gqa"], rows)
+
+
+# --- 5, 6. KV cache and decoding -----------------------------------------------------------------
+
+CACHE_VARIANTS = {"MHA": {}, "GQA-4": dict(n_kv_head=4), "MQA": dict(n_kv_head=1), f"SWA W={W}": dict(window=W)}
+
+
+def kv_cache_bytes(context: int = 2048) -> None:
+    rows = []
+    for name, extra in CACHE_VARIANTS.items():
+        config = GPTConfig.preset("gpt2", n_ctx=context, **extra)
+        per_token = KVCache.allocate(config, 1, context).nbytes() / context
+        rows.append([name, per_token / 1024])
+    for r in rows:
+        r.append(rows[0][1] / r[1])
+    table(f"5. KV-cache bytes per token, GPT-2 124M shapes, fp32, {context}-token context "
+          "(SWA stays flat: W slots per layer)", ["variant", "KiB/token", "MHA/variant"], rows)
+
+
+def decode_speed(context: int = 2048, n_new: int = 32, n_layer: int = 4, vocab: int = 8192) -> None:
+    rows = []
+    for name, extra in CACHE_VARIANTS.items():
+        config = GPTConfig.preset("gpt2", n_layer=n_layer, n_ctx=context + n_new, vocab_size=vocab,
+                                  pos_emb="rope", **extra)
+        params = init_params(config)
+        prompt = torch.randint(0, config.vocab_size, (1, context))
+        with torch.no_grad():
+            cache = KVCache.allocate(config, 1, context + n_new)
+            token = forward(params, prompt, config, cache=cache)[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(n_new):
+                token = forward(params, token, config, cache=cache)[:, -1:].argmax(-1)
+            rate = n_new / (time.perf_counter() - t0)
+        rows.append([name, rate])
+    for r in rows:
+        r.append(r[1] / rows[0][1])
+    table(f"6. decode after a {context}-token prompt, GPT-2 shapes with {n_layer} layers, vocab {vocab}, "
+          f"{n_new} greedy tokens, batch 1", ["variant", "tokens/s", "vs MHA"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="just bench attention", description=__doc__.splitlines()[0])
+    ap.add_argument("--flex", action="store_true", help="also time compiled flex_attention")
+    ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")
+    args = ap.parse_args()
+    _release_freed_memory()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    kernels(lengths, args.flex)
+    block_sweep(lengths[-1])
+    model_forward(lengths)
+    gqa(T=256 if args.quick else 1024)
+    kv_cache_bytes()
+    decode_speed(context=256 if args.quick else 2048, n_new=8 if args.quick else 32)
