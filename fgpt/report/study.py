@@ -13,6 +13,7 @@ from pathlib import Path
 from fgpt import data
 from fgpt.checkpoint import save_checkpoint
 from fgpt.config import GPTConfig
+from fgpt.convert import to_gqa
 from fgpt.model import count_params
 from fgpt.report import measure, recall
 from fgpt.report.budget import Budget
@@ -20,6 +21,7 @@ from fgpt.train import TrainConfig, TrainResult, train
 
 
 SCALING_HEADS, SCALING_HEAD_DIM = 4, 16  # the attention shape timed against sequence length
+UPTRAIN_SEED_SHIFT = 1000
 RECALL_THRESHOLD = 0.5  # recall "works" at a distance while accuracy stays at or above this
 
 
@@ -88,46 +90,21 @@ def run_study(budget: Budget, *, data_spec: str | None = None, parallel: bool = 
     arms = budget.arms()
     progress = Progress(total_steps=len(arms) * len(budget.seeds) * budget.steps
                         + len(budget.seeds) * budget.uptrain_steps)
+    progress.log(f"{len(arms)} arms x {len(budget.seeds)} seeds x {budget.steps} steps, then the GQA "
+                 f"conversion, the recall probe ({len(budget.recall_windows) + 1} models x "
+                 f"{budget.recall_steps} steps) and the efficiency measurements")
     corpus = data.load_corpus(data_spec, progress=False)
-    seq_1x, seq_2x = budget.n_ctx, 2 * budget.n_ctx
+    runs, position, baseline_params = train_arms(budget, arms, corpus, data_spec, progress)
+    results = {"arms": summarise_arms(arms, runs),
+               "position": summarise_positions(position, budget.n_ctx, 2 * budget.n_ctx)}
 
-    # 1. every arm on every seed; seeds outermost so machine noise spreads over all arms
-    runs: dict[str, list[dict]] = {name: [] for name in arms}
-    position: dict[str, dict[str, list[list[float]]]] = {name: {"1x": [], "2x": []} for name in arms}
-    baseline_params = {}
-    for seed in budget.seeds:
-        for name, config in arms.items():
-            result = train_run(budget, seed, model=config, data_spec=data_spec)
-            loss_1x = measure.loss_by_position(result.params, config, corpus.val, seq_len=seq_1x,
-                                               n_seqs=budget.final_eval_seqs)
-            position[name]["1x"].append(loss_1x)
-            if config.pos_emb == "rope":  # learned positions have no embedding past n_ctx
-                position[name]["2x"].append(measure.loss_by_position(
-                    result.params, config, corpus.val, seq_len=seq_2x, n_seqs=budget.final_eval_seqs))
-            if name == "baseline":
-                baseline_params[seed] = result.params
-            runs[name].append(run_record(result, loss_1x) | {"seed": seed})
-            progress.log(f"trained {name} seed {seed}: val loss {runs[name][-1]['final_loss']:.3f}",
-                         budget.steps)
-
-    results = {"arms": summarise_arms(arms, runs)}
-    results["position"] = summarise_positions(position, seq_1x, seq_2x)
-
-    # 2. GQA: the paper's conversion recipe, cache size and decode speed
+    # GQA: the paper's conversion recipe, cache size and decode speed
     results["conversion"] = convert_and_uptrain(budget, baseline_params, corpus, results["arms"],
                                                 data_spec, progress)
-    results["gqa_efficiency"] = []
-    for kv in budget.kv_heads:
-        config = budget.base_config().replace(n_kv_head=kv)
-        results["gqa_efficiency"].append({
-            "n_kv_head": kv,
-            "kv_bytes_per_token": measure.kv_bytes_per_token(config, budget.decode_context),
-            "decode_tokens_per_s": measure.decode_tokens_per_s(
-                config, context=budget.decode_context, batch=budget.decode_batch,
-                new_tokens=budget.decode_tokens)})
+    results["gqa_efficiency"] = gqa_efficiency(budget)
     progress.log("measured KV-cache size and decode speed")
 
-    # 3. SWA: long-range recall probe, then the attention cost curves
+    # SWA: the long-range recall probe; the attention cost curves come last (see below)
     results["recall"] = run_recall(budget)
     progress.log("ran the long-range recall probe")
     results["parallel"] = run_parallel(budget) if parallel else {"measured": False, "reason": "--no-parallel"}
@@ -140,6 +117,41 @@ def run_study(budget: Budget, *, data_spec: str | None = None, parallel: bool = 
     derive(results, budget)
     results["wall_s"] = progress.elapsed()
     return results
+
+
+def train_arms(budget: Budget, arms: dict[str, GPTConfig], corpus, data_spec, progress: Progress):
+    """Every arm on every seed (seeds outermost, so machine noise spreads over all arms).
+    Returns the run records, loss-by-position curves and the baseline's trained params."""
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    position: dict[str, dict[str, list[list[float]]]] = {name: {"1x": [], "2x": []} for name in arms}
+    baseline_params = {}
+    for seed in budget.seeds:
+        for name, config in arms.items():
+            result = train_run(budget, seed, model=config, data_spec=data_spec)
+            loss_1x = measure.loss_by_position(result.params, config, corpus.val, seq_len=budget.n_ctx,
+                                               n_seqs=budget.final_eval_seqs)
+            position[name]["1x"].append(loss_1x)
+            if config.pos_emb == "rope":  # learned positions have no embedding past n_ctx
+                position[name]["2x"].append(measure.loss_by_position(
+                    result.params, config, corpus.val, seq_len=2 * budget.n_ctx, n_seqs=budget.final_eval_seqs))
+            if name == "baseline":
+                baseline_params[seed] = result.params
+            runs[name].append(run_record(result, loss_1x) | {"seed": seed})
+            progress.log(f"trained {name} seed {seed}: val loss {runs[name][-1]['final_loss']:.3f}",
+                         budget.steps)
+    return runs, position, baseline_params
+
+
+def gqa_efficiency(budget: Budget) -> list[dict]:
+    rows = []
+    for kv in budget.kv_heads:
+        config = budget.base_config().replace(n_kv_head=kv)
+        rows.append({"n_kv_head": kv,
+                     "kv_bytes_per_token": measure.kv_bytes_per_token(config, budget.decode_context),
+                     "decode_tokens_per_s": measure.decode_tokens_per_s(
+                         config, context=budget.decode_context, batch=budget.decode_batch,
+                         new_tokens=budget.decode_tokens)})
+    return rows
 
 
 def summarise_arms(arms: dict[str, GPTConfig], runs: dict[str, list[dict]]) -> dict:
@@ -176,26 +188,24 @@ def convert_and_uptrain(budget: Budget, baseline_params: dict, corpus, arms: dic
     """Ainslie et al.: mean-pool the trained MHA model's K/V heads into `convert_kv_head`
     groups, measure, uptrain for uptrain_percent of the steps, measure again."""
     kv = budget.convert_kv_head
-    try:
-        from fgpt.convert import mha_to_gqa
-    except ImportError:
-        return {"measured": False, "n_kv_head": kv, "reason": "fgpt.convert is not available"}
     after_convert, after_uptrain = [], []
     for seed, params in baseline_params.items():
-        config, converted = mha_to_gqa(budget.base_config(), params, kv)
+        config, converted = to_gqa(budget.base_config(), params, kv)
         after_convert.append(statistics.fmean(measure.loss_by_position(
             converted, config, corpus.val, seq_len=budget.n_ctx, n_seqs=budget.final_eval_seqs)))
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, config, converted)
-            result = train_run(budget, seed, init_from=tmp, steps=budget.uptrain_steps, data_spec=data_spec)
+            # a shifted seed: uptraining sees batches pretraining did not
+            result = train_run(budget, seed + UPTRAIN_SEED_SHIFT, init_from=tmp, steps=budget.uptrain_steps,
+                               data_spec=data_spec)
         after_uptrain.append(statistics.fmean(measure.loss_by_position(
             result.params, config, corpus.val, seq_len=budget.n_ctx, n_seqs=budget.final_eval_seqs)))
         progress.log(f"converted baseline seed {seed} to {kv} KV heads and uptrained", budget.uptrain_steps)
     scratch = f"gqa-{kv}"
-    return {"measured": True, "n_kv_head": kv, "uptrain_steps": budget.uptrain_steps,
+    return {"n_kv_head": kv, "uptrain_steps": budget.uptrain_steps,
             "mha": arms["baseline"]["final_loss"],
             "converted": mean_std(after_convert), "uptrained": mean_std(after_uptrain),
-            "scratch_arm": scratch, "scratch": arms[scratch]["final_loss"] if scratch in arms else None}
+            "scratch_arm": scratch, "scratch": arms[scratch]["final_loss"]}
 
 
 def run_recall(budget: Budget) -> dict:

@@ -78,7 +78,7 @@ def setup(r: dict) -> str:
             f"per run), AdamW at peak learning rate {num(b['lr'], 4)} with linear warmup and cosine decay, "
             f"fp32, on seeds {', '.join(num(x) for x in b['seeds'])}: the same batches, schedule and "
             f"initialisation seed for every arm. Values are mean ± sample standard deviation over the "
-            f"{num(len(b['seeds']))} seed(s). The validation loss is the mean next-token loss over the same "
+            f"{num(r['arms']['baseline']['final_loss']['n'])} seed(s). The validation loss is the mean next-token loss over the same "
             f"{num(b['final_eval_seqs'])} held-out windows for every model. The GPT-2 vocabulary makes the "
             f"tied embedding {num(s['embedding_share_percent'], 1)}% of the parameters "
             f"({num(s['n_params'])}), so the attention variants change only a small share of the compute.")
@@ -146,8 +146,6 @@ def gqa(r: dict, plot_dir: str) -> str:
             + table(["KV heads", "KV bytes/token", "vs MHA", "decode tokens/s", "vs MHA", "val loss"], rows)
             + f"\n\n![GQA trade-off]({plot_dir}/{PLOTS['gqa']})\n\n")
     c = r["conversion"]
-    if not c["measured"]:
-        return text + f"**Conversion**: not measured in this run ({c['reason']})."
     rows = [["MHA (trained)", pm(c["mha"])], ["mean-pooled, no uptraining", pm(c["converted"])],
             [f"uptrained {num(c['uptrain_steps'])} steps", pm(c["uptrained"])],
             [f"{c['scratch_arm']} from scratch ({num(b['steps'])} steps)", pm(c["scratch"])]]
