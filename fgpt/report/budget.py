@@ -87,7 +87,7 @@ class Budget:
 FULL = Budget(
     name="full", seeds=(0, 1, 2),
     n_layer=3, n_head=4, n_embd=64, n_ctx=128,
-    steps=96, batch_size=8, lr=2e-3, eval_interval=12, eval_iters=2, final_eval_seqs=24,
+    steps=128, batch_size=8, lr=2e-3, eval_interval=16, eval_iters=4, final_eval_seqs=32,
     windows=(16, 32, 64), combined_window=32, combined_kv_head=2, convert_kv_head=2, uptrain_percent=5,
     decode_context=2048, decode_batch=8, decode_tokens=16,
     scaling_lengths=(512, 1024, 2048, 4096, 8192), scaling_window=32,

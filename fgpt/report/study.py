@@ -3,12 +3,10 @@ the markdown, the plots and results.json are all written from."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from fgpt import data
 from fgpt.checkpoint import save_checkpoint
