@@ -3,7 +3,10 @@ size and decode speed, and attention time / memory against sequence length."""
 
 from __future__ import annotations
 
-import ctypes
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,12 +71,6 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
-def fix_malloc_threshold() -> None:
-    """Make glibc hand every large free straight back to the OS, so the peak resident size
-    tracks live tensors. Call it only after training: it makes big allocations slower."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-
-
 def peak_extra_bytes(fn) -> int:
     """Peak resident memory above the starting point while `fn()` runs (Linux VmHWM)."""
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
@@ -99,8 +96,20 @@ ATTENTION_KERNELS = {
 }
 
 
-@torch.no_grad()
 def attention_scaling(lengths, window: int, *, n_head: int = 4, head_dim: int = 16) -> list[dict]:
+    """`measure_attention_scaling` in a child process whose glibc hands every large free
+    straight back to the OS (so the peak resident size tracks live tensors) without
+    slowing this process's allocations."""
+    args = json.dumps([list(lengths), window, n_head, head_dim])
+    code = ("import json, sys; from fgpt.report.measure import measure_attention_scaling as m; "
+            "print(json.dumps(m(*json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=True,
+                          env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    return json.loads(proc.stdout)
+
+
+@torch.no_grad()
+def measure_attention_scaling(lengths, window: int, n_head: int, head_dim: int) -> list[dict]:
     """Forward time (ms) and peak extra memory (MiB) of each attention kernel per length."""
     rows = []
     for T in lengths:

@@ -60,10 +60,13 @@ def train_run(budget: Budget, seed: int, *, model: GPTConfig | None = None, init
               steps: int | None = None, data_spec: str | None = None) -> TrainResult:
     """One training run with the budget's shared schedule; nothing written to disk."""
     steps = steps or budget.steps
-    return train(TrainConfig(model=model, init_from=init_from, data=data_spec, steps=steps,
-                             batch_size=budget.batch_size, lr=budget.lr, seed=seed,
-                             eval_interval=min(budget.eval_interval, steps), eval_iters=budget.eval_iters,
-                             device="cpu", progress=False))
+    result = train(TrainConfig(model=model, init_from=init_from, data=data_spec, steps=steps,
+                               batch_size=budget.batch_size, lr=budget.lr, seed=seed,
+                               eval_interval=min(budget.eval_interval, steps), eval_iters=budget.eval_iters,
+                               device="cpu", progress=False))
+    if result.interrupted:  # the loop turns Ctrl-C / SIGTERM into an early stop: end the study too
+        raise KeyboardInterrupt
+    return result
 
 
 def run_record(result: TrainResult, loss_1x: list[float]) -> dict:
@@ -102,12 +105,11 @@ def run_study(budget: Budget, *, data_spec: str | None = None, parallel: bool = 
     results["gqa_efficiency"] = gqa_efficiency(budget)
     progress.log("measured KV-cache size and decode speed")
 
-    # SWA: the long-range recall probe; the attention cost curves come last (see below)
+    # SWA: the long-range recall probe and the attention cost curves
     results["recall"] = run_recall(budget)
     progress.log("ran the long-range recall probe")
     results["parallel"] = run_parallel(budget) if parallel else {"measured": False, "reason": "--no-parallel"}
     progress.log("parallel strategies: " + ("measured" if results["parallel"]["measured"] else "not measured"))
-    measure.fix_malloc_threshold()  # last: it slows big allocations, and training is done
     results["scaling"] = {"window": budget.scaling_window, "n_head": SCALING_HEADS, "head_dim": SCALING_HEAD_DIM,
                           "rows": measure.attention_scaling(budget.scaling_lengths, budget.scaling_window,
                                                             n_head=SCALING_HEADS, head_dim=SCALING_HEAD_DIM)}
