@@ -35,7 +35,7 @@ HD = 64
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def best_time(fn, reps: int = 3) -> float:
+def best_time(fn, reps: int = 5) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
@@ -96,7 +96,7 @@ def qkv(T: int, H: int = 1, Hkv: int | None = None, B: int = 1, grad: bool = Fal
 def matmul_rate(T: int) -> float:
     """FLOP/s of [T, 64] @ [64, W]: the shape of the work the window kernel must do."""
     a, b = torch.randn(T, HD), torch.randn(HD, W)
-    return 2 * T * HD * W / best_time(lambda: a @ b, 5)
+    return 2 * T * HD * W / best_time(lambda: a @ b, 20)
 
 
 # --- 1. kernels ----------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def kernels(lengths, flex: bool) -> None:
         with torch.no_grad():
             t_full = best_time(lambda: causal_attention(q, k, v))
             m_full = peak_memory(lambda: causal_attention(q, k, v))
-            t_swa = best_time(lambda: sliding_window_attention(q, k, v, W), 5)
+            t_swa = best_time(lambda: sliding_window_attention(q, k, v, W), 10)
             m_swa = peak_memory(lambda: sliding_window_attention(q, k, v, W))
             if T <= dense_limit:
                 t_dense = best_time(lambda: dense_window_attention(q, k, v, W))
@@ -128,7 +128,7 @@ def kernels(lengths, flex: bool) -> None:
     header = ["T", "causal ms", "causal MiB", "dense-SWA ms", "dense-SWA MiB", "dense/fgpt",
               "fgpt-SWA ms", "fgpt-SWA MiB", "causal/fgpt"]
     if flex_fn:
-        header += ["flex ms", "flex 1st call s"]
+        header += ["flex ms", "flex 1st call s"]  # includes compiling, unless inductor's disk cache has it
     table(f"1. attention kernels, forward, 1 head x {HD}, W={W}", header, rows)
     swa = {int(r[0]): r[6] for r in rows}
     if 8192 in swa and 16384 in swa:
@@ -157,7 +157,7 @@ def block_sweep(T: int) -> None:
     q, k, v = qkv(T, grad=True)
     for block in (W, W // 2, W // 4, W // 8):
         with torch.no_grad():
-            t_fwd = best_time(lambda: sliding_window_attention(q, k, v, W, block=block), 5)
+            t_fwd = best_time(lambda: sliding_window_attention(q, k, v, W, block=block), 10)
 
         def fwd_bwd():
             sliding_window_attention(q, k, v, W, block=block).sum().backward()
