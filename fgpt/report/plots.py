@@ -39,7 +39,7 @@ def position(r: dict, path: Path) -> None:
         curve = entry.get("2x", entry["1x"])
         ax.plot(range(len(curve)), curve, label=f"{name} ({'2' if '2x' in entry else '1'}× n_ctx)", lw=1)
     ax.axvline(L1, color="k", ls="--", lw=1, label="training length")
-    ax.set(xlabel="position", ylabel="next-token loss", title="Loss by position", yscale="log")
+    ax.set(xlabel="position", ylabel="next-token loss (mean over seeds and sequences)", title="Loss by position")
     ax.legend(fontsize=7)
     _save(fig, path)
 
