@@ -112,8 +112,10 @@ def rope(r: dict, plot_dir: str) -> str:
             f"converge faster than learned absolute positions in pre-training; the paper also lists "
             f"flexibility of sequence length among RoPE's properties.\n\n"
             f"**Measured**: validation loss {pm(rp['final_loss'])} with RoPE against {pm(base['final_loss'])} "
-            f"with learned positions (Δ {num(rp['loss_vs_baseline'])}); RoPE reached the baseline's final loss "
-            f"at step {num(rp['steps_to_baseline_final'])} of {num(r['budget']['steps'])}; training "
+            f"with learned positions (Δ {num(rp['loss_vs_baseline'])}); RoPE "
+            + (f"reached the baseline's final loss at step {num(rp['steps_to_baseline_final'])}"
+               if rp["steps_to_baseline_final"] is not None else "did not reach the baseline's final loss")
+            + f" of {num(r['budget']['steps'])}; training "
             f"throughput {num(rp['speed_vs_baseline'], 2)}× the baseline's. "
             f"On sequences of the training length ({num(L1)} tokens) the mean loss is {num(p['1x_mean'])}. On sequences of "
             f"twice that length ({num(L2)} tokens) RoPE's loss is {num(p['2x_seen'])} over the first {num(L1)} positions and "
