@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,8 +125,9 @@ def test_each_row_stops_at_its_own_end_of_text(small):
         cont = full[len(prompt):]
         expected = full[: len(prompt) + cont.index(eos)] if eos in cont else full
         assert row == expected
-    steps = list(stream(params, config, prompts, 15, sampling=GREEDY, eos_id=eos))
-    assert steps[-1][0] == STOPPED or len(steps) == 15  # the stream outlives a stopped row only for others
+    steps = [t.tolist() for t in stream(params, config, prompts, 15, sampling=GREEDY, eos_id=eos)]
+    stop = free[0][3:].index(eos)  # the step at which row 0 meets it
+    assert steps[stop][0] == eos and all(s[0] == STOPPED for s in steps[stop + 1:])
 
 
 def test_samples_are_seeded_and_rows_are_prompt_major(small):
@@ -191,7 +193,7 @@ def test_validation_errors(small):
 
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "run.generate", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          text=True, cwd=cwd, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
