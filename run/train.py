@@ -143,7 +143,11 @@ def main() -> int:
                   file=sys.stderr)
         print(f"{summary}. checkpoint: {result.out_dir} "
               f"(sample: python -m run.generate --checkpoint {result.out_dir})")
-    return 130 if result.interrupted else 0
+    code = 130 if result.interrupted else 0
+    if "RANK" in os.environ:  # a torchrun worker: skip finalizers that can abort after gloo
+        from fgpt.parallel.dist import exit_without_finalizers
+        exit_without_finalizers(code)
+    return code
 
 
 if __name__ == "__main__":

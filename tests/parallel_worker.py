@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fgpt import init_params  # noqa: E402
 from fgpt.errors import FgptError  # noqa: E402
 from fgpt.parallel import make_strategy  # noqa: E402
+from fgpt.parallel.dist import exit_without_finalizers  # noqa: E402
 from parallel_case import CASES, CONFIG, HYPER, STEPS, train_steps  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(results, out_dir / f"world{dist.get_world_size()}.pt")
     dist.destroy_process_group()
+    exit_without_finalizers(0)
 
 
 if __name__ == "__main__":
