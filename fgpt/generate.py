@@ -18,7 +18,7 @@ import torch
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.kv_cache import KVCache
-from fgpt.model import block, embed, head, positions_for, rope_for
+from fgpt.model import forward
 from fgpt.tokenizer import EOT
 
 STOPPED = -1  # what `stream` yields for a row that has already met its end-of-text
@@ -81,13 +81,7 @@ def decode_layout(params: dict) -> dict:
 
 def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache) -> torch.Tensor:
     """tokens [B, T] continue the cached sequence -> logits of the last position [B, V]."""
-    positions, end = positions_for(tokens, config, cache)
-    x = embed(params, tokens, config, positions)  # [B, T, d]
-    rope = rope_for(positions, end, config, x.dtype)
-    for i, p in enumerate(params["h"]):
-        x = block(p, x, config, layer=i, rope=rope, cache=cache)
-    cache.length = end
-    return head(params, x[:, -1], config)  # only the last position is sampled from
+    return forward(params, tokens, config, cache=cache, last_only=True)[:, -1]
 
 
 def check_length(config: GPTConfig, longest: int, max_new_tokens: int, allow_past_ctx: bool = False) -> None:
