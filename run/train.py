@@ -108,11 +108,25 @@ def build_config(args) -> TrainConfig:
     return TrainConfig(**given, model=model_config(args, None))
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """argv minus `--nproc N` / `--nproc=N`: torchrun's own parser reads the script's
+    arguments too and rejects `--nproc` as an ambiguous prefix of `--nproc-per-node`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def relaunch(argv: list[str], nproc: int) -> int:
     """Run this command under torchrun with `nproc` ranks, OMP threads split between them."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "run.train", *argv]
+           f"--nproc-per-node={nproc}", "-m", "run.train", *without_nproc(argv)]
     return subprocess.call(cmd, env=env)
 
 

@@ -250,3 +250,16 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(text_file, tmp_path):
     resumed = train(TrainConfig(out=str(out), resume=True, steps=100000, stop_after=done + 1,
                                 progress=False, data=str(text_file), model=TINY))
     assert resumed.metrics[0]["step"] == done + 1
+
+
+def test_launcher_runs_a_distributed_strategy_end_to_end(text_file, tmp_path):
+    """`strategy=X nproc=N` as `just train` passes them: torchrun re-launch, checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "run.train", "strategy=custom-fsdp", *TINY_FLAGS, "nproc=2", "--steps", "2",
+         "--data", str(text_file), "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    config, _ = load_checkpoint(out)
+    assert config.n_layer == TINY.n_layer
