@@ -168,7 +168,8 @@ def saved_run_config(out_dir: str | Path) -> TrainConfig:
     if not path.exists():
         raise FgptError(f"--resume: no training checkpoint in {out_dir} (missing {STATE_FILE})")
     d = dict(torch.load(path, weights_only=True)["run_config"])
-    d["model"] = GPTConfig.from_hf_dict(d["model"])
+    if d["model"] is not None:  # None: the run used the default (tiny or --init-from's) model
+        d["model"] = GPTConfig.from_hf_dict(d["model"])
     d["betas"] = tuple(d["betas"])
     return TrainConfig(**d)
 

@@ -263,3 +263,17 @@ def test_launcher_runs_a_distributed_strategy_end_to_end(text_file, tmp_path):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     config, _ = load_checkpoint(out)
     assert config.n_layer == TINY.n_layer
+
+
+def test_cli_resume_of_a_run_with_the_default_model(text_file, tmp_path, capsys, monkeypatch):
+    """`just train`, Ctrl-C, `--resume`: the default model is recorded as 'none given'."""
+    out = str(tmp_path / "run")
+    common = ["--data", str(text_file), "--batch-size", "2", "--eval-interval", "0", "--no-progress",
+              "--out", out]
+    code, err = run_cli_inprocess(["--steps", "2", "--stop-after", "1", *common], capsys, monkeypatch)
+    assert code == 130, err
+    code, err = run_cli_inprocess(["--resume", *common], capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert load_checkpoint(out)[0] == GPTConfig.preset("tiny")
