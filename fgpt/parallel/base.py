@@ -65,8 +65,10 @@ class Strategy(abc.ABC):
         """Clip to `max_norm` by the global L2 norm over all parameters; return the norm
         before clipping (identical on every rank). max_norm <= 0: only measure."""
 
-    @abc.abstractmethod
-    def set_lr(self, lr: float) -> None: ...
+    def set_lr(self, lr: float) -> None:
+        """Every strategy keeps a torch.optim optimizer in `self.optimizer`."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @abc.abstractmethod
     def step(self) -> None:

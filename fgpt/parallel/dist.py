@@ -83,10 +83,6 @@ class DistributedStrategy(Strategy):
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return (total / self.world_size).cpu()
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def barrier(self) -> None:
         dist.barrier()
 

@@ -73,10 +73,6 @@ class SingleDevice(Strategy):
             torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return float(norm)
 
-    def set_lr(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def step(self):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
