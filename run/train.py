@@ -12,10 +12,11 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
-from fgpt.train import TrainConfig, default_out_dir, saved_run_config, train
+from fgpt.train import STATE_FILE, TrainConfig, default_out_dir, saved_run_config, train
 from run._cli import main_guard
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx", "n_kv_head", "pos_emb", "window")
@@ -40,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
                                 argument_default=None)
     p.add_argument("--strategy", help="single | ddp | fsdp | custom-fsdp (also strategy=NAME)")
     p.add_argument("--nproc", type=int, help="processes (also nproc=N; default 1 for single, 2 otherwise)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts every rank after a failure, resuming from the last checkpoint")
     g = p.add_argument_group("model (a preset, then overrides)")
     g.add_argument("--model", choices=list(PRESETS), help="preset (default: tiny)")
     g.add_argument("--n-layer", type=int)
@@ -108,26 +111,36 @@ def build_config(args) -> TrainConfig:
     return TrainConfig(**given, model=model_config(args, None))
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    """argv minus `--nproc N` / `--nproc=N`: torchrun's own parser reads the script's
-    arguments too and rejects `--nproc` as an ambiguous prefix of `--nproc-per-node`."""
+LAUNCHER_FLAGS = ("--nproc", "--max-restarts")
+
+
+def without_launcher_flags(argv: list[str]) -> list[str]:
+    """argv minus `--nproc N` / `--max-restarts K` (either spelling): torchrun's own parser
+    reads the script's arguments too, and takes `--nproc` for an ambiguous prefix of its
+    `--nproc-per-node` and `--max-restarts` for its own."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in LAUNCHER_FLAGS:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(tuple(f + "=" for f in LAUNCHER_FLAGS)):
             out.append(arg)
     return out
 
 
-def relaunch(argv: list[str], nproc: int) -> int:
+def relaunch(argv: list[str], nproc: int, max_restarts: int) -> int:
     """Run this command under torchrun with `nproc` ranks, OMP threads split between them."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "run.train", *without_nproc(argv)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "run.train", *without_launcher_flags(argv)]
     return subprocess.call(cmd, env=env)
+
+
+def restarted_with_a_checkpoint(out: str) -> bool:
+    """A torchrun restart (--max-restarts) of a run that has saved a checkpoint: resume it.
+    With no checkpoint yet, the restart simply starts the run again."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and (Path(out) / STATE_FILE).exists()
 
 
 def main() -> int:
@@ -140,13 +153,23 @@ def main() -> int:
         raise FgptError(f"nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and args.strategy == "single":
         raise FgptError("strategy=single runs one process; use ddp, fsdp or custom-fsdp with nproc > 1")
+    if args.max_restarts < 0:
+        raise FgptError(f"--max-restarts must be at least 0, got {args.max_restarts}")
+    if args.max_restarts and args.strategy == "single":
+        raise FgptError("--max-restarts restarts torchrun's ranks: use ddp, fsdp or custom-fsdp")
     if args.resume and not args.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
-    if args.out is None:  # chosen once, before any re-launch, so every rank agrees
-        args.out = default_out_dir()
+    if args.out is None:  # one name for every rank and every restart
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        args.out = f"out/train-{run_id}" if run_id else default_out_dir()
         argv += ["--out", args.out]
     if args.strategy != "single" and "RANK" not in os.environ:
-        return relaunch(argv, args.nproc)
+        return relaunch(argv, args.nproc, args.max_restarts)
+    if restarted_with_a_checkpoint(args.out):
+        args.resume, args.init_from = True, None  # the checkpoint supersedes --init-from
+        if int(os.environ["RANK"]) == 0:
+            print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the checkpoint "
+                  f"in {args.out}", file=sys.stderr)
 
     result = train(build_config(args))
     if int(os.environ.get("RANK", 0)) == 0:

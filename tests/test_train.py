@@ -265,6 +265,50 @@ def test_launcher_runs_a_distributed_strategy_end_to_end(text_file, tmp_path):
     assert config.n_layer == TINY.n_layer
 
 
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_max_restarts_resumes_a_killed_run_from_its_last_checkpoint(text_file, tmp_path):
+    """One rank SIGKILLed mid-run: torchrun restarts both, they resume from the last checkpoint,
+    and the run logs the same losses as one that was never interrupted."""
+    import signal
+    import time
+    out, steps = tmp_path / "run", 40
+    settings = ["--steps", str(steps), "--batch-size", "4", "--eval-interval", "0", "--data", str(text_file)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "run.train", "strategy=custom-fsdp", "nproc=2", "--max-restarts", "1",
+         *TINY_FLAGS, *settings, "--checkpoint-interval", "3", "--out", str(out), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 4) and time.time() < deadline:
+        time.sleep(0.01)
+    torchrun = children_of(proc.pid)
+    workers = [w for t in torchrun for w in children_of(t)]
+    assert len(workers) == 2, (torchrun, workers)
+    os.kill(workers[-1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "exitcode: -9" in stderr and f"restart 1: resuming from the checkpoint in {out}" in stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    reference = train(TrainConfig(model=TINY, steps=steps, batch_size=4, eval_interval=0,
+                                  data=str(text_file), progress=False))
+    for row, ref in zip(rows, reference.metrics):
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["step"]
+
+
 def test_cli_resume_of_a_run_with_the_default_model(text_file, tmp_path, capsys, monkeypatch):
     """`just train`, Ctrl-C, `--resume`: the default model is recorded as 'none given'."""
     out = str(tmp_path / "run")

@@ -61,9 +61,35 @@ def join_process_group(strategy_name: str, device: torch.device) -> bool:
         raise FgptError(f"strategy {strategy_name!r} runs under torchrun: use nproc=N "
                         "(or `python -m torch.distributed.run --nproc-per-node N -m run.train ...`)")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    device_id = device if device.type == "cuda" else None
+    store = restart_store()
+    if store is None:
+        dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=COLLECTIVE_TIMEOUT,
+                                device_id=device_id)
     return True
+
+
+def restart_store() -> dist.Store | None:
+    """The store for a group that torchrun restarted (--max-restarts); None on a first attempt.
+
+    torchrun lends its rendezvous TCPStore to the workers and keeps it across restarts, so
+    a restarted group would read the dead group's addresses ("Gloo connectFullMesh failed
+    ... Connection refused"; pytorch issue #135712). Keys under a per-attempt prefix keep
+    the attempts apart. Only one node's agent counts its restarts, so across nodes the
+    count can disagree: there, torchrun must give each attempt a fresh store instead.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ["WORLD_SIZE"]:
+        raise FgptError("automatic restarts across several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                        "in torchrun's environment (a fresh rendezvous store per attempt)")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    return dist.PrefixStore(f"fgpt/attempt-{attempt}", store)
 
 
 class DistributedStrategy(Strategy):
