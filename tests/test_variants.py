@@ -3,6 +3,11 @@ causality, GQA == MHA with repeated K/V, KV-cache decoding == full recomputation
 gradients, running past n_ctx, checkpoints, and one-line config errors."""
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ import fgpt.model
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, loss_fn, save_checkpoint
 from fgpt.attention import dense_window_attention
 from fgpt.kv_cache import KVCache
+from fgpt.train import TrainConfig, train
 
 VOCAB = 37
 POS = ("learned", "rope")
@@ -227,3 +233,30 @@ def test_bad_variant_configs_are_one_line_errors(kwargs, message):
     with pytest.raises(FgptError, match=message) as info:
         GPTConfig(**{**base, **kwargs})
     assert "\n" not in str(info.value)
+
+
+def test_a_variant_trains_alike_under_every_strategy(tmp_path, monkeypatch):
+    """rope + GQA + a per-layer window through `python -m run.train` on 2 gloo ranks for ddp,
+    fsdp and custom-fsdp: the same losses as the single-device run, the variant in config.json."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "code.txt"
+    data.write_text("".join(f"def f{i % 11}(x):\n    return x * {i % 5}\n\n" for i in range(300)))
+    config = GPTConfig(n_ctx=16, n_layer=2, n_head=4, n_embd=32, n_kv_head=2, pos_emb="rope", window=(4, None))
+    flags = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--n-ctx", "16", "--n-kv-head", "2",
+             "--pos-emb", "rope", "--window", "4,none", "--steps", "4", "--batch-size", "4",
+             "--eval-interval", "0", "--data", str(data), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    reference = train(TrainConfig(model=config, steps=4, batch_size=4, eval_interval=0, data=str(data),
+                                  progress=False))
+    strategies = ("ddp", "fsdp", "custom-fsdp")
+    procs = {s: subprocess.Popen([sys.executable, "-m", "run.train", f"strategy={s}", "nproc=2", *flags,
+                                  "--out", str(tmp_path / s)], cwd=root, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for s in strategies}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, stderr[-3000:])
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference.metrics], rel=1e-5), name
+        assert load_checkpoint(tmp_path / name)[0] == config
