@@ -6,8 +6,18 @@ All take q [B, H, T, hd] and k, v [B, H_kv, S, hd] with H a multiple of H_kv
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+
+from fgpt.errors import FgptError
+
+# Kernels for windowed layers: "band" (plain PyTorch, below) or "flex" (compiled
+# flex_attention, fgpt/flex_window.py). Same maths, so the choice is a process setting
+# rather than a config field or an argument threaded through every strategy.
+WINDOW_KERNELS = ("band", "flex")
+_window_kernel = "band"
 
 
 def _sdpa(q, k, v, *, mask=None, causal=False, dropout_p=0.0):
@@ -87,8 +97,30 @@ def sliding_window_attention(q, k, v, window: int, block: int | None = None,
     return out[:, :, :T]
 
 
+def set_window_kernel(name: str) -> str:
+    """Choose the kernel of windowed layers for this process; returns the previous choice."""
+    global _window_kernel
+    if name not in WINDOW_KERNELS:
+        raise FgptError(f"unknown window kernel {name!r}; choose from {', '.join(WINDOW_KERNELS)}")
+    previous, _window_kernel = _window_kernel, name
+    return previous
+
+
+@contextmanager
+def use_window_kernel(name: str):
+    """`with use_window_kernel("flex"): ...` — the previous kernel comes back on exit."""
+    previous = set_window_kernel(name)
+    try:
+        yield
+    finally:
+        set_window_kernel(previous)
+
+
 def attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal self-attention over a whole sequence: the training / fresh-prefill path."""
-    if window is None:
+    if window is None or window >= q.shape[-2]:  # the window hides nothing
         return causal_attention(q, k, v, dropout_p)
+    if _window_kernel == "flex":
+        from fgpt.flex_window import flex_window_attention  # imports torch.compile's machinery
+        return flex_window_attention(q, k, v, window, dropout_p)
     return sliding_window_attention(q, k, v, window, dropout_p=dropout_p)

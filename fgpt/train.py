@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from fgpt import data
+from fgpt.attention import use_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.model import count_params, init_params
@@ -45,7 +46,7 @@ MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
-                     "resume", "device", "compile", "progress"}
+                     "resume", "device", "compile", "progress", "window_kernel"}
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    window_kernel: str = "band"  # kernel of windowed layers: band | flex (fgpt.attention)
     strategy: str = "single"
     progress: bool = True
 
@@ -156,6 +158,9 @@ def validate(cfg: TrainConfig) -> None:
         raise FgptError("--eval-iters must be at least 1 when evaluating")
     if cfg.resume and not cfg.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
+    if cfg.window_kernel == "flex":  # fail before any work: no backward on CPU
+        from fgpt.flex_window import check_trainable
+        check_trainable(resolve_device(cfg.device))
 
 
 def default_out_dir(name: str = "train") -> str:
@@ -298,7 +303,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     validate(cfg)
     strategy = make_strategy(cfg.strategy, device=resolve_device(cfg.device), compile=cfg.compile)
     try:
-        with stop_requests() as stop:
+        with stop_requests() as stop, use_window_kernel(cfg.window_kernel):
             return _train(cfg, strategy, stop)
     finally:
         strategy.close()

@@ -15,6 +15,7 @@ import time
 import torch
 
 from fgpt import tree
+from fgpt.attention import WINDOW_KERNELS, use_window_kernel
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
 from fgpt.errors import FgptError
 from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
@@ -40,11 +41,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--allow-past-ctx", action="store_true",
                     help="rotary models: generate past n_ctx (an extrapolation experiment)")
+    ap.add_argument("--window-kernel", choices=WINDOW_KERNELS, default="band",
+                    help="prefill of windowed layers: band (plain) or flex (compiled flex_attention)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    with use_window_kernel(args.window_kernel):  # the prefill is the only full-sequence pass
+        sample_and_print(args)
+
+
+def sample_and_print(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # validates before any loading
     if args.max_new_tokens < 0 or args.num_samples < 1:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.train import STATE_FILE, TrainConfig, default_out_dir, saved_run_config, train
@@ -73,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", help="fine-tune from a checkpoint (file or directory)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
+    g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
+                   help="windowed layers: band (plain, default) or flex (compiled flex_attention; CUDA only)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     return p
 

@@ -1,0 +1,115 @@
+"""The opt-in flex_attention kernel for windowed layers (fgpt/flex_window.py).
+
+References: a softmax over an explicit band mask (tests/test_attention.py), torch's own
+`create_block_mask` for the tile layout, and the plain band kernel for whole models.
+Compiling costs seconds per distinct shape, so the cases reuse a few shapes.
+"""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch.nn.attention.flex_attention import create_block_mask
+
+from fgpt import FgptError, GPTConfig, forward, init_params
+from fgpt.attention import attention, set_window_kernel, use_window_kernel
+from fgpt.flex_window import flex_window_attention, window_block_mask
+from fgpt.generate import Sampling, generate
+from fgpt.model import loss_fn
+from fgpt.train import TrainConfig, train
+from test_attention import reference_attention
+import run.train
+
+CPU = torch.device("cpu")
+# (B, H, H_kv, T, hd, W): GQA with T not a multiple of the 128-wide tile; MQA over whole
+# tiles, some of them full; a window longer than the sequence
+CASES = [(2, 4, 2, 200, 16, 16), (1, 2, 1, 256, 16, 128), (1, 2, 2, 77, 16, 500)]
+
+
+def qkv(B, H, Hkv, T, hd, dtype=torch.float32, grad=False):
+    gen = torch.Generator().manual_seed(T)
+    make = lambda h: torch.randn(B, h, T, hd, generator=gen, dtype=dtype, requires_grad=grad)  # noqa: E731
+    return make(H), make(Hkv), make(Hkv)
+
+
+@given(T=st.integers(1, 700), window=st.integers(1, 800))
+def test_window_block_mask_equals_create_block_mask(T, window):
+    ours = window_block_mask(T, window, CPU)
+    theirs = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device="cpu")
+    assert ours.seq_lengths == theirs.seq_lengths
+    for count, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        n = getattr(ours, count)
+        torch.testing.assert_close(n, getattr(theirs, count))
+        for row, k in enumerate(n[0, 0].tolist()):  # entries past the count are padding
+            assert getattr(ours, indices)[0, 0, row, :k].tolist() == getattr(theirs, indices)[0, 0, row, :k].tolist()
+
+
+@pytest.mark.parametrize("B, H, Hkv, T, hd, W", CASES)
+def test_flex_equals_dense_masked_reference(B, H, Hkv, T, hd, W):
+    q, k, v = qkv(B, H, Hkv, T, hd)
+    torch.testing.assert_close(flex_window_attention(q, k, v, W), reference_attention(q, k, v, W))
+
+
+def test_flex_refuses_what_torch_cannot_do_on_cpu_with_one_line_errors():
+    q, k, v = qkv(*CASES[0][:5], grad=True)
+    with pytest.raises(FgptError, match="no backward on CPU"):
+        flex_window_attention(q, k, v, 16)
+    with pytest.raises(FgptError, match="no backward on CPU"):
+        torch.func.grad(lambda q: flex_window_attention(q, k, v, 16).sum())(q.detach())
+    with pytest.raises(FgptError, match="dropout"):
+        flex_window_attention(q, k, v, 16, dropout_p=0.1)
+    with pytest.raises(FgptError, match="float64"):
+        flex_window_attention(*qkv(*CASES[0][:5], dtype=torch.float64), 16)
+
+
+def test_use_window_kernel_selects_flex_and_restores_the_previous_kernel():
+    q, k, v = qkv(*CASES[0][:5], grad=True)
+    attention(q, k, v, 16).sum().backward()  # band: differentiable
+    with use_window_kernel("flex"):
+        with pytest.raises(FgptError, match="no backward"):  # only the flex kernel refuses
+            attention(q, k, v, 16)
+        with pytest.raises(RuntimeError, match="boom"), use_window_kernel("band"):
+            raise RuntimeError("boom")
+        assert set_window_kernel("flex") == "flex"  # back to flex after the inner block's error
+    assert set_window_kernel("band") == "band"
+    with pytest.raises(FgptError, match="unknown window kernel 'dense'"):
+        set_window_kernel("dense")
+
+
+@pytest.fixture(scope="module")
+def windowed_model():
+    B, H, Hkv, T, hd, W = CASES[0]  # the shape the kernel test compiled
+    config = GPTConfig(vocab_size=96, n_ctx=T, n_layer=2, n_head=H, n_kv_head=Hkv, n_embd=H * hd,
+                       pos_emb="rope", window=(W, None))
+    tokens = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    return config, init_params(config, seed=3), tokens
+
+
+@torch.no_grad()
+def test_model_logits_and_loss_with_flex_equal_the_band_kernel(windowed_model):
+    config, params, tokens = windowed_model
+    targets = tokens.roll(-1, dims=1)
+    band = forward(params, tokens, config), loss_fn(params, tokens, targets, config)
+    with use_window_kernel("flex"):
+        flex = forward(params, tokens, config), loss_fn(params, tokens, targets, config)
+    torch.testing.assert_close(flex, band)
+
+
+def test_greedy_generation_with_a_flex_prefill_equals_the_band_kernel(windowed_model):
+    config, params, tokens = windowed_model
+    prompts = [row[:-8].tolist() for row in tokens]  # prefill shorter than n_ctx, longer than W
+    band = generate(params, config, prompts, 8, sampling=Sampling(temperature=0))
+    with use_window_kernel("flex"):
+        flex = generate(params, config, prompts, 8, sampling=Sampling(temperature=0))
+    assert flex == band
+
+
+def test_training_with_flex_on_cpu_is_a_one_line_error_before_any_work(tmp_path):
+    args = run.train.parser().parse_args(["--window-kernel", "flex", "--device", "cpu",
+                                          "--out", str(tmp_path / "run")])
+    cfg = run.train.build_config(args)
+    assert cfg.window_kernel == "flex"
+    with pytest.raises(FgptError, match="no backward on CPU.*band kernel"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        run.train.parser().parse_args(["--window-kernel", "dense"])
