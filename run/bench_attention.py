@@ -1,15 +1,19 @@
-"""`just bench attention [--flex] [--quick]`: the attention variants on this machine.
+"""`just bench attention [--no-flex] [--quick]`: the attention variants on this machine.
 
 Tables (each with ratios against a peer measured in the same run):
-  1. kernels, one 64-wide head, W=256: full causal SDPA vs dense-masked SWA vs fgpt's SWA,
-     forward time and peak memory for T = 1k..16k;
+  1. kernels, one 64-wide head, W=256: full causal SDPA vs dense-masked SWA vs fgpt's SWA
+     (the band) vs the opt-in flex kernel, forward time and peak memory for T = 1k..16k;
   2. fgpt's SWA block sizes at T=16k (forward, forward+backward), as a FLOP rate against
      a plain matmul of the same shape (the FLOP floor is 4·T·W·d per forward);
-  3. a 2-layer attention-dominated model (1 head of 64, vocab 256) forward, full vs SWA;
+  3. a 2-layer attention-dominated model (1 head of 64, vocab 256) forward, full vs SWA
+     with the band and with the flex kernel;
   4. GQA: SDPA's enable_gqa vs repeat_interleave / expand of K/V (forward+backward);
   5. KV-cache bytes per token for MHA / GQA-4 / MQA / SWA at GPT-2 124M shapes;
   6. decode tokens/s at a 2k context, MHA vs GQA vs SWA (124M shapes, 4 layers).
---flex adds compiled flex_attention (first call compiles, ~10-30 s per length).
+The flex kernel (fgpt/flex_window.py) compiles once per length; that first call is timed
+apart ("flex compile s": a few seconds cold, under 2 s with inductor's disk cache warm)
+and excluded from "flex ms". --no-flex skips it. On CPU it has no backward (torch 2.13),
+so every flex column is forward only.
 Peak memory is the resident-set growth during the call, sampled every millisecond, with
 glibc told to return every large block to the OS on free (so the resident set tracks live
 tensors instead of the allocator's cache).
@@ -27,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, forward, init_params
-from fgpt.attention import causal_attention, dense_window_attention, sliding_window_attention
+from fgpt.attention import (causal_attention, dense_window_attention, sliding_window_attention,
+                            use_window_kernel)
+from fgpt.flex_window import flex_window_attention
 from fgpt.kv_cache import KVCache
 
 W = 256
@@ -103,7 +109,6 @@ def matmul_rate(T: int) -> float:
 
 def kernels(lengths, flex: bool) -> None:
     dense_limit = 8192  # a dense [T, T] mask and score matrix: 1.3 GB at 16k, pointless
-    flex_fn = _compiled_flex() if flex else None
     rows = []
     for T in lengths:
         q, k, v = qkv(T)
@@ -119,33 +124,22 @@ def kernels(lengths, flex: bool) -> None:
             else:
                 dense = ["skipped", "(T² mask)", "-"]
             row = [str(T), t_full * 1e3, m_full / 2**20, *dense, t_swa * 1e3, m_swa / 2**20, t_full / t_swa]
-            if flex_fn:
+            if flex:
                 t0 = time.perf_counter()
-                run = flex_fn(T)
+                flex_window_attention(q, k, v, W)  # compiles for this length
                 compile_s = time.perf_counter() - t0
-                row += [best_time(run) * 1e3, compile_s]
+                t_flex = best_time(lambda: flex_window_attention(q, k, v, W), 10)
+                m_flex = peak_memory(lambda: flex_window_attention(q, k, v, W))
+                row += [t_flex * 1e3, m_flex / 2**20, t_swa / t_flex, compile_s]
         rows.append(row)
     header = ["T", "causal ms", "causal MiB", "dense-SWA ms", "dense-SWA MiB", "dense/fgpt",
               "fgpt-SWA ms", "fgpt-SWA MiB", "causal/fgpt"]
-    if flex_fn:
-        header += ["flex ms", "flex 1st call s"]  # includes compiling, unless inductor's disk cache has it
-    table(f"1. attention kernels, forward, 1 head x {HD}, W={W}", header, rows)
+    if flex:
+        header += ["flex ms", "flex MiB", "fgpt/flex", "flex compile s"]
+    table(f"1. attention kernels, forward, 1 head x {HD}, W={W} (fgpt-SWA = the band kernel)", header, rows)
     swa = {int(r[0]): r[6] for r in rows}
     if 8192 in swa and 16384 in swa:
         print(f"fgpt-SWA t(16k)/t(8k) = {swa[16384] / swa[8192]:.2f} (linear: 2.0)")
-
-
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def for_length(T):
-        q, k, v = qkv(T)
-        mask = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < W), 1, 1, T, T, device="cpu")
-        compiled(q, k, v, block_mask=mask)  # compiles
-        return lambda: compiled(q, k, v, block_mask=mask)
-
-    return for_length
 
 
 # --- 2. block sizes and the FLOP floor -------------------------------------------------------
@@ -172,7 +166,7 @@ def block_sweep(T: int) -> None:
 
 # --- 3. a 2-layer model -------------------------------------------------------------------------
 
-def model_forward(lengths) -> None:
+def model_forward(lengths, flex: bool) -> None:
     base = dict(vocab_size=256, n_ctx=max(lengths), n_layer=2, n_head=1, n_embd=HD, pos_emb="rope")
     full, swa = GPTConfig(**base), GPTConfig(**base, window=W)
     params = init_params(full)
@@ -182,11 +176,19 @@ def model_forward(lengths) -> None:
         with torch.no_grad():
             t_full = best_time(lambda: forward(params, tokens, full))
             t_swa = best_time(lambda: forward(params, tokens, swa), 5)
+            if flex:
+                with use_window_kernel("flex"):  # the warm-up call compiles
+                    t_flex = best_time(lambda: forward(params, tokens, swa), 5)
         growth = f"{t_swa / prev:.2f}" if prev else "-"
         rows.append([str(T), t_full * 1e3, t_swa * 1e3, t_full / t_swa, growth])
+        if flex:
+            rows[-1] += [t_flex * 1e3, t_full / t_flex, t_swa / t_flex]
         prev = t_swa
-    table(f"3. 2-layer model forward (1 head x {HD}, vocab 256, rope), full causal vs W={W}",
-          ["T", "full ms", "SWA ms", "full/SWA", "SWA t(T)/t(T/2)"], rows)
+    header = ["T", "full ms", "SWA ms", "full/SWA", "SWA t(T)/t(T/2)"]
+    if flex:
+        header += ["SWA flex ms", "full/flex", "SWA/flex"]
+    table(f"3. 2-layer model forward (1 head x {HD}, vocab 256, rope), full causal vs W={W} "
+          "(SWA = band kernel)", header, rows)
 
 
 # --- 4. GQA -----------------------------------------------------------------------------------
@@ -261,7 +263,8 @@ def decode_speed(context: int = 2048, n_new: int = 32, n_layer: int = 4, vocab: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="just bench attention", description=__doc__.splitlines()[0])
-    ap.add_argument("--flex", action="store_true", help="also time compiled flex_attention")
+    ap.add_argument("--no-flex", dest="flex", action="store_false",
+                    help="skip the compiled flex_attention kernel")
     ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")
     args = ap.parse_args()
     _release_freed_memory()
@@ -270,7 +273,7 @@ def main() -> None:
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]
     kernels(lengths, args.flex)
     block_sweep(lengths[-1])
-    model_forward(lengths)
+    model_forward(lengths, args.flex)
     gqa(T=256 if args.quick else 1024)
     kv_cache_bytes()
     decode_speed(context=256 if args.quick else 2048, n_new=8 if args.quick else 32)
