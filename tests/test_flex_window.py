@@ -10,13 +10,15 @@ import torch
 from hypothesis import given, strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
-from fgpt import FgptError, GPTConfig, forward, init_params
+import fgpt.flex_window
+from fgpt import FgptError, GPTConfig, forward, init_params, save_checkpoint
 from fgpt.attention import attention, set_window_kernel, use_window_kernel
 from fgpt.flex_window import flex_window_attention, window_block_mask
 from fgpt.generate import Sampling, generate
 from fgpt.model import loss_fn
-from fgpt.train import TrainConfig, train
+from fgpt.train import train
 from test_attention import reference_attention
+import run.generate
 import run.train
 
 CPU = torch.device("cpu")
@@ -47,6 +49,12 @@ def test_window_block_mask_equals_create_block_mask(T, window):
 def test_flex_equals_dense_masked_reference(B, H, Hkv, T, hd, W):
     q, k, v = qkv(B, H, Hkv, T, hd)
     torch.testing.assert_close(flex_window_attention(q, k, v, W), reference_attention(q, k, v, W))
+
+
+def test_flex_in_bfloat16_matches_the_reference_to_bfloat16_precision():
+    q, k, v = qkv(*CASES[0][:5], dtype=torch.bfloat16)
+    ref = reference_attention(q.float(), k.float(), v.float(), 16)
+    torch.testing.assert_close(flex_window_attention(q, k, v, 16).float(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_flex_refuses_what_torch_cannot_do_on_cpu_with_one_line_errors():
@@ -113,3 +121,18 @@ def test_training_with_flex_on_cpu_is_a_one_line_error_before_any_work(tmp_path)
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):
         run.train.parser().parse_args(["--window-kernel", "dense"])
+
+
+def test_run_generate_with_the_flex_prefill_prints_what_the_band_prints(tmp_path, capsys, monkeypatch):
+    config = GPTConfig(n_ctx=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window=8)
+    save_checkpoint(tmp_path, config, init_params(config, seed=5))
+    argv = ["--checkpoint", str(tmp_path), "--prompt", "The quick brown fox jumps over the lazy dog " * 2,
+            "--max-new-tokens", "6", "--temperature", "0", "--ignore-eos"]
+    run.generate.main(argv)
+    band = capsys.readouterr().out
+    calls = []
+    monkeypatch.setattr(fgpt.flex_window, "flex_window_attention",
+                        lambda *a: calls.append(a[3]) or flex_window_attention(*a))
+    run.generate.main(argv + ["--window-kernel", "flex"])
+    assert capsys.readouterr().out == band
+    assert calls == [8, 8]  # the prefill of both layers went through flex
