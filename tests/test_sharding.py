@@ -1,7 +1,8 @@
 """custom-fsdp's packing, without processes: the collectives are simulated on the flat
 buffers (all_gather_into_tensor = concatenating the ranks' shards in rank order;
 reduce_scatter_tensor = summing the ranks' buffers and taking each rank's slice), while the
-packing, sharding and optimizer grouping are the very functions custom-fsdp runs."""
+packing, sharding, optimizer grouping and checkpoint resharding are the very functions
+custom-fsdp runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from fgpt import tree
 from fgpt.parallel.custom_fsdp import adamw_groups, attach_grads, segment_params
-from fgpt.parallel.flat import FlatLayout
+from fgpt.parallel.flat import FlatLayout, reshard
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 
@@ -123,3 +124,20 @@ def test_adamw_on_shards_decays_only_matrices_and_leaves_padding_alone(unit, wor
     got = layout.views(stepped)
     for k, v in tree.flatten(expected).items():
         torch.testing.assert_close(tree.flatten(got)[k], v)
+
+
+@given(trees(), worlds, worlds)
+def test_resharding_saved_shards_equals_sharding_the_full_buffer_directly(unit, old_world, new_world):
+    """What a checkpoint resume on another world size does with each moment buffer."""
+    old, new = FlatLayout(unit, old_world), FlatLayout(unit, new_world)
+    flat = torch.randn(old.padded_numel)
+    flat[old.numel:] = 0  # saved shards carry zero padding
+    saved = [old.shard(flat, q).clone() for q in range(old_world)]
+    direct = new.pack_leaves(old.leaf_views(flat))  # the same values laid out for new_world
+    for rank in range(new_world):
+        read = []
+        got = reshard(lambda q: read.append(q) or saved[q], old.numel, old_world, new_world, rank)
+        assert torch.equal(got, new.shard(direct, rank))
+        # only old shards holding some of this shard's real elements are opened
+        lo, hi = rank * new.shard_numel, min((rank + 1) * new.shard_numel, new.numel)
+        assert all(q * old.shard_numel < hi and lo < (q + 1) * old.shard_numel for q in read)
