@@ -10,7 +10,8 @@ state (it may be a shard). Checkpoint layout in the output directory:
 
     model.safetensors, config.json   HF-compatible params (fgpt.checkpoint.save_checkpoint)
     train_state.pt                   step, run config, elapsed time, model file digest (rank 0)
-    optimizer.rank{r}.pt             optimizer and RNG state of rank r
+    optimizer.rank{r}.pt             optimizer and RNG state of rank r (custom-fsdp's and
+                                     ddp's resume on another world size too)
     metrics.jsonl                    one JSON object per optimizer step
 """
 
@@ -40,6 +41,7 @@ from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.model import count_params, init_params
 from fgpt.parallel import Strategy, make_strategy
+from fgpt.parallel.base import SavedOptimizer
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
@@ -66,6 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # <= 0: no clipping
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
+    reduce_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients cross ranks in
     eval_interval: int = 50  # 0: no evaluation
     eval_iters: int = 4  # validation batches per evaluation
     checkpoint_interval: int = 50  # 0: only the final checkpoint
@@ -150,6 +153,8 @@ def validate(cfg: TrainConfig) -> None:
                         f"{cfg.grad_accum} micro-batches")
     if cfg.precision not in ("fp32", "bf16"):
         raise FgptError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.reduce_dtype not in ("fp32", "bf16"):
+        raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {cfg.reduce_dtype!r}")
     if not cfg.lr > 0:
         raise FgptError(f"--lr must be positive, got {cfg.lr}")
     if min(cfg.eval_interval, cfg.checkpoint_interval) < 0:
@@ -249,19 +254,31 @@ def save_train_checkpoint(out_dir: Path, strategy: Strategy, cfg: TrainConfig, c
     strategy.barrier()
 
 
-def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, dict]:
-    """(rank 0's train state, this rank's optimizer file), checked to belong together."""
+def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, SavedOptimizer, dict | None]:
+    """(rank 0's train state, the saved ranks' optimizer states, this rank's saved RNG state
+    or None when the world size changed), each file checked to belong to the same save.
+    Rank files are opened on demand and memory-mapped: resharding reads only what it needs."""
     state = torch.load(out_dir / STATE_FILE, weights_only=True)
-    if (state["strategy"], state["world_size"]) != (strategy.name, strategy.world_size):
-        raise FgptError(f"--resume: the checkpoint was written by strategy={state['strategy']} "
-                        f"nproc={state['world_size']}, not {strategy.name} nproc={strategy.world_size}")
-    rank_file = out_dir / f"optimizer.rank{strategy.rank}.pt"
-    if not rank_file.exists():
-        raise FgptError(f"--resume: {rank_file} is missing")
-    rank_state = torch.load(rank_file, weights_only=True)
-    if rank_state["step"] != state["step"] or file_digest(out_dir / MODEL_FILE) != state["model_sha256"]:
-        raise FgptError(f"--resume: the checkpoint in {out_dir} is torn (a save was interrupted)")
-    return state, rank_state
+    if state["strategy"] != strategy.name:
+        raise FgptError(f"--resume: the checkpoint was written by strategy={state['strategy']}, "
+                        f"not {strategy.name}")
+    torn = FgptError(f"--resume: the checkpoint in {out_dir} is torn (a save was interrupted)")
+    if file_digest(out_dir / MODEL_FILE) != state["model_sha256"]:
+        raise torn
+
+    @functools.cache
+    def rank_file(q: int) -> dict:
+        path = out_dir / f"optimizer.rank{q}.pt"
+        if not path.exists():
+            raise FgptError(f"--resume: {path} is missing")
+        saved = torch.load(path, mmap=True, weights_only=True)
+        if saved["step"] != state["step"]:
+            raise torn
+        return saved
+
+    same_world = state["world_size"] == strategy.world_size
+    rng = {k: v.clone() for k, v in rank_file(strategy.rank)["rng"].items()} if same_world else None
+    return state, SavedOptimizer(state["world_size"], lambda q: rank_file(q)["optimizer"]), rng
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -301,7 +318,8 @@ def evaluate(strategy: Strategy, val, cfg: TrainConfig, config: GPTConfig, seq_l
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or continue) a training run; see the module docstring for what is written."""
     validate(cfg)
-    strategy = make_strategy(cfg.strategy, device=resolve_device(cfg.device), compile=cfg.compile)
+    strategy = make_strategy(cfg.strategy, device=resolve_device(cfg.device), compile=cfg.compile,
+                             reduce_dtype=cfg.reduce_dtype)
     try:
         with stop_requests() as stop, use_window_kernel(cfg.window_kernel):
             return _train(cfg, strategy, stop)
@@ -319,7 +337,7 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
         saved = saved_run_config(out_dir)
         check_resumable(cfg, saved)
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
-        state, rank_state = load_train_checkpoint(out_dir, strategy)
+        state, saved_optimizer, saved_rng = load_train_checkpoint(out_dir, strategy)
         config, params = _load_checkpoint(out_dir)
         start, elapsed0 = state["step"], state["elapsed_s"]
         if start >= cfg.steps:
@@ -340,10 +358,14 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
                    precision=cfg.precision)
     del params
     if cfg.resume:
-        strategy.load_optimizer_state(rank_state["optimizer"])
-        torch.set_rng_state(rank_state["rng"]["cpu"])
-        if "cuda" in rank_state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rank_state["rng"]["cuda"])
+        strategy.load_optimizer_state(saved_optimizer)
+        del saved_optimizer  # drop this loop's hold on the memory-mapped rank files
+        if saved_rng is None:  # another world size: no saved stream fits; only dropout draws
+            torch.manual_seed(cfg.seed + 1_000_003 * start + strategy.rank)
+        else:
+            torch.set_rng_state(saved_rng["cpu"])
+            if "cuda" in saved_rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(saved_rng["cuda"])
     else:
         torch.manual_seed(cfg.seed + strategy.rank)  # dropout differs per rank, as in DDP
 

@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, help=f"global-norm clip, 0 = off (default {d.grad_clip})")
     g.add_argument("--seed", type=int)
     g.add_argument("--precision", choices=["fp32", "bf16"])
+    g.add_argument("--reduce-dtype", choices=["fp32", "bf16"], help="dtype gradients cross ranks in (default fp32)")
     g.add_argument("--eval-interval", type=int, help=f"0 = off (default {d.eval_interval})")
     g.add_argument("--eval-iters", type=int, help=f"val batches per eval (default {d.eval_iters})")
     g.add_argument("--checkpoint-interval", type=int, help="0 = final checkpoint only")

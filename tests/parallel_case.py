@@ -1,11 +1,15 @@
 """The training run every strategy repeats in the parity tests: a tiny GPT, fixed global
-batches, the loop of fgpt/parallel/base.py (accumulate, clip, set_lr, step, log)."""
+batches, the loop of fgpt/parallel/base.py (accumulate, clip, set_lr, step, log); and the
+whole-loop runs (fgpt.train) that checkpoint on one world size and resume on another."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from fgpt import GPTConfig, tree
+from fgpt.train import TrainConfig
 
 CONFIG = GPTConfig(vocab_size=96, n_ctx=16, n_layer=2, n_head=4, n_embd=32)
 HYPER = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -53,3 +57,18 @@ def gradient_tree(strategy) -> dict:
     if hasattr(strategy, "full_grads"):
         return strategy.full_grads()
     return tree.unflatten({k: p.grad.detach().clone() for k, p in strategy.named.items()})
+
+
+# --- whole runs through fgpt.train: checkpoint resharding and --reduce-dtype -------------
+
+TRAIN_MODEL = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)  # GPT-2 vocabulary: real text
+TRAIN_TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
+TRAIN_STEPS, STOP_AFTER = 6, 3
+
+
+def train_run(root: Path, **kw) -> TrainConfig:
+    """A run on `root`/text.txt; its global batch of 6 splits over 1, 2 and 3 ranks."""
+    base = dict(model=TRAIN_MODEL, data=str(root / "text.txt"), steps=TRAIN_STEPS, batch_size=6,
+                lr=3e-3, warmup=2, seed=0, eval_interval=0, checkpoint_interval=0, progress=False,
+                device="cpu")
+    return TrainConfig(**{**base, **kw})

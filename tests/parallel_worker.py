@@ -1,12 +1,20 @@
-"""Run under torchrun by tests/test_parallel.py: one launch per world size drives every
-distributed strategy through the Strategy interface, the way fgpt/train.py does, and rank 0
-saves what the test compares against a single-device run in the pytest process.
+"""Run under torchrun by tests/test_parallel.py. Each TASK runs on every rank, and rank 0
+saves what the test compares against a single-device run in the pytest process to
+OUT/TASK.pt (':' -> '-'):
 
-    python -m torch.distributed.run --standalone --nproc-per-node W tests/parallel_worker.py OUT [die]
+    python -m torch.distributed.run --standalone --nproc-per-node W tests/parallel_worker.py OUT TASK...
+
+    parity       every distributed strategy through the Strategy interface, the way
+                 fgpt/train.py drives it, and resumed from params + optimizer state
+    start:NAME   fgpt.train custom-fsdp run in OUT/NAME, stopped (checkpointed) after STOP_AFTER steps
+    resume:NAME  --resume of OUT/NAME on this world size, to the end
+    reduce-bf16  fgpt.train runs of ddp, fsdp and custom-fsdp with reduce_dtype="bf16"
+    die          rank 1 raises
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fgpt import init_params  # noqa: E402
 from fgpt.errors import FgptError  # noqa: E402
 from fgpt.parallel import make_strategy  # noqa: E402
+from fgpt.parallel.base import SavedOptimizer  # noqa: E402
 from fgpt.parallel.dist import exit_without_finalizers  # noqa: E402
-from parallel_case import CASES, CONFIG, HYPER, STEPS, train_steps  # noqa: E402
+from fgpt.train import train  # noqa: E402
+from parallel_case import CASES, CONFIG, HYPER, STEPS, STOP_AFTER, train_run, train_steps  # noqa: E402
 
 
 def run_case(name: str, accum: int, precision: str, steps: int) -> dict:
@@ -40,29 +50,64 @@ def resume_case(name: str) -> dict:
     second = make_strategy(name, device="cpu")
     second.setup(init_params(CONFIG, seed=1), CONFIG, precision="fp32", **HYPER)
     second.load_params(params)
-    second.load_optimizer_state(opt)
+    second.load_optimizer_state(SavedOptimizer(first.world_size, {first.rank: opt}.__getitem__))
     tail = train_steps(second, 1, STEPS, rank=second.rank, world=second.world_size, start=3)
-    error = ""
+    result = {"losses": head["losses"] + tail["losses"]}
+    if name == "fsdp":  # DTensor shards fit only their own world size
+        result["wrong_world_error"] = error_of(lambda: second.load_optimizer_state(
+            SavedOptimizer(second.world_size + 1, lambda q: opt)))
+    return result
+
+
+def error_of(call) -> str:
     try:
-        second.load_optimizer_state({**opt, "world_size": second.world_size + 1})
+        call()
     except FgptError as e:
-        error = str(e)
-    return {"losses": head["losses"] + tail["losses"], "wrong_world_error": error}
+        return str(e)
+    return ""
+
+
+def parity() -> dict:
+    results = {f"{name}/{accum}/{precision}": run_case(name, accum, precision, steps)
+               for name, accum, precision, steps in CASES}
+    return results | {f"{name}/resume": resume_case(name) for name in ("fsdp", "custom-fsdp")}
+
+
+def summary(result) -> dict:
+    return {"losses": [row["loss"] for row in result.metrics], "norms": [row["grad_norm"] for row in result.metrics],
+            "params": result.params, "world": dist.get_world_size()}
+
+
+def start(out: Path, name: str) -> dict:
+    return summary(train(train_run(out, strategy="custom-fsdp", out=str(out / name), stop_after=STOP_AFTER)))
+
+
+def resume(out: Path, name: str) -> dict:
+    cfg = train_run(out, strategy="custom-fsdp", out=str(out / name), resume=True)
+    uneven = error_of(lambda: train(dataclasses.replace(cfg, batch_size=dist.get_world_size() + 1)))
+    return summary(train(cfg)) | {"uneven_batch_error": uneven}
+
+
+def reduce_bf16(out: Path) -> dict:
+    results = {name: summary(train(train_run(out, strategy=name, reduce_dtype="bf16")))
+               for name in ("fsdp", "custom-fsdp")}
+    return results | {"ddp_error": error_of(lambda: train(train_run(out, strategy="ddp", reduce_dtype="bf16")))}
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1])
+    out_dir, tasks = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")  # shared by every case below (strategies join it)
-    if sys.argv[2:] == ["die"]:
+    if tasks == ["die"]:
         if dist.get_rank() == 1:
             raise RuntimeError("rank 1 dies on purpose")
         dist.all_reduce(torch.ones(1))  # rank 0 would wait here for ever without torchrun
         return
-    results = {f"{name}/{accum}/{precision}": run_case(name, accum, precision, steps)
-               for name, accum, precision, steps in CASES}
-    results |= {f"{name}/resume": resume_case(name) for name in ("fsdp", "custom-fsdp")}
-    if dist.get_rank() == 0:
-        torch.save(results, out_dir / f"world{dist.get_world_size()}.pt")
+    for task in tasks:
+        kind, _, name = task.partition(":")
+        result = {"parity": parity, "reduce-bf16": lambda: reduce_bf16(out_dir),
+                  "start": lambda: start(out_dir, name), "resume": lambda: resume(out_dir, name)}[kind]()
+        if dist.get_rank() == 0:
+            torch.save(result, out_dir / f"{task.replace(':', '-')}.w{dist.get_world_size()}.pt")
     dist.destroy_process_group()
     exit_without_finalizers(0)
 

@@ -1,11 +1,14 @@
 """ddp, fsdp and custom-fsdp on 2 and 3 gloo ranks against the single-device run.
 
-One torchrun launch per world size (tests/parallel_worker.py) runs every case; the
-single-device reference runs here, in the pytest process, on the same batches.
+One torchrun launch per world size (tests/parallel_worker.py) runs every parity case; the
+single-device reference runs here, in the pytest process, on the same batches. The same
+launches also train through fgpt.train: a custom-fsdp run checkpointed on 2 ranks resumes
+on 3 (and one more launch resumes a 3-rank checkpoint on 2), and bf16-reduced runs.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -17,27 +20,60 @@ import torch
 from fgpt import init_params, tree
 from fgpt.errors import FgptError
 from fgpt.parallel import make_strategy
-from parallel_case import CASES, CONFIG, HYPER, MAX_NORM, STEPS, train_steps
+from fgpt.train import train
+from parallel_case import (CASES, CONFIG, HYPER, MAX_NORM, STEPS, STOP_AFTER, TRAIN_STEPS, TRAIN_TEXT,
+                           train_run, train_steps)
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZES = (2, 3)
+# per world size: run a from 2 ranks to 3, start b on 3 ranks (resumed on 2 by `resharded_b`)
+TASKS = {2: ["parity", "start:a", "reduce-bf16"], 3: ["parity", "resume:a", "start:b"]}
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory) -> dict[int, dict]:
+def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parallel")
-    results = {}
-    for world in WORLD_SIZES:
-        proc = torchrun(world, str(out))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[world] = torch.load(out / f"world{world}.pt", weights_only=False)
-    return results
+    (out / "text.txt").write_text(TRAIN_TEXT)
+    return out
+
+
+def launch(out: Path, world: int, tasks: list[str]) -> dict[str, dict]:
+    """One torchrun launch running `tasks`; each task's result as rank 0 saved it."""
+    proc = torchrun(world, str(out), *tasks, env=dict(os.environ, FGPT_CACHE=str(out / "cache")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {task: torch.load(out / f"{task.replace(':', '-')}.w{world}.pt", weights_only=False)
+            for task in tasks}
+
+
+@pytest.fixture(scope="module")
+def launches(run_dir) -> dict[int, dict[str, dict]]:
+    return {world: launch(run_dir, world, TASKS[world]) for world in WORLD_SIZES}
+
+
+@pytest.fixture(scope="module")
+def distributed(launches) -> dict[int, dict]:
+    return {world: launches[world]["parity"] for world in WORLD_SIZES}
+
+
+@pytest.fixture(scope="module")
+def resharded(launches, run_dir) -> dict[str, tuple[dict, dict]]:
+    """Run name -> (its first session, its session resumed on the other world size)."""
+    b_resumed = launch(run_dir, 2, ["resume:b"])["resume:b"]
+    return {"a": (launches[2]["start:a"], launches[3]["resume:a"]), "b": (launches[3]["start:b"], b_resumed)}
+
+
+@pytest.fixture(scope="module")
+def single_train_run(run_dir):
+    """The uninterrupted single-device run of the same config, fp32."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FGPT_CACHE", str(run_dir / "cache"))
+        return train(train_run(run_dir))
 
 
 _single_cache: dict = {}
@@ -98,9 +134,60 @@ def test_resume_from_params_and_sharded_optimizer_state_continues_the_run(distri
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-def test_custom_fsdp_refuses_optimizer_state_of_another_world_size(distributed, world):
-    message = distributed[world]["custom-fsdp/resume"]["wrong_world_error"]
+def test_fsdp_refuses_optimizer_state_of_another_world_size(distributed, world):
+    message = distributed[world]["fsdp/resume"]["wrong_world_error"]
     assert f"nproc={world + 1}" in message and "\n" not in message
+
+
+def metric(result, key: str) -> torch.Tensor:
+    return torch.tensor([row[key] for row in result.metrics])
+
+
+@pytest.mark.parametrize("name,worlds", [("a", (2, 3)), ("b", (3, 2))])
+def test_custom_fsdp_checkpoint_resumes_on_another_world_size(resharded, single_train_run, name, worlds):
+    """Stopped after STOP_AFTER steps on one world size, resumed on the other: the same
+    losses and final weights as one uninterrupted single-device run (fp32)."""
+    first, second = resharded[name]
+    assert (first["world"], second["world"]) == worlds
+    assert len(first["losses"]) == STOP_AFTER and len(second["losses"]) == TRAIN_STEPS - STOP_AFTER
+    losses = torch.tensor(first["losses"] + second["losses"])
+    torch.testing.assert_close(losses, metric(single_train_run, "loss"), rtol=1e-5, atol=0)
+    assert_trees_close(second["params"], single_train_run.params, rtol=1e-4, atol=5e-5)
+
+
+def test_resume_refuses_a_global_batch_the_new_world_size_does_not_divide(launches):
+    message = launches[3]["resume:a"]["uneven_batch_error"]
+    assert "on each of 3 ranks" in message and "\n" not in message
+
+
+def test_resume_refuses_another_strategy(launches, run_dir):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(FgptError, match="strategy") as e:
+        mp.setenv("FGPT_CACHE", str(run_dir / "cache"))
+        train(train_run(run_dir, strategy="single", out=str(run_dir / "a"), resume=True))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "custom-fsdp"])
+def test_bf16_reduction_stays_close_to_fp32_and_still_learns(launches, single_train_run, name):
+    """Against the single-device fp32 run, which each strategy's fp32 reduction equals (above)."""
+    got = launches[2]["reduce-bf16"][name]
+    losses, norms = torch.tensor(got["losses"]), torch.tensor(got["norms"])
+    fp32_losses, fp32_norms = metric(single_train_run, "loss"), metric(single_train_run, "grad_norm")
+    torch.testing.assert_close(losses, fp32_losses, rtol=1e-3, atol=0)
+    torch.testing.assert_close(norms, fp32_norms, rtol=1e-2, atol=0)
+    # ... but not equal: the reduced gradients' norm misses the fp32 parity tolerance
+    assert ((norms - fp32_norms).abs() / fp32_norms).max() > 1e-5
+    assert losses[0] - losses[-1] > 0.5 * (fp32_losses[0] - fp32_losses[-1]) > 0  # learns about as fast
+
+
+def test_ddp_refuses_bf16_reduction_on_gloo_with_one_line(launches):
+    message = launches[2]["reduce-bf16"]["ddp_error"]
+    assert "NCCL" in message and "gloo" in message and "\n" not in message
+
+
+def test_single_refuses_a_bf16_reduction():
+    with pytest.raises(FgptError, match="reduce-dtype"):
+        make_strategy("single", reduce_dtype="bf16")
 
 
 def test_a_dying_rank_ends_the_job_promptly_with_an_error(tmp_path):

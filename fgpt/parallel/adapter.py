@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
+from fgpt.parallel.base import SavedOptimizer, parse_reduce_dtype
 from fgpt.parallel.dist import DistributedStrategy, check_world_size
 from fgpt.parallel.single import adamw_param_groups
 
@@ -88,6 +89,10 @@ class AdapterStrategy(DistributedStrategy):
 
     sharded = False  # True when optimizer state is per-rank shards (fsdp)
 
+    def __init__(self, device="auto", reduce_dtype: str = "fp32", **kwargs):
+        super().__init__(device, **kwargs)
+        self.reduce_dtype = parse_reduce_dtype(reduce_dtype)
+
     def wrap(self, params: dict, config: GPTConfig, precision: str) -> nn.Module:
         raise NotImplementedError
 
@@ -147,9 +152,11 @@ class AdapterStrategy(DistributedStrategy):
                           for i, s in state["state"].items()}
         return {"world_size": self.world_size, "optimizer": state}
 
-    def load_optimizer_state(self, state):
-        check_world_size(self.name, state, self.world_size, reshardable=not self.sharded)
-        opt = state["optimizer"]
+    def load_optimizer_state(self, saved: SavedOptimizer):
+        if self.sharded:  # DTensor shards: only the layout they were saved in
+            check_world_size(self.name, saved.world_size, self.world_size)
+        # replicated state (ddp) is the same in every rank's file: any one fits any world size
+        opt = saved.same_or_first(self.rank)["optimizer"]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         opt["state"] = {i: {k: as_sharded_like(params[int(i)], v) for k, v in s.items()}
                         for i, s in opt["state"].items()}

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +34,30 @@ STRATEGIES = {
     "fsdp": "fgpt.parallel.fsdp:FSDP2",
     "custom-fsdp": "fgpt.parallel.custom_fsdp:CustomFSDP",
 }
+
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_reduce_dtype(name: str) -> torch.dtype:
+    """--reduce-dtype: the dtype gradients cross ranks in (accumulation stays fp32)."""
+    if name not in REDUCE_DTYPES:
+        raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {name!r}")
+    return REDUCE_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class SavedOptimizer:
+    """The optimizer states a run of `world_size` ranks saved, one per rank. `read(q)` returns
+    what rank q's `optimizer_state()` returned, loaded lazily (memory-mapped), so a rank
+    resuming on another world size opens only the old ranks' files it needs."""
+    world_size: int
+    read: Callable[[int], dict[str, Any]]
+
+    def same_or_first(self, rank: int) -> dict[str, Any]:
+        """Rank `rank`'s state, or rank 0's where the saved run had fewer ranks: for what
+        every rank saved alike (replicated state, step counts)."""
+        return self.read(rank if rank < self.world_size else 0)
 
 
 class Strategy(abc.ABC):
@@ -83,7 +108,9 @@ class Strategy(abc.ABC):
         """This rank's optimizer state, saveable with torch.save (tensors and plain data)."""
 
     @abc.abstractmethod
-    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
+    def load_optimizer_state(self, saved: SavedOptimizer) -> None:
+        """Restore the optimizer from a checkpoint, possibly of another world size (a
+        strategy that cannot reshard its state raises FgptError)."""
 
     @abc.abstractmethod
     def load_params(self, params: dict) -> None:

@@ -13,6 +13,8 @@ that crosses ranks moves in this file:
             asynchronously, overlapping the next block's backward.
   clip      one all_reduce of the shards' squared norms (padding excluded).
   step      AdamW on local shards only: no communication.
+  save      each rank writes its own shard's AdamW moments, already flat buffers in the
+            unit's layout, so a checkpoint reshards onto any world size (load_optimizer_state).
 
 Backward keeps the forward's activations and re-gathers only the parameters (as FSDP2 does)
 rather than recomputing each block: recomputation would free the activations but add a
@@ -34,9 +36,11 @@ import torch.distributed as dist
 
 from fgpt import tree
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.dist import (DistributedStrategy, all_gather_into_tensor, check_world_size,
-                                reduce_scatter_tensor)
-from fgpt.parallel.flat import FlatLayout, Segment
+from fgpt.parallel.base import SavedOptimizer, parse_reduce_dtype
+from fgpt.parallel.dist import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
+from fgpt.parallel.flat import FlatLayout, Segment, reshard
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state tensors, as torch.optim names them
 
 
 class Unit:
@@ -48,6 +52,9 @@ class Unit:
         self.shard = self.layout.shard(self.layout.pack(params).to(device), rank).clone()  # fp32 master
         # AdamW's parameters: the shard's decayed / undecayed runs (views, padding excluded)
         self.segments = segment_params(self.layout, self.shard, rank)
+        # AdamW's moments as flat shards in the same layout (padding zero): the optimizer
+        # updates views of them in place, and a checkpoint saves them as they are
+        self.moments = {key: torch.zeros_like(self.shard) for key in MOMENTS}
         # fp32 gradient shard, mean over ranks; None between step() and the next reduce, so
         # it costs no memory through the forward (as FSDP2's set_to_none)
         self.grad: torch.Tensor | None = None
@@ -102,20 +109,23 @@ def adamw_groups(segments: list[tuple[Segment, torch.Tensor]], weight_decay: flo
 class CustomFSDP(DistributedStrategy):
     name = "custom-fsdp"
 
-    def __init__(self, device="auto", bf16_reduce: bool = False, **kwargs):
+    def __init__(self, device="auto", reduce_dtype: str = "fp32", **kwargs):
         super().__init__(device, **kwargs)
-        self.bf16_reduce = bf16_reduce  # with --precision bf16: reduce-scatter in bf16 too
+        self.reduce_dtype = parse_reduce_dtype(reduce_dtype)  # what reduce-scatter sends
 
     def setup(self, params, config, *, lr, weight_decay, betas, precision):
         self.config = config
         self.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.reduce_dtype = torch.bfloat16 if self.bf16_reduce else torch.float32
         self.root_keys = [k for k in params if k != "h"]
         units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
         self.units = [Unit(u, self.world_size, self.rank, self.device, self.compute_dtype) for u in units]
         self.root, self.blocks = self.units[0], self.units[1:]
         groups = adamw_groups([sp for u in self.units for sp in u.segments], weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+        for u in self.units:  # AdamW finds its state present and uses these views in place
+            for seg, p in u.segments:
+                self.optimizer.state[p] = {"step": torch.tensor(0.0),
+                                           **{k: m[seg.lo:seg.hi] for k, m in u.moments.items()}}
         self._reductions: list = []
 
     # --- forward / backward ------------------------------------------------------------
@@ -246,8 +256,19 @@ class CustomFSDP(DistributedStrategy):
                 u.shard.copy_(u.layout.shard(u.layout.pack(p), self.rank))
 
     def optimizer_state(self):
-        return {"world_size": self.world_size, "optimizer": self.optimizer.state_dict()}
+        """Layout-independent: per unit, this rank's shard of the unit's flat moment buffers
+        (no copies), plus the step count every run shares. The learning rate is set by the
+        schedule each step and the other hyperparameters come from the run config."""
+        step = max((float(s["step"]) for s in self.optimizer.state.values()), default=0.0)
+        return {"world_size": self.world_size, "step": step, "units": [u.moments for u in self.units]}
 
-    def load_optimizer_state(self, state):
-        check_world_size(self.name, state, self.world_size, reshardable=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_optimizer_state(self, saved: SavedOptimizer):
+        """From any world size: each moment shard is cut from the saved ranks' shards of the
+        same unit (`reshard` opens only the old shards overlapping this rank's)."""
+        for i, u in enumerate(self.units):
+            for key, moment in u.moments.items():
+                moment.copy_(reshard(lambda q: saved.read(q)["units"][i][key], u.layout.numel,
+                                     saved.world_size, self.world_size, self.rank))
+        step = saved.same_or_first(self.rank)["step"]
+        for state in self.optimizer.state.values():
+            state["step"].fill_(step)

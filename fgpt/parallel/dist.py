@@ -129,9 +129,9 @@ def exit_without_finalizers(code: int) -> None:
     os._exit(code)
 
 
-def check_world_size(name: str, state: dict, world_size: int, *, reshardable: bool) -> None:
-    """Sharded optimizer state only fits the world size it was saved with."""
-    saved = state.get("world_size", world_size)
-    if saved != world_size and not reshardable:
+def check_world_size(name: str, saved: int, world_size: int) -> None:
+    """For a strategy that cannot reshard: its optimizer state fits only the world size it
+    was saved with."""
+    if saved != world_size:
         raise FgptError(f"{name}: the checkpoint's optimizer state is sharded over {saved} ranks; "
                         f"resume it with nproc={saved} (this run has {world_size})")

@@ -20,7 +20,7 @@ class FSDP2(AdapterStrategy):
     def wrap(self, params, config, precision):
         module = GPTModule(params, config)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                      reduce_dtype=torch.float32)
+                                      reduce_dtype=self.reduce_dtype)  # --reduce-dtype
         for blk in module.h:
             fully_shard(blk, mesh=self.mesh, mp_policy=policy)
         return fully_shard(module, mesh=self.mesh, mp_policy=policy)

@@ -8,7 +8,8 @@ from torch.func import grad_and_value
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import loss_fn
-from fgpt.parallel.base import Strategy
+from fgpt.errors import FgptError
+from fgpt.parallel.base import SavedOptimizer, Strategy
 
 
 def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> list[dict]:
@@ -22,7 +23,11 @@ def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> l
 class SingleDevice(Strategy):
     name = "single"
 
-    def __init__(self, device: str | torch.device = "cpu", compile: bool = False, **_):
+    def __init__(self, device: str | torch.device = "cpu", compile: bool = False,
+                 reduce_dtype: str = "fp32", **_):
+        if reduce_dtype != "fp32":
+            raise FgptError(f"--reduce-dtype {reduce_dtype}: strategy=single reduces no gradients "
+                            "across ranks; use it with ddp, fsdp or custom-fsdp")
         self.device = torch.device(device)
         self.compile = compile
 
@@ -84,8 +89,8 @@ class SingleDevice(Strategy):
     def optimizer_state(self):
         return self.optimizer.state_dict()
 
-    def load_optimizer_state(self, state):
-        self.optimizer.load_state_dict(state)
+    def load_optimizer_state(self, saved: SavedOptimizer):
+        self.optimizer.load_state_dict(saved.read(0))
 
     def load_params(self, params):
         with torch.no_grad():
