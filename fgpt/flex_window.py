@@ -56,11 +56,11 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
     hi = torch.clamp(lo + BLOCK - 1, max=T - 1)  # last index that exists
     # i - j over a (query tile, key tile) pair spans [q_lo - k_hi, q_hi - k_lo]
     some = (hi[:, None] - lo[None, :] >= 0) & (lo[:, None] - hi[None, :] < window)  # [n, n]
-    # a full tile skips mask_mod, so it must hold BLOCK x BLOCK visible pairs (create_block_mask
-    # pads ragged tiles with masked pairs: never full)
-    whole = (lo + BLOCK <= T)
-    full = whole[:, None] & whole[None, :] & (lo[:, None] - (lo[None, :] + BLOCK - 1) >= 0) \
-        & ((lo[:, None] + BLOCK - 1) - lo[None, :] < window)
+    # a full tile skips mask_mod: every pair visible, and no ragged edge (create_block_mask
+    # pads a ragged tile with masked pairs, so it is never full)
+    whole = lo + BLOCK <= T
+    full = (whole[:, None] & whole[None, :]
+            & (lo[:, None] - hi[None, :] >= 0) & (hi[:, None] - lo[None, :] < window))
     partial = some & ~full
 
     def sparse(tiles: torch.Tensor):  # [n, n] bool -> counts [1, 1, n], indices [1, 1, n, n]
