@@ -3,6 +3,7 @@
 Tables (each with ratios against a peer measured in the same run):
   1. kernels, one 64-wide head, W=256: full causal SDPA vs dense-masked SWA vs fgpt's SWA
      (the band) vs the opt-in flex kernel, forward time and peak memory for T = 1k..16k;
+     1b. the band vs flex at GPT-2's width (12 heads, 4 kv heads) for the two longest T;
   2. fgpt's SWA block sizes at T=16k (forward, forward+backward), as a FLOP rate against
      a plain matmul of the same shape (the FLOP floor is 4·T·W·d per forward);
   3. a 2-layer attention-dominated model (1 head of 64, vocab 256) forward, full vs SWA
@@ -142,6 +143,20 @@ def kernels(lengths, flex: bool) -> None:
         print(f"fgpt-SWA t(16k)/t(8k) = {swa[16384] / swa[8192]:.2f} (linear: 2.0)")
 
 
+def kernels_gpt2_heads(lengths, H: int = 12, Hkv: int = 4) -> None:
+    """The band against flex at a real prefill's width: GPT-2's 12 heads, grouped 3 to a kv head."""
+    rows = []
+    for T in lengths:
+        q, k, v = qkv(T, H, Hkv)
+        with torch.no_grad():
+            flex_window_attention(q, k, v, W)  # compiles for this shape
+            t_band = best_time(lambda: sliding_window_attention(q, k, v, W))
+            t_flex = best_time(lambda: flex_window_attention(q, k, v, W))
+        rows.append([str(T), t_band * 1e3, t_flex * 1e3, t_band / t_flex])
+    table(f"1b. band vs flex, forward, {H} heads / {Hkv} kv heads x {HD}, W={W}",
+          ["T", "band ms", "flex ms", "band/flex"], rows)
+
+
 # --- 2. block sizes and the FLOP floor -------------------------------------------------------
 
 def block_sweep(T: int) -> None:
@@ -272,6 +287,8 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]
     kernels(lengths, args.flex)
+    if args.flex:
+        kernels_gpt2_heads(lengths[-2:])
     block_sweep(lengths[-1])
     model_forward(lengths, args.flex)
     gqa(T=256 if args.quick else 1024)
