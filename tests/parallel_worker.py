@@ -6,7 +6,8 @@ OUT/TASK.pt (':' -> '-'):
 
     parity       every distributed strategy through the Strategy interface, the way
                  fgpt/train.py drives it, and resumed from params + optimizer state
-    start:NAME   fgpt.train custom-fsdp run in OUT/NAME, stopped (checkpointed) after STOP_AFTER steps
+    start:NAME   fgpt.train run in OUT/NAME (NAME = STRATEGY.TAG), checkpointed and stopped
+                 after STOP_AFTER steps
     resume:NAME  --resume of OUT/NAME on this world size, to the end
     reduce-bf16  fgpt.train runs of ddp, fsdp and custom-fsdp with reduce_dtype="bf16"
     die          rank 1 raises
@@ -79,11 +80,12 @@ def summary(result) -> dict:
 
 
 def start(out: Path, name: str) -> dict:
-    return summary(train(train_run(out, strategy="custom-fsdp", out=str(out / name), stop_after=STOP_AFTER)))
+    strategy = name.partition(".")[0]
+    return summary(train(train_run(out, strategy=strategy, out=str(out / name), stop_after=STOP_AFTER)))
 
 
 def resume(out: Path, name: str) -> dict:
-    cfg = train_run(out, strategy="custom-fsdp", out=str(out / name), resume=True)
+    cfg = train_run(out, strategy=name.partition(".")[0], out=str(out / name), resume=True)
     uneven = error_of(lambda: train(dataclasses.replace(cfg, batch_size=dist.get_world_size() + 1)))
     return summary(train(cfg)) | {"uneven_batch_error": uneven}
 

@@ -2,8 +2,8 @@
 
 One torchrun launch per world size (tests/parallel_worker.py) runs every parity case; the
 single-device reference runs here, in the pytest process, on the same batches. The same
-launches also train through fgpt.train: a custom-fsdp run checkpointed on 2 ranks resumes
-on 3 (and one more launch resumes a 3-rank checkpoint on 2), and bf16-reduced runs.
+launches also train through fgpt.train: runs checkpointed on one world size resume on another
+(one more launch resumes the 3-rank checkpoints on 2), and bf16-reduced runs.
 """
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ from parallel_case import (CASES, CONFIG, HYPER, MAX_NORM, STEPS, STOP_AFTER, TR
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZES = (2, 3)
-# per world size: run a from 2 ranks to 3, start b on 3 ranks (resumed on 2 by `resharded_b`)
-TASKS = {2: ["parity", "start:a", "reduce-bf16"], 3: ["parity", "resume:a", "start:b"]}
+# checkpointed runs (OUT/STRATEGY.TAG) -> (the world size that starts them, the one that resumes)
+RESUMED = {"custom-fsdp.a": (2, 3), "custom-fsdp.b": (3, 2), "ddp.b": (3, 2), "fsdp.c": (2, 2)}
+TASKS = {2: ["parity", "reduce-bf16"], 3: ["parity"]}  # the `resumed` fixture adds the third launch
+for run, (first, second) in RESUMED.items():
+    TASKS[first].append(f"start:{run}")
+    if second == 3:
+        TASKS[3].append(f"resume:{run}")
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
@@ -62,10 +67,12 @@ def distributed(launches) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def resharded(launches, run_dir) -> dict[str, tuple[dict, dict]]:
-    """Run name -> (its first session, its session resumed on the other world size)."""
-    b_resumed = launch(run_dir, 2, ["resume:b"])["resume:b"]
-    return {"a": (launches[2]["start:a"], launches[3]["resume:a"]), "b": (launches[3]["start:b"], b_resumed)}
+def resumed(launches, run_dir) -> dict[str, tuple[dict, dict]]:
+    """Run name -> (its first session, its resumed session), as RESUMED lays out."""
+    last = launch(run_dir, 2, [f"resume:{run}" for run, worlds in RESUMED.items() if worlds[1] == 2])
+    sessions = {**launches[3], **last}
+    return {run: (launches[first][f"start:{run}"], sessions[f"resume:{run}"])
+            for run, (first, _) in RESUMED.items()}
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +150,14 @@ def metric(result, key: str) -> torch.Tensor:
     return torch.tensor([row[key] for row in result.metrics])
 
 
-@pytest.mark.parametrize("name,worlds", [("a", (2, 3)), ("b", (3, 2))])
-def test_custom_fsdp_checkpoint_resumes_on_another_world_size(resharded, single_train_run, name, worlds):
-    """Stopped after STOP_AFTER steps on one world size, resumed on the other: the same
-    losses and final weights as one uninterrupted single-device run (fp32)."""
-    first, second = resharded[name]
-    assert (first["world"], second["world"]) == worlds
+@pytest.mark.parametrize("run", RESUMED)
+def test_resumed_run_equals_the_uninterrupted_single_device_run(resumed, single_train_run, run):
+    """Stopped after STOP_AFTER steps on one world size, resumed through --resume (the tree
+    read back from safetensors) on another: custom-fsdp reshards, ddp's state is replicated,
+    fsdp resumes on the same world size only. Same losses and final weights as one
+    uninterrupted single-device run (fp32)."""
+    first, second = resumed[run]
+    assert (first["world"], second["world"]) == RESUMED[run]
     assert len(first["losses"]) == STOP_AFTER and len(second["losses"]) == TRAIN_STEPS - STOP_AFTER
     losses = torch.tensor(first["losses"] + second["losses"])
     torch.testing.assert_close(losses, metric(single_train_run, "loss"), rtol=1e-5, atol=0)
@@ -156,14 +165,14 @@ def test_custom_fsdp_checkpoint_resumes_on_another_world_size(resharded, single_
 
 
 def test_resume_refuses_a_global_batch_the_new_world_size_does_not_divide(launches):
-    message = launches[3]["resume:a"]["uneven_batch_error"]
+    message = launches[3]["resume:custom-fsdp.a"]["uneven_batch_error"]
     assert "on each of 3 ranks" in message and "\n" not in message
 
 
 def test_resume_refuses_another_strategy(launches, run_dir):
     with pytest.MonkeyPatch.context() as mp, pytest.raises(FgptError, match="strategy") as e:
         mp.setenv("FGPT_CACHE", str(run_dir / "cache"))
-        train(train_run(run_dir, strategy="single", out=str(run_dir / "a"), resume=True))
+        train(train_run(run_dir, strategy="single", out=str(run_dir / "custom-fsdp.a"), resume=True))
     assert "\n" not in str(e.value)
 
 

@@ -28,8 +28,11 @@ class ParamTree(nn.Module):
 
     def __init__(self, node: dict):
         super().__init__()
-        self._keys = list(node)
-        for key, value in node.items():
+        # sorted, not the dict's insertion order: a tree read back from safetensors (--resume)
+        # must give the optimizer its parameters in the order the saved state indexes them
+        self._keys = sorted(node)
+        for key in self._keys:
+            value = node[key]
             if isinstance(value, torch.Tensor):
                 self.register_parameter(key, nn.Parameter(value))
             else:
@@ -64,7 +67,7 @@ class GPTModule(nn.Module):
     def __init__(self, params: dict, config: GPTConfig, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config, self.compute_dtype = config, compute_dtype
-        self.root_keys = [k for k in params if k != "h"]  # wte, wpe, ln_f: one unit
+        self.root_keys = sorted(k for k in params if k != "h")  # ln_f, wpe, wte: one unit
         for key in self.root_keys:
             self.add_module(key, ParamTree(params[key]))
         self.h = nn.ModuleList(Block(p, config, i, compute_dtype) for i, p in enumerate(params["h"]))
