@@ -27,7 +27,7 @@ from parallel_case import (CASES, CONFIG, HYPER, MAX_NORM, STEPS, STOP_AFTER, TR
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZES = (2, 3)
 # checkpointed runs (OUT/STRATEGY.TAG) -> (the world size that starts them, the one that resumes)
-RESUMED = {"custom-fsdp.a": (2, 3), "custom-fsdp.b": (3, 2), "ddp.b": (3, 2), "fsdp.c": (2, 2)}
+RESUMED = {"custom-fsdp.a": (2, 3), "custom-fsdp.b": (3, 2), "ddp.b": (3, 2), "fsdp.c": (2, 3)}
 TASKS = {2: ["parity", "reduce-bf16"], 3: ["parity"]}  # the `resumed` fixture adds the third launch
 for run, (first, second) in RESUMED.items():
     TASKS[first].append(f"start:{run}")
@@ -140,12 +140,6 @@ def test_resume_from_params_and_sharded_optimizer_state_continues_the_run(distri
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("world", WORLD_SIZES)
-def test_fsdp_refuses_optimizer_state_of_another_world_size(distributed, world):
-    message = distributed[world]["fsdp/resume"]["wrong_world_error"]
-    assert f"nproc={world + 1}" in message and "\n" not in message
-
-
 def metric(result, key: str) -> torch.Tensor:
     return torch.tensor([row[key] for row in result.metrics])
 
@@ -153,8 +147,8 @@ def metric(result, key: str) -> torch.Tensor:
 @pytest.mark.parametrize("run", RESUMED)
 def test_resumed_run_equals_the_uninterrupted_single_device_run(resumed, single_train_run, run):
     """Stopped after STOP_AFTER steps on one world size, resumed through --resume (the tree
-    read back from safetensors) on another: custom-fsdp reshards, ddp's state is replicated,
-    fsdp resumes on the same world size only. Same losses and final weights as one
+    read back from safetensors) on another: custom-fsdp reshards its flat moments, fsdp its
+    DTensor shards, ddp's state is replicated. Same losses and final weights as one
     uninterrupted single-device run (fp32)."""
     first, second = resumed[run]
     assert (first["world"], second["world"]) == RESUMED[run]

@@ -141,3 +141,20 @@ def test_resharding_saved_shards_equals_sharding_the_full_buffer_directly(unit, 
         # only old shards holding some of this shard's real elements are opened
         lo, hi = rank * new.shard_numel, min((rank + 1) * new.shard_numel, new.numel)
         assert all(q * old.shard_numel < hi and lo < (q + 1) * old.shard_numel for q in read)
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=3), worlds, worlds)
+def test_resharding_short_dim0_shards_equals_chunking_directly(shape, old_world, new_world):
+    """FSDP2's DTensor shards: dim-0 chunks of ceil(rows / W), the last ones short or empty
+    rather than padded; resharding then trimming matches chunking for the new world size."""
+    full = torch.randn(shape)
+    rows, trailing = shape[0], tuple(shape[1:])
+
+    def chunk(world: int, rank: int) -> torch.Tensor:
+        size = -(-rows // world)
+        return full[min(rank * size, rows):min((rank + 1) * size, rows)]
+
+    for rank in range(new_world):
+        want = chunk(new_world, rank)
+        got = reshard(lambda q: chunk(old_world, q), rows, old_world, new_world, rank, trailing=trailing)
+        assert torch.equal(got[:len(want)], want) and torch.all(got[len(want):] == 0)

@@ -19,7 +19,8 @@ from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
 from fgpt.parallel.base import SavedOptimizer, parse_reduce_dtype
-from fgpt.parallel.dist import DistributedStrategy, check_world_size
+from fgpt.parallel.dist import DistributedStrategy
+from fgpt.parallel.flat import reshard
 from fgpt.parallel.single import adamw_param_groups
 
 
@@ -156,14 +157,25 @@ class AdapterStrategy(DistributedStrategy):
         return {"world_size": self.world_size, "optimizer": state}
 
     def load_optimizer_state(self, saved: SavedOptimizer):
-        if self.sharded:  # DTensor shards: only the layout they were saved in
-            check_world_size(self.name, saved.world_size, self.world_size)
-        # replicated state (ddp) is the same in every rank's file: any one fits any world size
+        """ddp: the replicated state is the same in every rank's file, so any one fits any
+        world size. fsdp: each state tensor is this rank's dim-0 shard of a DTensor; on
+        another world size it is cut from the saved ranks' shards (`reshard`)."""
         opt = saved.same_or_first(self.rank)["optimizer"]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        opt["state"] = {i: {k: as_sharded_like(params[int(i)], v) for k, v in s.items()}
-                        for i, s in opt["state"].items()}
-        self.optimizer.load_state_dict(opt)
+        resharding = self.sharded and saved.world_size != self.world_size
+
+        def local(i, key: str, value):
+            p = params[int(i)]
+            if not (resharding and isinstance(p, DTensor) and value.ndim > 0):
+                return value
+            shard = reshard(lambda q: saved.read(q)["optimizer"]["state"][i][key], p.shape[0],
+                            saved.world_size, self.world_size, self.rank,
+                            trailing=tuple(p.shape[1:]), dtype=value.dtype)
+            return shard[:p.to_local().shape[0]]  # DTensor shards are short, not padded
+
+        state = {i: {k: as_sharded_like(params[int(i)], local(i, k, v)) for k, v in s.items()}
+                 for i, s in opt["state"].items()}
+        self.optimizer.load_state_dict({**opt, "state": state})
 
 
 def as_sharded_like(param: torch.Tensor, value):

@@ -128,10 +128,3 @@ def exit_without_finalizers(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
 
-
-def check_world_size(name: str, saved: int, world_size: int) -> None:
-    """For a strategy that cannot reshard: its optimizer state fits only the world size it
-    was saved with."""
-    if saved != world_size:
-        raise FgptError(f"{name}: the checkpoint's optimizer state is sharded over {saved} ranks; "
-                        f"resume it with nproc={saved} (this run has {world_size})")

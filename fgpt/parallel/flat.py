@@ -98,20 +98,21 @@ class FlatLayout:
         return out
 
 
-def reshard(read_shard: Callable[[int], torch.Tensor], numel: int, old_world: int, new_world: int,
-            rank: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rank `rank`'s shard [ceil(numel / new_world)] of a buffer saved as `old_world` shards.
+def reshard(read_shard: Callable[[int], torch.Tensor], length: int, old_world: int, new_world: int,
+            rank: int, *, trailing: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rank `rank`'s shard [ceil(length / new_world), *trailing] of a tensor [length, *trailing]
+    saved as `old_world` shards split evenly on dim 0 (the last ones padded, or short).
 
     The same as concatenating the old shards, dropping their padding (everything past
-    `numel`), re-padding for `new_world` and slicing -- but `read_shard(q)` is called only
-    for the old ranks whose real elements overlap this shard, and only those slices are
-    copied, so resharding holds one new shard at a time."""
-    old_size, new_size = -(-numel // old_world), -(-numel // new_world)
-    lo, hi = rank * new_size, min((rank + 1) * new_size, numel)  # this shard's real elements
-    out = torch.zeros(new_size, dtype=dtype)  # [new_size]: padding stays zero
+    `length`), re-padding for `new_world` and slicing -- but `read_shard(q)` is called only
+    for the old ranks whose real rows overlap this shard, and only those slices are copied,
+    so resharding holds one new shard at a time."""
+    old_size, new_size = -(-length // old_world), -(-length // new_world)
+    lo, hi = rank * new_size, min((rank + 1) * new_size, length)  # this shard's real rows
+    out = torch.zeros((new_size, *trailing), dtype=dtype)  # padding stays zero
     pos = lo
     while pos < hi:
-        q = pos // old_size  # the old rank holding element `pos`
+        q = pos // old_size  # the old rank holding row `pos`
         end = min(hi, (q + 1) * old_size)
         out[pos - lo:end - lo] = read_shard(q)[pos - q * old_size:end - q * old_size]
         pos = end
