@@ -239,8 +239,9 @@ def _atomic_write(target: Path, write) -> None:
 
 
 def latest_checkpoint(root: str | os.PathLike = "out") -> Path:
-    """The directory under `root` whose model.safetensors was written last."""
+    """The directory under `root` whose model.safetensors was written last (a training run's
+    own directory rather than its checkpoints/step-N, whose file it links to)."""
     found = list(Path(root).glob(f"**/{WEIGHTS}"))
     if not found:
         raise FgptError(f"no checkpoint under {root}/: train one with `just train`, or pass --checkpoint PATH")
-    return max(found, key=lambda f: f.stat().st_mtime).parent
+    return max(found, key=lambda f: (f.stat().st_mtime, -len(f.parts))).parent

@@ -6,13 +6,15 @@ metrics, checkpoints and exact resume.
 
 Rank-aware throughout: every rank runs the same loop on its slice of the global batch;
 only rank 0 writes metrics, progress and the model; each rank writes its own optimizer
-state (it may be a shard). Checkpoint layout in the output directory:
+state (it may be a shard). Layout of the output directory:
 
-    model.safetensors, config.json   HF-compatible params (fgpt.checkpoint.save_checkpoint)
-    train_state.pt                   step, run config, elapsed time, model file digest (rank 0)
-    optimizer.rank{r}.pt             optimizer and RNG state of rank r (custom-fsdp's and
-                                     ddp's resume on another world size too)
+    model.safetensors, config.json   the newest weights, HF layout (links into step-N)
+    train_state.pt                   the commit record: step, run config, elapsed time,
+                                     which step directory is whole, its model's digest
     metrics.jsonl                    one JSON object per optimizer step
+    checkpoints/step-N/              model.safetensors, config.json, and optimizer.rank{r}.pt:
+                                     optimizer and RNG state of rank r (custom-fsdp's and
+                                     ddp's resume on another world size too)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -46,6 +49,7 @@ from fgpt.parallel.base import SavedOptimizer
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
                      "resume", "device", "compile", "progress", "window_kernel"}
@@ -235,23 +239,45 @@ def file_digest(path: Path) -> str:
 
 def save_train_checkpoint(out_dir: Path, strategy: Strategy, cfg: TrainConfig, config: GPTConfig,
                           *, step: int, elapsed_s: float) -> None:
-    """Every rank calls this. Order: per-rank optimizer files, then the model, then rank 0's
-    train_state.pt naming the model file's digest, so resume can tell a torn save."""
-    from fgpt.checkpoint import save_checkpoint
+    """Every rank calls this. Each save fills a fresh checkpoints/step-N (the ranks' optimizer
+    files, then the model); rank 0's atomic rewrite of train_state.pt naming it commits it.
+    Only then do the top-level model files move to it and older step directories go, so a
+    crash at any moment leaves the last committed checkpoint whole and resumable."""
+    from fgpt.checkpoint import CONFIG, save_checkpoint
     params = strategy.full_params()  # a collective
+    step_dir = out_dir / CHECKPOINTS_DIR / f"step-{step}"
+    step_dir.mkdir(parents=True, exist_ok=True)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     atomic_torch_save({"step": step, "optimizer": strategy.optimizer_state(), "rng": rng},
-                      out_dir / f"optimizer.rank{strategy.rank}.pt")
+                      step_dir / f"optimizer.rank{strategy.rank}.pt")
     strategy.barrier()
     if strategy.is_main:
-        save_checkpoint(out_dir, config, params)
+        save_checkpoint(step_dir, config, params)
         atomic_torch_save({"step": step, "run_config": cfg.to_dict(), "elapsed_s": elapsed_s,
                            "strategy": strategy.name, "world_size": strategy.world_size,
-                           "model_sha256": file_digest(out_dir / MODEL_FILE)},
+                           "checkpoint": step_dir.relative_to(out_dir).as_posix(),
+                           "model_sha256": file_digest(step_dir / MODEL_FILE)},
                           out_dir / STATE_FILE)
+        for name in (MODEL_FILE, CONFIG):
+            replace_with_link(step_dir / name, out_dir / name)
+        for old in (out_dir / CHECKPOINTS_DIR).iterdir():
+            if old != step_dir:
+                shutil.rmtree(old)
     strategy.barrier()
+
+
+def replace_with_link(source: Path, target: Path) -> None:
+    """Atomically make `target` the same file as `source` (a hard link; a copy where the
+    filesystem has none)."""
+    tmp = target.with_name(f".{target.name}.link{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, SavedOptimizer, dict | None]:
@@ -262,13 +288,14 @@ def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, Save
     if state["strategy"] != strategy.name:
         raise FgptError(f"--resume: the checkpoint was written by strategy={state['strategy']}, "
                         f"not {strategy.name}")
-    torn = FgptError(f"--resume: the checkpoint in {out_dir} is torn (a save was interrupted)")
-    if file_digest(out_dir / MODEL_FILE) != state["model_sha256"]:
+    step_dir = out_dir / state["checkpoint"]
+    torn = FgptError(f"--resume: the checkpoint in {step_dir} is damaged (changed after it was saved)")
+    if file_digest(step_dir / MODEL_FILE) != state["model_sha256"]:
         raise torn
 
     @functools.cache
     def rank_file(q: int) -> dict:
-        path = out_dir / f"optimizer.rank{q}.pt"
+        path = step_dir / f"optimizer.rank{q}.pt"
         if not path.exists():
             raise FgptError(f"--resume: {path} is missing")
         saved = torch.load(path, mmap=True, weights_only=True)
@@ -338,7 +365,7 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
         check_resumable(cfg, saved)
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
         state, saved_optimizer, saved_rng = load_train_checkpoint(out_dir, strategy)
-        config, params = _load_checkpoint(out_dir)
+        config, params = _load_checkpoint(out_dir / state["checkpoint"])
         start, elapsed0 = state["step"], state["elapsed_s"]
         if start >= cfg.steps:
             raise FgptError(f"--resume: the run already did {start} of --steps {cfg.steps}")
