@@ -10,6 +10,9 @@ Rank r owns `padded[r*shard_numel : (r+1)*shard_numel]`. Putting the decayed lea
 means each shard splits into at most one decayed and one undecayed segment, which become
 AdamW's two parameter groups; padding belongs to no segment, so the optimizer never
 touches it and no view of the tree ever covers it.
+
+`reshard` moves a buffer saved as shards for one world size onto another (resuming a
+checkpoint with a different nproc).
 """
 
 from __future__ import annotations
