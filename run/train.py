@@ -175,7 +175,8 @@ def main() -> int:
             print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the checkpoint "
                   f"in {args.out}", file=sys.stderr)
 
-    result = train(build_config(args))
+    cfg = build_config(args)
+    result = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         last = result.metrics[-1] if result.metrics else {}
         summary = f"step {result.step}" + (f", loss {last['loss']:.4f}" if last else "")
@@ -184,7 +185,9 @@ def main() -> int:
                   file=sys.stderr)
         print(f"{summary}. checkpoint: {result.out_dir} "
               f"(sample: python -m run.generate --checkpoint {result.out_dir})")
-    code = 130 if result.interrupted else 0
+    # A signal ends with 130, as Ctrl-C does; --stop-after is a stop as asked: 0, which also
+    # keeps torchrun from taking it for a failure (and restarting under --max-restarts).
+    code = 130 if result.interrupted and result.step != cfg.stop_after else 0
     if "RANK" in os.environ:  # a torchrun worker: skip finalizers that can abort after gloo
         from fgpt.parallel.dist import exit_without_finalizers
         exit_without_finalizers(code)
