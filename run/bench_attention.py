@@ -12,7 +12,8 @@ Tables (each with ratios against a peer measured in the same run):
   5. KV-cache bytes per token for MHA / GQA-4 / MQA / SWA at GPT-2 124M shapes;
   6. decode tokens/s at a 2k context, MHA vs GQA vs SWA (124M shapes, 4 layers).
 The flex kernel (fgpt/flex_window.py) compiles once per length; that first call is timed
-apart ("flex compile s": a few seconds cold, under 2 s with inductor's disk cache warm)
+apart ("flex compile s": measured 9 s for the first length and 2-3 s for each next with
+inductor's disk cache empty, 0.1-3 s with it warm)
 and excluded from "flex ms". --no-flex skips it. On CPU it has no backward (torch 2.13),
 so every flex column is forward only.
 Peak memory is the resident-set growth during the call, sampled every millisecond, with
