@@ -111,12 +111,15 @@ def _validate(prompts: Sequence[Sequence[int]], config: GPTConfig, max_new_token
 @torch.inference_mode()
 def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
            sampling: Sampling = Sampling(), seed: int | None = None, num_samples: int = 1,
-           eos_id: int | None = EOT, ignore_eos: bool = False,
-           allow_past_ctx: bool = False) -> Iterator[torch.Tensor]:
+           eos_id: int | None = EOT, ignore_eos: bool = False, allow_past_ctx: bool = False,
+           vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
     """Yield, per step, the new token of every row ([len(prompts) * num_samples] ids; rows
     are prompt-major). A row that produced `eos_id` yields STOPPED afterwards; the stream
-    ends when every row has stopped or after `max_new_tokens` steps."""
+    ends when every row has stopped or after `max_new_tokens` steps. `vocab_limit`: sample
+    only ids below it (a vocabulary padded past the tokenizer's, e.g. 50304 for 50257)."""
     _validate(prompts, config, max_new_tokens, num_samples)
+    if vocab_limit is not None and not 0 < vocab_limit <= config.vocab_size:
+        raise FgptError(f"vocab_limit must be in [1, {config.vocab_size}], got {vocab_limit}")
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     longest = max(len(r) for r in rows)
     check_length(config, longest, max_new_tokens, allow_past_ctx)
@@ -134,7 +137,7 @@ def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], ma
 
     logits = _step(params, tokens, config, cache)  # prefill: [N, V]
     for i in range(max_new_tokens):
-        new = sample(logits, sampling, generator)  # [N]
+        new = sample(logits[:, :vocab_limit], sampling, generator)  # [N]
         yield new.masked_fill(stopped, STOPPED)
         if stops:
             stopped |= new == eos_id

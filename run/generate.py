@@ -71,7 +71,9 @@ def sample_and_print(args: argparse.Namespace) -> None:
     print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
-    options = dict(sampling=sampling, ignore_eos=args.ignore_eos, allow_past_ctx=args.allow_past_ctx)
+    # a vocabulary padded past GPT-2's (50304 is common) must not sample ids it cannot decode
+    options = dict(sampling=sampling, ignore_eos=args.ignore_eos, allow_past_ctx=args.allow_past_ctx,
+                   vocab_limit=enc.n_vocab)
     t0, n_new = time.perf_counter(), 0
     if args.stream:  # samples one after another, each printed as it grows
         for i in range(args.num_samples):

@@ -70,6 +70,28 @@ def test_cli_greedy_prints_what_transformers_prints(tmp_path):
         assert out.stdout == enc.decode(ref) + "\n"
 
 
+def test_cli_never_samples_the_padding_of_a_padded_vocabulary(tmp_path):
+    """vocab 50304 (padded as nanoGPT does): rows past GPT-2's 50257 are made the likeliest,
+    yet the CLI prints only what the tokenizer can decode -- greedy over the real ids."""
+    from fgpt import save_checkpoint
+    from fgpt.tokenizer import gpt2_encoding
+    config = GPTConfig(vocab_size=50304, n_ctx=32, n_layer=1, n_head=2, n_embd=16)
+    params = init_params(config, seed=0)
+    params["ln_f"]["weight"].zero_()  # every final hidden state is ln_f's bias, b
+    params["ln_f"]["bias"].copy_(torch.randn(16))
+    params["wte"]["weight"][50257:] = 100 * params["ln_f"]["bias"]  # logit 100|b|^2: the top ones
+    save_checkpoint(tmp_path, config, params)
+    enc = gpt2_encoding()
+    prompt = enc.encode("The dog")
+    logits = forward(params, torch.tensor([prompt]), config)[0, -1]  # the same at every position
+    assert int(logits.argmax()) >= 50257
+    best_real = int(logits[:50257].argmax())
+    out = run_cli("--checkpoint", tmp_path, "--prompt", "The dog", "--max-new-tokens", 3,
+                  "--temperature", 0, "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == enc.decode(prompt + [best_real] * 3) + "\n"
+
+
 # --- cached decoding against full forward passes -----------------------------------------
 
 VARIANTS = {
@@ -154,6 +176,24 @@ def test_stream_and_callback_see_the_tokens_generate_returns(small):
     rows = generate(params, config, [[1, 2]], 8, on_token=lambda t: seen.append(t.tolist()), **kw)
     streamed = [t.tolist() for t in stream(params, config, [[1, 2]], 8, **kw)]
     assert seen == streamed and rows == [[1, 2] + [s[0] for s in streamed]]
+
+
+def test_vocab_limit_samples_only_ids_below_it(small):
+    """A vocabulary padded past the tokenizer's: greedy over the first `limit` logits of a
+    full forward, and sampled ids all below the limit."""
+    config, params = small
+    limit = 9  # most of this model's likeliest ids lie above it
+    unlimited = generate(params, config, [[1, 2]], 12, sampling=GREEDY, ignore_eos=True)[0]
+    assert max(unlimited[2:]) >= limit
+    seq = [1, 2]
+    for _ in range(12):
+        seq.append(int(forward(params, torch.tensor([seq]), config)[0, -1, :limit].argmax()))
+    assert generate(params, config, [[1, 2]], 12, sampling=GREEDY, ignore_eos=True, vocab_limit=limit)[0] == seq
+    sampled = generate(params, config, [[1, 2]], 30, sampling=Sampling(temperature=2.0), seed=0,
+                       num_samples=4, ignore_eos=True, vocab_limit=limit)
+    assert all(t < limit for row in sampled for t in row[2:])
+    with pytest.raises(FgptError, match="vocab_limit"):
+        generate(params, config, [[1, 2]], 1, vocab_limit=config.vocab_size + 1)
 
 
 @given(logits=st.lists(st.floats(-5, 5), min_size=2, max_size=12), k=st.integers(1, 12),
