@@ -157,8 +157,6 @@ def validate(cfg: TrainConfig) -> None:
                         f"{cfg.grad_accum} micro-batches")
     if cfg.precision not in ("fp32", "bf16"):
         raise FgptError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
-    if cfg.reduce_dtype not in ("fp32", "bf16"):
-        raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {cfg.reduce_dtype!r}")
     if not cfg.lr > 0:
         raise FgptError(f"--lr must be positive, got {cfg.lr}")
     if min(cfg.eval_interval, cfg.checkpoint_interval) < 0:
@@ -258,12 +256,13 @@ def save_train_checkpoint(out_dir: Path, strategy: Strategy, cfg: TrainConfig, c
         atomic_torch_save({"step": step, "run_config": cfg.to_dict(), "elapsed_s": elapsed_s,
                            "strategy": strategy.name, "world_size": strategy.world_size,
                            "checkpoint": step_dir.relative_to(out_dir).as_posix(),
+                           "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
                            "model_sha256": file_digest(step_dir / MODEL_FILE)},
                           out_dir / STATE_FILE)
         for name in (MODEL_FILE, CONFIG):
             replace_with_link(step_dir / name, out_dir / name)
-        for old in (out_dir / CHECKPOINTS_DIR).iterdir():
-            if old != step_dir:
+        for old in (out_dir / CHECKPOINTS_DIR).glob("step-*"):
+            if old != step_dir and old.is_dir():
                 shutil.rmtree(old)
     strategy.barrier()
 
@@ -271,7 +270,7 @@ def save_train_checkpoint(out_dir: Path, strategy: Strategy, cfg: TrainConfig, c
 def replace_with_link(source: Path, target: Path) -> None:
     """Atomically make `target` the same file as `source` (a hard link; a copy where the
     filesystem has none)."""
-    tmp = target.with_name(f".{target.name}.link{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.link")  # one name: a crash's leftover goes next time
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
@@ -285,9 +284,9 @@ def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, Save
     or None when the world size changed), each file checked to belong to the same save.
     Rank files are opened on demand and memory-mapped: resharding reads only what it needs."""
     state = torch.load(out_dir / STATE_FILE, weights_only=True)
-    if state["strategy"] != strategy.name:
-        raise FgptError(f"--resume: the checkpoint was written by strategy={state['strategy']}, "
-                        f"not {strategy.name}")
+    if "checkpoint" not in state:
+        raise FgptError(f"--resume: {out_dir} was written before checkpoints/step-N existed; "
+                        "it cannot be resumed (its model still loads for generation)")
     step_dir = out_dir / state["checkpoint"]
     torn = FgptError(f"--resume: the checkpoint in {step_dir} is damaged (changed after it was saved)")
     if file_digest(step_dir / MODEL_FILE) != state["model_sha256"]:
@@ -489,8 +488,16 @@ def _open_metrics(out_dir: Path | None, strategy: Strategy, keep_until: int):
     path = out_dir / METRICS_FILE
     kept = []
     if keep_until and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_until]
-    f = open(path, "w")
-    f.writelines(line + "\n" for line in kept)
-    return f
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # a crash here leaves the old log whole
+    return open(path, "a")
+
+
+def _step_of(line: str) -> float:
+    """A metrics row's step; a line a kill cut short counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
@@ -141,10 +143,23 @@ def relaunch(argv: list[str], nproc: int, max_restarts: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def restarted_with_a_checkpoint(out: str) -> bool:
-    """A torchrun restart (--max-restarts) of a run that has saved a checkpoint: resume it.
-    With no checkpoint yet, the restart simply starts the run again."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and (Path(out) / STATE_FILE).exists()
+def torchrun_job_id() -> str | None:
+    """torchrun's rendezvous id: one per job, kept across its restarts. `--standalone` makes
+    a fresh one; a multi-node job without `--rdzv-id` gets "none", which names nothing."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if run_id in (None, "none") else run_id
+
+
+def saved_by_this_job(out: str) -> dict | None:
+    """The train state in `out` if this very torchrun job wrote it: a restart (--max-restarts)
+    resumes it. A checkpoint of any other run is resumed only when asked (--resume). (Not
+    the restart count: every node's agent keeps its own.)"""
+    path = Path(out) / STATE_FILE
+    job = torchrun_job_id()
+    if job is None or not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)
+    return state if state.get("torchrun_run_id") == job else None
 
 
 def main() -> int:
@@ -163,17 +178,26 @@ def main() -> int:
         raise FgptError("--max-restarts restarts torchrun's ranks: use ddp, fsdp or custom-fsdp")
     if args.resume and not args.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
+    under_torchrun = "RANK" in os.environ
+    if under_torchrun and args.max_restarts:
+        raise FgptError("--max-restarts is torchrun's own option when you start torchrun yourself: "
+                        "give it before `-m run.train`")
     if args.out is None:  # one name for every rank and every restart
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-        args.out = f"out/train-{run_id}" if run_id else default_out_dir()
+        if under_torchrun and torchrun_job_id() is None:
+            raise FgptError("under torchrun without --rdzv-id, pass --out DIR: the ranks need one "
+                            "run directory")
+        args.out = f"out/train-{torchrun_job_id()}" if under_torchrun else default_out_dir()
         argv += ["--out", args.out]
-    if args.strategy != "single" and "RANK" not in os.environ:
+    if args.strategy != "single" and not under_torchrun:
         return relaunch(argv, args.nproc, args.max_restarts)
-    if restarted_with_a_checkpoint(args.out):
+    mine = saved_by_this_job(args.out)
+    if mine is not None and not args.resume:  # torchrun restarted this job after a failure
         args.resume, args.init_from = True, None  # the checkpoint supersedes --init-from
         if int(os.environ["RANK"]) == 0:
-            print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the checkpoint "
-                  f"in {args.out}", file=sys.stderr)
+            print(f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '?')}: resuming from "
+                  f"step {mine['step']} in {args.out}", file=sys.stderr)
+        if mine["step"] >= (args.steps or mine["run_config"]["steps"]):
+            return 0  # it had finished: a rank died after the final checkpoint
 
     cfg = build_config(args)
     result = train(cfg)

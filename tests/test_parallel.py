@@ -27,7 +27,8 @@ from parallel_case import (CASES, CONFIG, HYPER, MAX_NORM, STEPS, STOP_AFTER, TR
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZES = (2, 3)
 # checkpointed runs (OUT/STRATEGY.TAG) -> (the world size that starts them, the one that resumes)
-RESUMED = {"custom-fsdp.a": (2, 3), "custom-fsdp.b": (3, 2), "ddp.b": (3, 2), "fsdp.c": (2, 3)}
+RESUMED = {"custom-fsdp.a": (2, 3), "custom-fsdp.b": (3, 2), "ddp.b": (3, 2), "fsdp.c": (2, 3),
+           "fsdp.d": (3, 2)}
 TASKS = {2: ["parity", "reduce-bf16"], 3: ["parity"]}  # the `resumed` fixture adds the third launch
 for run, (first, second) in RESUMED.items():
     TASKS[first].append(f"start:{run}")

@@ -167,7 +167,7 @@ class AdapterStrategy(DistributedStrategy):
         def local(i, key: str, value):
             p = params[int(i)]
             if not (resharding and isinstance(p, DTensor) and value.ndim > 0):
-                return value
+                return value.clone()  # not the memory-mapped file's tensor
             shard = reshard(lambda q: saved.read(q)["optimizer"]["state"][i][key], p.shape[0],
                             saved.world_size, self.world_size, self.rank,
                             trailing=tuple(p.shape[1:]), dtype=value.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import torch
 from torch.func import grad_and_value
 
@@ -90,7 +91,9 @@ class SingleDevice(Strategy):
         return self.optimizer.state_dict()
 
     def load_optimizer_state(self, saved: SavedOptimizer):
-        self.optimizer.load_state_dict(saved.read(0))
+        # cloned: load_state_dict would keep the memory-mapped file's tensors as the state
+        self.optimizer.load_state_dict(optree.tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) else x, saved.read(0)))
 
     def load_params(self, params):
         with torch.no_grad():
