@@ -21,8 +21,8 @@ from fgpt.parallel.single import SingleDevice, adamw_param_groups
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
 
-def fgpt_step(config: GPTConfig, precision: str, device: str):
-    strategy = SingleDevice(device)
+def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = False):
+    strategy = SingleDevice(device, compile=compile)
     strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
 
     def step(x, y):
@@ -39,16 +39,17 @@ def hf_model(config: GPTConfig, device: str):
     return hf.to(device).train()
 
 
-def hf_step(hf, *, autocast: bool, fused: bool):
+def hf_step(hf, *, autocast: bool, fused: bool, compile: bool = False):
     """A plain transformers training step; the contenders share one model (timing only)."""
     device = hf.device.type
     named = dict(hf.named_parameters())
     opt = torch.optim.AdamW(adamw_param_groups(named, OPT["weight_decay"]), lr=OPT["lr"],
                             betas=OPT["betas"], fused=fused or None)
+    model = torch.compile(hf) if compile else hf
 
     def step(x, y):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            logits = hf(input_ids=x).logits
+            logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
@@ -65,6 +66,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed steps per contender")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", default="", help="comma list of contender names to run")
+    p.add_argument("--compile", action="store_true",
+                   help="also fp32 under torch.compile, fgpt and transformers (compile time apart)")
     args = p.parse_args()
     config = GPTConfig.preset(args.model)
     B, T, dev = args.batch_size, args.seq_len, args.device
@@ -77,6 +80,10 @@ def main() -> None:
         "fgpt fp32": lambda: fgpt_step(config, "fp32", dev),
         "fgpt bf16": lambda: fgpt_step(config, "bf16", dev),
     }
+    if args.compile:
+        builders["transformers fp32 compiled"] = lambda: hf_step(hf, autocast=False, fused=True,
+                                                                       compile=True)
+        builders["fgpt fp32 compiled"] = lambda: fgpt_step(config, "fp32", dev, compile=True)
     if args.only:
         keep = args.only.split(",")
         builders = {k: v for k, v in builders.items() if k in keep or k == "transformers fp32"}
@@ -85,8 +92,11 @@ def main() -> None:
                 torch.randint(0, config.vocab_size, (B, T), generator=gen).to(dev))
                for _ in range(args.rounds + 1)]
     steps = {name: build() for name, build in builders.items()}
-    for step in steps.values():  # warm-up: allocator, kernels, optimizer state
+    first: dict[str, float] = {}
+    for name, step in steps.items():  # warm-up: allocator, kernels, optimizer state, compile
+        start = time.perf_counter()
         step(*batches[0])
+        first[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
     for x, y in batches[1:]:
         for name, step in steps.items():
@@ -104,3 +114,6 @@ def main() -> None:
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"| {name:<30} | {t:7.3f} | {B * T / t:9.0f} | {ref / t:19.2f}x |")
+    for name in steps:
+        if "compiled" in name:
+            print(f"{name}: first step (compiles) {first[name]:.1f} s, not in the table")
