@@ -52,7 +52,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
-                     "resume", "device", "compile", "progress", "window_kernel"}
+                     "resume", "device", "compile", "progress", "window_kernel", "strategy"}
 
 
 @dataclass

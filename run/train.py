@@ -165,6 +165,12 @@ def saved_by_this_job(out: str) -> dict | None:
 def main() -> int:
     argv = expand_launcher_tokens(sys.argv[1:])
     args = parser().parse_args(argv)
+    if args.resume and args.out and args.strategy is None:  # as the run was, unless told otherwise
+        saved = torch.load(Path(args.out) / STATE_FILE, weights_only=True) \
+            if (Path(args.out) / STATE_FILE).exists() else {}
+        args.strategy = saved.get("strategy")
+        if args.nproc is None and saved:
+            args.nproc = saved["world_size"]
     args.strategy = args.strategy or "single"
     if args.nproc is None:  # `just train strategy=custom-fsdp` means two ranks
         args.nproc = 1 if args.strategy == "single" else 2

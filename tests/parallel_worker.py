@@ -75,13 +75,19 @@ def summary(result) -> dict:
             "params": result.params, "world": dist.get_world_size()}
 
 
+def strategies(name: str) -> tuple[str, str]:
+    """"ddp.b" starts and resumes with ddp; "ddp+fsdp.e" starts with ddp, resumes with fsdp."""
+    first, _, second = name.partition(".")[0].partition("+")
+    return first, second or first
+
+
 def start(out: Path, name: str) -> dict:
-    strategy = name.partition(".")[0]
+    strategy = strategies(name)[0]
     return summary(train(train_run(out, strategy=strategy, out=str(out / name), stop_after=STOP_AFTER)))
 
 
 def resume(out: Path, name: str) -> dict:
-    cfg = train_run(out, strategy=name.partition(".")[0], out=str(out / name), resume=True)
+    cfg = train_run(out, strategy=strategies(name)[1], out=str(out / name), resume=True)
     uneven = error_of(lambda: train(dataclasses.replace(cfg, batch_size=dist.get_world_size() + 1)))
     return summary(train(cfg)) | {"uneven_batch_error": uneven}
 

@@ -2,7 +2,7 @@
 buffers (all_gather_into_tensor = concatenating the ranks' shards in rank order;
 reduce_scatter_tensor = summing the ranks' buffers and taking each rank's slice), while the
 packing, sharding, optimizer grouping and checkpoint resharding are the very functions
-custom-fsdp runs."""
+the strategies run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgpt import tree
-from fgpt.parallel.custom_fsdp import adamw_groups, attach_grads, segment_params
-from fgpt.parallel.flat import FlatLayout, reshard
+from fgpt.parallel.adapter import dim0_shard_range
+from fgpt.parallel.base import SavedOptimizer, optimizer_pieces
+from fgpt.parallel.custom_fsdp import adamw_groups, attach_grads, leaf_parts, segment_params
+from fgpt.parallel.flat import FlatLayout
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 
@@ -126,35 +128,41 @@ def test_adamw_on_shards_decays_only_matrices_and_leaves_padding_alone(unit, wor
         torch.testing.assert_close(tree.flatten(got)[k], v)
 
 
-@given(trees(), worlds, worlds)
-def test_resharding_saved_shards_equals_sharding_the_full_buffer_directly(unit, old_world, new_world):
-    """What a checkpoint resume on another world size does with each moment buffer."""
-    old, new = FlatLayout(unit, old_world), FlatLayout(unit, new_world)
-    flat = torch.randn(old.padded_numel)
-    flat[old.numel:] = 0  # saved shards carry zero padding
-    saved = [old.shard(flat, q).clone() for q in range(old_world)]
-    direct = new.pack_leaves(old.leaf_views(flat))  # the same values laid out for new_world
-    for rank in range(new_world):
-        read = []
-        got = reshard(lambda q: read.append(q) or saved[q], old.numel, old_world, new_world, rank)
-        assert torch.equal(got, new.shard(direct, rank))
-        # only old shards holding some of this shard's real elements are opened
-        lo, hi = rank * new.shard_numel, min((rank + 1) * new.shard_numel, new.numel)
-        assert all(q * old.shard_numel < hi and lo < (q + 1) * old.shard_numel for q in read)
+def saved_pieces(unit: dict, layout: str, world: int) -> list[dict]:
+    """Each rank's optimizer_state() for a unit whose exp_avg is the unit itself, cut the way
+    a strategy keeps it: whole leaves (single, ddp), dim-0 shards (fsdp) or flat shards
+    (custom-fsdp), by the strategies' own range functions."""
+    leaves = tree.flatten(unit)
+    ranks = []
+    for rank in range(world):
+        if layout == "flat":
+            parts = {path: lo for path, (lo, _), _ in leaf_parts(FlatLayout(unit, world), rank)}
+            ends = {path: hi for path, (_, hi), _ in leaf_parts(FlatLayout(unit, world), rank)}
+        else:
+            rng = {p: (0, t.numel()) if layout == "whole" else dim0_shard_range(tuple(t.shape), rank, world)
+                   for p, t in leaves.items()}
+            parts, ends = {p: r[0] for p, r in rng.items()}, {p: r[1] for p, r in rng.items()}
+        ranks.append(optimizer_pieces(7.0, {p: (parts[p], {"exp_avg": leaves[p].reshape(-1)[parts[p]:ends[p]]})
+                                            for p in parts}))
+    return ranks
 
 
-@given(st.lists(st.integers(1, 9), min_size=1, max_size=3), worlds, worlds)
-def test_resharding_short_dim0_shards_equals_chunking_directly(shape, old_world, new_world):
-    """FSDP2's DTensor shards: dim-0 chunks of ceil(rows / W), the last ones short or empty
-    rather than padded; resharding then trimming matches chunking for the new world size."""
-    full = torch.randn(shape)
-    rows, trailing = shape[0], tuple(shape[1:])
+LAYOUTS = st.sampled_from(["whole", "rows", "flat"])
 
-    def chunk(world: int, rank: int) -> torch.Tensor:
-        size = -(-rows // world)
-        return full[min(rank * size, rows):min((rank + 1) * size, rows)]
 
-    for rank in range(new_world):
-        want = chunk(new_world, rank)
-        got = reshard(lambda q: chunk(old_world, q), rows, old_world, new_world, rank, trailing=trailing)
-        assert torch.equal(got[:len(want)], want) and torch.all(got[len(want):] == 0)
+@given(trees(), LAYOUTS, worlds, LAYOUTS, worlds)
+def test_any_saved_layout_gives_every_new_rank_exactly_its_part(unit, saved_as, old_world, load_as, new_world):
+    """Resuming with another strategy and world size: whatever layout the pieces were saved
+    in, the part a rank of the new layout asks for is the original values, and a rank
+    resuming its own layout on the same world size opens no other rank's file."""
+    saved = saved_pieces(unit, saved_as, old_world)
+    wanted = saved_pieces(unit, load_as, new_world)  # what each new rank must hold
+    for rank, want in enumerate(wanted):
+        opened = []
+        state = SavedOptimizer(old_world, lambda q: opened.append(q) or saved[q])
+        assert state.step(rank) == 7.0
+        for path, (lo, values) in want["pieces"].items():
+            got = state.moment(path, "exp_avg", lo, lo + values["exp_avg"].numel(), rank)
+            assert torch.equal(got, values["exp_avg"])
+        if (saved_as, old_world) == (load_as, new_world) or saved_as == "whole" and rank < old_world:
+            assert set(opened) <= {rank}

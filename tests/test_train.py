@@ -270,6 +270,30 @@ def test_launcher_runs_a_distributed_strategy_end_to_end(text_file, tmp_path):
     assert config.n_layer == TINY.n_layer
 
 
+def test_resume_continues_with_the_saved_strategy_or_another(text_file, tmp_path):
+    """custom-fsdp on 2 ranks stops after step 2; `--resume` with no strategy continues it as
+    custom-fsdp on 2 ranks; then one process (strategy single) finishes it. Every loss equals
+    the uninterrupted single-device run's."""
+    out = tmp_path / "run"
+    settings = [*TINY_FLAGS, "--steps", "6", "--batch-size", "4", "--eval-interval", "0", "--data", str(text_file),
+                "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["strategy=custom-fsdp", "nproc=2", "--stop-after", "2"], ["--resume", "--stop-after", "4"]):
+        proc = subprocess.run([sys.executable, "-m", "run.train", *args, *settings], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        assert (state["strategy"], state["world_size"]) == ("custom-fsdp", 2)
+    run = dict(model=TINY, steps=6, batch_size=4, eval_interval=0, data=str(text_file), progress=False)
+    last = train(TrainConfig(**run, out=str(out), resume=True, strategy="single"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = train(TrainConfig(**run))
+    assert [r["step"] for r in rows] == list(range(1, 7)) and last.step == 6
+    assert [r["loss"] for r in rows] == pytest.approx([m["loss"] for m in reference.metrics], rel=1e-5)
+    for name, p in tree.flatten(reference.params).items():
+        torch.testing.assert_close(tree.flatten(last.params)[name], p, rtol=1e-4, atol=5e-5)
+
+
 def children_of(pid: int) -> list[int]:
     """Live child processes of `pid`, from /proc."""
     kids = []

@@ -10,6 +10,7 @@ its parameters.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -18,9 +19,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.base import SavedOptimizer, parse_reduce_dtype
+from fgpt.parallel.base import MOMENTS, SavedOptimizer, optimizer_pieces, parse_reduce_dtype
 from fgpt.parallel.dist import DistributedStrategy
-from fgpt.parallel.flat import reshard
 from fgpt.parallel.single import adamw_param_groups
 
 
@@ -91,8 +91,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 class AdapterStrategy(DistributedStrategy):
     """Autograd on a wrapped GPTModule; subclasses choose the wrapper and how to skip sync."""
 
-    sharded = False  # True when optimizer state is per-rank shards (fsdp)
-
     def __init__(self, device="auto", reduce_dtype: str = "fp32", **kwargs):
         super().__init__(device, **kwargs)
         self.reduce_dtype = parse_reduce_dtype(reduce_dtype)
@@ -149,38 +147,47 @@ class AdapterStrategy(DistributedStrategy):
                 value = value.to(self.device, torch.float32)
                 p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value)
 
+    def _local_part(self, p: torch.Tensor) -> tuple[int, int, torch.Size]:
+        """The flat range [lo, hi) of parameter `p` this rank holds, and its local shape: all
+        of it (ddp), or the rows of its dim-0 shard (fsdp: torch.chunk's, the last ones short)."""
+        if not isinstance(p, DTensor):
+            return 0, p.numel(), p.shape
+        return (*dim0_shard_range(tuple(p.shape), self.rank, self.world_size), p.to_local().shape)
+
     def optimizer_state(self):
-        # DTensor state (fsdp) is saved as this rank's local shard.
-        state = self.optimizer.state_dict()
-        state["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in s.items()}
-                          for i, s in state["state"].items()}
-        return {"world_size": self.world_size, "optimizer": state}
+        step = max((float(s["step"]) for s in self.optimizer.state.values()), default=0.0)
+        pieces = {}
+        for path, p in self.named.items():
+            if p in self.optimizer.state:
+                lo, _, _ = self._local_part(p)
+                state = self.optimizer.state[p]
+                pieces[path] = (lo, {k: (state[k].to_local() if isinstance(state[k], DTensor) else state[k])
+                                     .reshape(-1) for k in MOMENTS})
+        return optimizer_pieces(step, pieces)
 
     def load_optimizer_state(self, saved: SavedOptimizer):
-        """ddp: the replicated state is the same in every rank's file, so any one fits any
-        world size. fsdp: each state tensor is this rank's dim-0 shard of a DTensor; on
-        another world size it is cut from the saved ranks' shards (`reshard`)."""
-        opt = saved.same_or_first(self.rank)["optimizer"]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        resharding = self.sharded and saved.world_size != self.world_size
-
-        def local(i, key: str, value):
-            p = params[int(i)]
-            if not (resharding and isinstance(p, DTensor) and value.ndim > 0):
-                return value.clone()  # not the memory-mapped file's tensor
-            shard = reshard(lambda q: saved.read(q)["optimizer"]["state"][i][key], p.shape[0],
-                            saved.world_size, self.world_size, self.rank,
-                            trailing=tuple(p.shape[1:]), dtype=value.dtype)
-            return shard[:p.to_local().shape[0]]  # DTensor shards are short, not padded
-
-        state = {i: {k: as_sharded_like(params[int(i)], local(i, k, v)) for k, v in s.items()}
-                 for i, s in opt["state"].items()}
-        self.optimizer.load_state_dict({**opt, "state": state})
+        """Any strategy's checkpoint on any world size: each rank takes its own part of every
+        parameter's moments (`SavedOptimizer.moment` opens only the files holding it)."""
+        step = saved.step(self.rank)
+        for path, p in self.named.items():
+            lo, hi, shape = self._local_part(p)
+            self.optimizer.state[p] = {"step": torch.tensor(step), **{
+                k: as_sharded_like(p, saved.moment(path, k, lo, hi, self.rank).view(shape)) for k in MOMENTS}}
 
 
-def as_sharded_like(param: torch.Tensor, value):
-    """A saved local shard back as a DTensor placed like `param` (scalars such as `step` stay)."""
-    if isinstance(param, DTensor) and torch.is_tensor(value) and value.ndim > 0:
-        return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+def dim0_shard_range(shape: tuple[int, ...], rank: int, world_size: int) -> tuple[int, int]:
+    """The flat range of rank `rank`'s dim-0 shard as FSDP2 cuts it (torch.chunk: rows of
+    ceil(rows / world_size), the last shards short or empty)."""
+    rows, row = shape[0], math.prod(shape[1:])
+    size = -(-rows // world_size)
+    start, end = min(rank * size, rows), min((rank + 1) * size, rows)
+    return start * row, end * row
+
+
+def as_sharded_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a state tensor, placed like `param` (a DTensor for fsdp)."""
+    value = value.to(param.device)
+    if isinstance(param, DTensor):
+        return DTensor.from_local(value, param.device_mesh, param.placements,
                                   shape=param.shape, stride=param.stride())  # uneven shards
     return value

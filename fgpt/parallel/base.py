@@ -46,18 +46,56 @@ def parse_reduce_dtype(name: str) -> torch.dtype:
     return REDUCE_DTYPES[name]
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state tensors, as torch.optim names them
+
+
+def optimizer_pieces(step: float, pieces: dict[str, tuple[int, dict[str, torch.Tensor]]]) -> dict:
+    """What every strategy's `optimizer_state()` returns, whatever it holds: the AdamW step and,
+    per parameter (dotted path), the piece of its flattened moments this rank keeps, as
+    (flat offset, {moment: 1-D tensor}). Whole leaves (single, ddp), row shards (fsdp) and
+    flat-buffer shards (custom-fsdp) all fit, so any strategy resumes any other's checkpoint
+    on any world size."""
+    return {"step": step, "pieces": pieces}
+
+
 @dataclass(frozen=True)
 class SavedOptimizer:
     """The optimizer states a run of `world_size` ranks saved, one per rank. `read(q)` returns
     what rank q's `optimizer_state()` returned, loaded lazily (memory-mapped), so a rank
-    resuming on another world size opens only the old ranks' files it needs."""
+    reads only the old ranks' files that hold what it needs."""
     world_size: int
     read: Callable[[int], dict[str, Any]]
 
-    def same_or_first(self, rank: int) -> dict[str, Any]:
-        """Rank `rank`'s state, or rank 0's where the saved run had fewer ranks: for what
-        every rank saved alike (replicated state, step counts)."""
-        return self.read(rank if rank < self.world_size else 0)
+    def step(self, rank: int) -> float:
+        """The AdamW step count (every rank saved the same): from rank `rank`'s own file."""
+        return float(self.read(rank if rank < self.world_size else 0)["step"])
+
+    def moment(self, path: str, key: str, lo: int, hi: int, rank: int) -> torch.Tensor:
+        """Flat elements [lo, hi) of parameter `path`'s moment `key`, put together from the
+        saved pieces. Rank `rank`'s own file is read first: resuming on the same world size
+        (or from replicated state) then never opens another."""
+        out = torch.empty(hi - lo, dtype=torch.float32)
+        missing = [(lo, hi)] if lo < hi else []  # an empty shard (fsdp: more ranks than rows)
+        order = sorted(range(self.world_size), key=lambda q: q != rank)
+        for q in order:
+            if not missing:
+                break
+            piece = self.read(q)["pieces"].get(path)
+            if piece is None:
+                continue
+            offset, values = piece[0], piece[1][key]
+            still = []
+            for a, b in missing:
+                s, e = max(a, offset), min(b, offset + values.numel())
+                if s < e:
+                    out[s - lo:e - lo] = values[s - offset:e - offset]
+                    still += [r for r in ((a, s), (e, b)) if r[0] < r[1]]
+                else:
+                    still.append((a, b))
+            missing = still
+        if missing:
+            raise FgptError(f"--resume: the saved optimizer state lacks {path}[{missing[0][0]}:] ({key})")
+        return out
 
 
 class Strategy(abc.ABC):
@@ -109,8 +147,7 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def load_optimizer_state(self, saved: SavedOptimizer) -> None:
-        """Restore the optimizer from a checkpoint, possibly of another world size (a
-        strategy that cannot reshard its state raises FgptError)."""
+        """Restore the optimizer from a checkpoint of any strategy and world size."""
 
     @abc.abstractmethod
     def load_params(self, params: dict) -> None:

@@ -13,8 +13,8 @@ that crosses ranks moves in this file:
             asynchronously, overlapping the next block's backward.
   clip      one all_reduce of the shards' squared norms (padding excluded).
   step      AdamW on local shards only: no communication.
-  save      each rank writes its own shard's AdamW moments, already flat buffers in the
-            unit's layout, so a checkpoint reshards onto any world size (load_optimizer_state).
+  save      each rank writes its shard's AdamW moments (flat buffers in the unit's layout)
+            cut per parameter, so any strategy resumes it on any world size.
 
 Backward keeps the forward's activations and re-gathers only the parameters (as FSDP2 does)
 rather than recomputing each block: recomputation would free the activations but add a
@@ -36,11 +36,9 @@ import torch.distributed as dist
 
 from fgpt import tree
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.base import SavedOptimizer, parse_reduce_dtype
+from fgpt.parallel.base import MOMENTS, SavedOptimizer, optimizer_pieces, parse_reduce_dtype
 from fgpt.parallel.dist import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
-from fgpt.parallel.flat import FlatLayout, Segment, reshard
-
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state tensors, as torch.optim names them
+from fgpt.parallel.flat import FlatLayout, Segment
 
 
 class Unit:
@@ -86,6 +84,17 @@ class Unit:
 
     def free(self) -> None:
         self.full.untyped_storage().resize_(0)
+
+
+def leaf_parts(layout: FlatLayout, rank: int):
+    """Per leaf that rank `rank`'s shard touches: (its path in the unit, [lo, hi) in the
+    flattened leaf, [a, b) in the shard). Padding is in no leaf."""
+    start = rank * layout.shard_numel
+    for slot in layout.slots:
+        a = max(slot.offset, start)
+        b = min(slot.offset + slot.numel, start + layout.shard_numel)
+        if a < b:
+            yield slot.path, (a - slot.offset, b - slot.offset), (a - start, b - start)
 
 
 def segment_params(layout: FlatLayout, shard: torch.Tensor, rank: int) -> list[tuple[Segment, torch.Tensor]]:
@@ -255,20 +264,25 @@ class CustomFSDP(DistributedStrategy):
             for u, p in zip(self.units, units):
                 u.shard.copy_(u.layout.shard(u.layout.pack(p), self.rank))
 
+    def _leaf_parts(self):
+        """(unit, dotted path, leaf range, shard range) for every parameter this rank's shards touch."""
+        for i, u in enumerate(self.units):
+            for path, leaf_range, shard_range in leaf_parts(u.layout, self.rank):
+                yield u, ("" if i == 0 else f"h.{i - 1}.") + path, leaf_range, shard_range
+
     def optimizer_state(self):
-        """Layout-independent: per unit, this rank's shard of the unit's flat moment buffers
-        (no copies), plus the step count every run shares. The learning rate is set by the
-        schedule each step and the other hyperparameters come from the run config."""
+        """Views of the flat moment shards, cut per parameter (no copies); the learning rate
+        is set by the schedule each step, the other hyperparameters come from the run config."""
         step = max((float(s["step"]) for s in self.optimizer.state.values()), default=0.0)
-        return {"world_size": self.world_size, "step": step, "units": [u.moments for u in self.units]}
+        return optimizer_pieces(step, {path: (lo, {k: u.moments[k][a:b] for k in MOMENTS})
+                                       for u, path, (lo, _), (a, b) in self._leaf_parts()})
 
     def load_optimizer_state(self, saved: SavedOptimizer):
-        """From any world size: each moment shard is cut from the saved ranks' shards of the
-        same unit (`reshard` opens only the old shards overlapping this rank's)."""
-        for i, u in enumerate(self.units):
-            for key, moment in u.moments.items():
-                moment.copy_(reshard(lambda q: saved.read(q)["units"][i][key], u.layout.numel,
-                                     saved.world_size, self.world_size, self.rank))
-        step = saved.same_or_first(self.rank)["step"]
+        """Any strategy's checkpoint on any world size: each run of this shard is read from
+        the saved pieces of its parameter (only the files holding it are opened)."""
+        for u, path, (lo, hi), (a, b) in self._leaf_parts():
+            for k in MOMENTS:
+                u.moments[k][a:b] = saved.moment(path, k, lo, hi, self.rank)
+        step = saved.step(self.rank)
         for state in self.optimizer.state.values():
             state["step"].fill_(step)

@@ -10,15 +10,11 @@ Rank r owns `padded[r*shard_numel : (r+1)*shard_numel]`. Putting the decayed lea
 means each shard splits into at most one decayed and one undecayed segment, which become
 AdamW's two parameter groups; padding belongs to no segment, so the optimizer never
 touches it and no view of the tree ever covers it.
-
-`reshard` moves a buffer saved as shards for one world size onto another (resuming a
-checkpoint with a different nproc).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -100,23 +96,3 @@ class FlatLayout:
                 out.append(Segment(lo - start, hi - start, decay))
         return out
 
-
-def reshard(read_shard: Callable[[int], torch.Tensor], length: int, old_world: int, new_world: int,
-            rank: int, *, trailing: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rank `rank`'s shard [ceil(length / new_world), *trailing] of a tensor [length, *trailing]
-    saved as `old_world` shards split evenly on dim 0 (the last ones padded, or short).
-
-    The same as concatenating the old shards, dropping their padding (everything past
-    `length`), re-padding for `new_world` and slicing -- but `read_shard(q)` is called only
-    for the old ranks whose real rows overlap this shard, and only those slices are copied,
-    so resharding holds one new shard at a time."""
-    old_size, new_size = -(-length // old_world), -(-length // new_world)
-    lo, hi = rank * new_size, min((rank + 1) * new_size, length)  # this shard's real rows
-    out = torch.zeros((new_size, *trailing), dtype=dtype)  # padding stays zero
-    pos = lo
-    while pos < hi:
-        q = pos // old_size  # the old rank holding row `pos`
-        end = min(hi, (q + 1) * old_size)
-        out[pos - lo:end - lo] = read_shard(q)[pos - q * old_size:end - q * old_size]
-        pos = end
-    return out

@@ -15,7 +15,6 @@ from fgpt.parallel.adapter import AdapterStrategy, GPTModule
 
 class FSDP2(AdapterStrategy):
     name = "fsdp"
-    sharded = True
 
     def wrap(self, params, config, precision):
         module = GPTModule(params, config)
