@@ -52,7 +52,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
-                     "resume", "device", "compile", "progress", "window_kernel", "strategy"}
+                     "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype"}
 
 
 @dataclass
@@ -283,7 +283,7 @@ def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, Save
     """(rank 0's train state, the saved ranks' optimizer states, this rank's saved RNG state
     or None when the world size changed), each file checked to belong to the same save.
     Rank files are opened on demand and memory-mapped: resharding reads only what it needs."""
-    state = torch.load(out_dir / STATE_FILE, weights_only=True)
+    state = torch.load(out_dir / STATE_FILE, weights_only=True, map_location="cpu")
     if "checkpoint" not in state:
         raise FgptError(f"--resume: {out_dir} was written before checkpoints/step-N existed; "
                         "it cannot be resumed (its model still loads for generation)")
@@ -297,9 +297,13 @@ def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, Save
         path = step_dir / f"optimizer.rank{q}.pt"
         if not path.exists():
             raise FgptError(f"--resume: {path} is missing")
-        saved = torch.load(path, mmap=True, weights_only=True)
+        # on the CPU: a rank file of a GPU run names its rank's device, which may not exist now
+        saved = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         if saved["step"] != state["step"]:
             raise torn
+        if "pieces" not in saved["optimizer"]:
+            raise FgptError(f"--resume: {path} was written by an older fgpt (another optimizer layout); "
+                            "it cannot be resumed (its model still loads for generation)")
         return saved
 
     same_world = state["world_size"] == strategy.world_size

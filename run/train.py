@@ -165,11 +165,11 @@ def saved_by_this_job(out: str) -> dict | None:
 def main() -> int:
     argv = expand_launcher_tokens(sys.argv[1:])
     args = parser().parse_args(argv)
-    if args.resume and args.out and args.strategy is None:  # as the run was, unless told otherwise
-        saved = torch.load(Path(args.out) / STATE_FILE, weights_only=True) \
-            if (Path(args.out) / STATE_FILE).exists() else {}
-        args.strategy = saved.get("strategy")
-        if args.nproc is None and saved:
+    saved = torch.load(Path(args.out) / STATE_FILE, weights_only=True, map_location="cpu") \
+        if args.resume and args.out and (Path(args.out) / STATE_FILE).exists() else {}
+    if saved and args.strategy in (None, saved["strategy"]):  # as the run was, unless told otherwise
+        args.strategy = saved["strategy"]
+        if args.nproc is None:
             args.nproc = saved["world_size"]
     args.strategy = args.strategy or "single"
     if args.nproc is None:  # `just train strategy=custom-fsdp` means two ranks

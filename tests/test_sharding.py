@@ -150,6 +150,16 @@ def saved_pieces(unit: dict, layout: str, world: int) -> list[dict]:
 LAYOUTS = st.sampled_from(["whole", "rows", "flat"])
 
 
+@given(st.integers(0, 40), st.integers(1, 4), worlds)
+def test_dim0_shard_range_is_where_fsdp2_puts_each_rank(rows, row, world):
+    """fsdp's saved offsets assume torch's own dim-0 cut (DTensor Shard(0), as FSDP2 uses)."""
+    from torch.distributed.tensor.placement_types import Shard
+    for rank in range(world):
+        size, start = Shard(0)._local_shard_size_and_offset(rows, world, rank)
+        lo, hi = dim0_shard_range((rows, row), rank, world)
+        assert hi - lo == size * row and (size == 0 or lo == start * row)
+
+
 @given(trees(), LAYOUTS, worlds, LAYOUTS, worlds)
 def test_any_saved_layout_gives_every_new_rank_exactly_its_part(unit, saved_as, old_world, load_as, new_world):
     """Resuming with another strategy and world size: whatever layout the pieces were saved

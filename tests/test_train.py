@@ -162,6 +162,18 @@ def test_crash_mid_write_leaves_the_last_checkpoint(text_file, tmp_path, monkeyp
     assert os.listdir(out / "checkpoints") == ["step-4"]
 
 
+def test_resume_of_an_older_optimizer_layout_is_a_one_line_error(text_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_run(text_file, out=str(out), steps=2))
+    rank_file = next((out / "checkpoints").glob("step-*/optimizer.rank0.pt"))
+    saved = torch.load(rank_file, weights_only=True)
+    saved["optimizer"] = {"state": {}, "param_groups": []}  # torch's own state_dict, as fgpt once saved
+    torch.save(saved, rank_file)
+    with pytest.raises(FgptError, match="older fgpt") as e:
+        train(tiny_run(text_file, out=str(out), steps=4, resume=True))
+    assert "\n" not in str(e.value)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(text_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real = SingleDevice.forward_backward

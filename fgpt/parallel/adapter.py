@@ -29,8 +29,8 @@ class ParamTree(nn.Module):
 
     def __init__(self, node: dict):
         super().__init__()
-        # sorted, not the dict's insertion order: a tree read back from safetensors (--resume)
-        # must give the optimizer its parameters in the order the saved state indexes them
+        # sorted, not the dict's insertion order: the same module for a fresh tree and for one
+        # read back from safetensors (--resume), whose key order differs
         self._keys = sorted(node)
         for key in self._keys:
             value = node[key]

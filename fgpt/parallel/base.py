@@ -94,7 +94,8 @@ class SavedOptimizer:
                     still.append((a, b))
             missing = still
         if missing:
-            raise FgptError(f"--resume: the saved optimizer state lacks {path}[{missing[0][0]}:] ({key})")
+            a, b = missing[0]
+            raise FgptError(f"--resume: the saved optimizer state lacks {key} of {path}, flat elements [{a}, {b})")
         return out
 
 
