@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.base import MOMENTS, SavedOptimizer, optimizer_pieces, parse_reduce_dtype
+from fgpt.parallel.base import SavedOptimizer, load_per_parameter, parse_reduce_dtype, save_per_parameter
 from fgpt.parallel.dist import DistributedStrategy
 from fgpt.parallel.single import adamw_param_groups
 
@@ -155,24 +155,13 @@ class AdapterStrategy(DistributedStrategy):
         return (*dim0_shard_range(tuple(p.shape), self.rank, self.world_size), p.to_local().shape)
 
     def optimizer_state(self):
-        step = max((float(s["step"]) for s in self.optimizer.state.values()), default=0.0)
-        pieces = {}
-        for path, p in self.named.items():
-            if p in self.optimizer.state:
-                lo, _, _ = self._local_part(p)
-                state = self.optimizer.state[p]
-                pieces[path] = (lo, {k: (state[k].to_local() if isinstance(state[k], DTensor) else state[k])
-                                     .reshape(-1) for k in MOMENTS})
-        return optimizer_pieces(step, pieces)
+        return save_per_parameter(self.optimizer, self.named, self._local_part,
+                                  lambda t: t.to_local() if isinstance(t, DTensor) else t)
 
     def load_optimizer_state(self, saved: SavedOptimizer):
         """Any strategy's checkpoint on any world size: each rank takes its own part of every
         parameter's moments (`SavedOptimizer.moment` opens only the files holding it)."""
-        step = saved.step(self.rank)
-        for path, p in self.named.items():
-            lo, hi, shape = self._local_part(p)
-            self.optimizer.state[p] = {"step": torch.tensor(step), **{
-                k: as_sharded_like(p, saved.moment(path, k, lo, hi, self.rank).view(shape)) for k in MOMENTS}}
+        load_per_parameter(self.optimizer, self.named, saved, self.rank, self._local_part, as_sharded_like)
 
 
 def dim0_shard_range(shape: tuple[int, ...], rank: int, world_size: int) -> tuple[int, int]:

@@ -58,6 +58,35 @@ def optimizer_pieces(step: float, pieces: dict[str, tuple[int, dict[str, torch.T
     return {"step": step, "pieces": pieces}
 
 
+def adamw_step(optimizer: torch.optim.Optimizer) -> float:
+    """AdamW's step count (the same for every parameter once one step was taken)."""
+    return max((float(s["step"]) for s in optimizer.state.values()), default=0.0)
+
+
+Part = Callable[[torch.Tensor], tuple[int, int, torch.Size]]  # param -> (lo, hi, local shape)
+
+
+def save_per_parameter(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor], part: Part,
+                       local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+    """optimizer_state() of an optimizer over (possibly sharded) parameters: `part(p)` is the
+    flat range of `p` this rank holds, `local` unwraps a sharded state tensor to that part."""
+    return optimizer_pieces(adamw_step(optimizer), {
+        path: (part(p)[0], {k: local(optimizer.state[p][k]).reshape(-1) for k in MOMENTS})
+        for path, p in named.items() if p in optimizer.state})
+
+
+def load_per_parameter(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor], saved: SavedOptimizer,
+                       rank: int, part: Part, place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """The inverse, from any saved layout: `place(p, values)` puts this rank's part where `p`
+    lives (fresh tensors: nothing stays on the memory-mapped files)."""
+    step = saved.step(rank)
+    fused = bool(optimizer.defaults.get("fused"))  # fused AdamW keeps `step` on the device
+    for path, p in named.items():
+        lo, hi, shape = part(p)
+        optimizer.state[p] = {"step": torch.tensor(step, device=p.device if fused else "cpu"),
+                              **{k: place(p, saved.moment(path, k, lo, hi, rank).view(shape)) for k in MOMENTS}}
+
+
 @dataclass(frozen=True)
 class SavedOptimizer:
     """The optimizer states a run of `world_size` ranks saved, one per rank. `read(q)` returns

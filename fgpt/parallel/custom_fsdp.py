@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from fgpt import tree
 from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.base import MOMENTS, SavedOptimizer, optimizer_pieces, parse_reduce_dtype
+from fgpt.parallel.base import MOMENTS, SavedOptimizer, adamw_step, optimizer_pieces, parse_reduce_dtype
 from fgpt.parallel.dist import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
 from fgpt.parallel.flat import FlatLayout, Segment
 
@@ -273,8 +273,7 @@ class CustomFSDP(DistributedStrategy):
     def optimizer_state(self):
         """Views of the flat moment shards, cut per parameter (no copies); the learning rate
         is set by the schedule each step, the other hyperparameters come from the run config."""
-        step = max((float(s["step"]) for s in self.optimizer.state.values()), default=0.0)
-        return optimizer_pieces(step, {path: (lo, {k: u.moments[k][a:b] for k in MOMENTS})
+        return optimizer_pieces(adamw_step(self.optimizer), {path: (lo, {k: u.moments[k][a:b] for k in MOMENTS})
                                        for u, path, (lo, _), (a, b) in self._leaf_parts()})
 
     def load_optimizer_state(self, saved: SavedOptimizer):

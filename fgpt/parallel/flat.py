@@ -95,4 +95,3 @@ class FlatLayout:
             if lo < hi:
                 out.append(Segment(lo - start, hi - start, decay))
         return out
-

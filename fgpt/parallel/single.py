@@ -9,26 +9,11 @@ from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import loss_fn
 from fgpt.errors import FgptError
-from fgpt.parallel.base import MOMENTS, SavedOptimizer, Strategy, optimizer_pieces
+from fgpt.parallel.base import SavedOptimizer, Strategy, load_per_parameter, save_per_parameter
 
 
-def whole_leaf_pieces(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor]) -> dict:
-    """optimizer_state() of a strategy whose optimizer holds whole parameters."""
-    step = max((float(s["step"]) for s in optimizer.state.values()), default=0.0)
-    return optimizer_pieces(step, {path: (0, {k: optimizer.state[p][k].reshape(-1) for k in MOMENTS})
-                                   for path, p in named.items() if p in optimizer.state})
-
-
-def load_whole_leaves(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor],
-                      saved: SavedOptimizer, rank: int) -> None:
-    """Fill an optimizer over whole parameters from any saved layout (fresh tensors: nothing
-    stays on the memory-mapped files)."""
-    step = saved.step(rank)
-    fused = bool(optimizer.defaults.get("fused"))  # fused AdamW keeps `step` on the device
-    for path, p in named.items():
-        optimizer.state[p] = {"step": torch.tensor(step, device=p.device if fused else "cpu"),
-                              **{k: saved.moment(path, k, 0, p.numel(), rank).view(p.shape).to(p.device)
-                                 for k in MOMENTS}}
+def whole(p: torch.Tensor) -> tuple[int, int, torch.Size]:
+    return 0, p.numel(), p.shape
 
 
 def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> list[dict]:
@@ -106,10 +91,10 @@ class SingleDevice(Strategy):
         return tree.tree_map(lambda x: x.detach().to("cpu", copy=True), self.params)
 
     def optimizer_state(self):
-        return whole_leaf_pieces(self.optimizer, self.named)
+        return save_per_parameter(self.optimizer, self.named, whole)
 
     def load_optimizer_state(self, saved: SavedOptimizer):
-        load_whole_leaves(self.optimizer, self.named, saved, rank=0)
+        load_per_parameter(self.optimizer, self.named, saved, 0, whole, lambda p, v: v.to(p.device))
 
     def load_params(self, params):
         with torch.no_grad():
