@@ -150,23 +150,25 @@ def torchrun_job_id() -> str | None:
     return None if run_id in (None, "none") else run_id
 
 
+def train_state_in(out: str | None) -> dict:
+    """The checkpoint record of the run in `out` ({} if none)."""
+    path = Path(out or "") / STATE_FILE
+    return torch.load(path, weights_only=True, map_location="cpu") if out and path.exists() else {}
+
+
 def saved_by_this_job(out: str) -> dict | None:
     """The train state in `out` if this very torchrun job wrote it: a restart (--max-restarts)
     resumes it. A checkpoint of any other run is resumed only when asked (--resume). (Not
     the restart count: every node's agent keeps its own.)"""
-    path = Path(out) / STATE_FILE
     job = torchrun_job_id()
-    if job is None or not path.exists():
-        return None
-    state = torch.load(path, weights_only=True)
-    return state if state.get("torchrun_run_id") == job else None
+    state = train_state_in(out) if job else {}
+    return state if state and state.get("torchrun_run_id") == job else None
 
 
 def main() -> int:
     argv = expand_launcher_tokens(sys.argv[1:])
     args = parser().parse_args(argv)
-    saved = torch.load(Path(args.out) / STATE_FILE, weights_only=True, map_location="cpu") \
-        if args.resume and args.out and (Path(args.out) / STATE_FILE).exists() else {}
+    saved = train_state_in(args.out) if args.resume else {}
     if saved and args.strategy in (None, saved["strategy"]):  # as the run was, unless told otherwise
         args.strategy = saved["strategy"]
         if args.nproc is None:
