@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fgpt import tree
+from fgpt.atomic import atomic_path, atomic_write_text
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.model import param_shapes
@@ -222,20 +222,10 @@ def save_checkpoint(path: str | os.PathLike, config: GPTConfig, params: dict) ->
     flat = {HF_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tree.flatten(params).items()}
     _check_against(config, {k[len(HF_PREFIX):]: tuple(v.shape) for k, v in flat.items()}, out,
                    from_json=False)
-    _atomic_write(out / WEIGHTS, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n"))
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(flat, tmp, metadata={"format": "pt"})
+    atomic_write_text(out / CONFIG, json.dumps(config.to_hf_dict(), indent=2) + "\n")
     return out
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def latest_checkpoint(root: str | os.PathLike = "out") -> Path:

@@ -17,9 +17,7 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fgpt.atomic import atomic_path
 from fgpt.errors import FgptError
 from fgpt.tokenizer import EOT, gpt2_encoding
 
@@ -149,16 +148,13 @@ def tokenise(docs: list[Document], *, progress: bool = True, chunk: int = 64) ->
 
 def _write_shards(directory: Path, train: np.ndarray, val: np.ndarray, description: str) -> None:
     """Write into a temp directory, then rename it into place: readers never see half a cache."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))
     try:
-        train.tofile(tmp / "train.bin")
-        val.tofile(tmp / "val.bin")
-        meta = {"format": FORMAT, "source": description, "train_tokens": len(train), "val_tokens": len(val)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, directory)
+        with atomic_path(directory, directory=True) as tmp:
+            train.tofile(tmp / "train.bin")
+            val.tofile(tmp / "val.bin")
+            meta = {"format": FORMAT, "source": description, "train_tokens": len(train), "val_tokens": len(val)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (directory / "meta.json").exists():  # lost a race to another writer: fine
             raise
 

@@ -9,6 +9,7 @@ mutates `params` or touches global state, so torch.func.grad / vmap / jacrev app
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -54,10 +55,18 @@ def count_params(config: GPTConfig) -> int:
     return config.vocab_size * d + wpe + L * per_block + 2 * d
 
 
+def leaf_seed(seed: int, path: str) -> int:
+    """The random stream of one leaf: a function of (seed, dotted path) alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "little") >> 1
+
+
 def init_params(config: GPTConfig, seed: int = 0, *, dtype=torch.float32, device="cpu") -> dict:
     """GPT-2 initialisation: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)),
-    zero biases, unit layer-norm gains. Deterministic in `seed`."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    zero biases, unit layer-norm gains.
+
+    Each leaf draws from its own generator seeded by (seed, path), so two configs that share
+    a leaf's path and shape get the same tensor: a RoPE model (no wpe) or a GQA model (other
+    c_attn width) starts from exactly the baseline's other weights."""
     resid_std = 0.02 / math.sqrt(2 * config.n_layer)
     flat = {}
     for path, shape in param_shapes(config).items():
@@ -67,6 +76,7 @@ def init_params(config: GPTConfig, seed: int = 0, *, dtype=torch.float32, device
             value = torch.ones(shape)
         else:
             std = resid_std if path.endswith("c_proj.weight") else 0.02
+            gen = torch.Generator(device="cpu").manual_seed(leaf_seed(seed, path))
             value = torch.randn(shape, generator=gen) * std
         flat[path] = value.to(dtype=dtype, device=device)
     return tree.unflatten(flat)

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from fgpt import data
+from fgpt.atomic import atomic_path, atomic_write_text
 from fgpt.attention import use_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
@@ -218,13 +219,9 @@ def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
 # --- checkpoints --------------------------------------------------------------------------
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file beside `path`, then rename: a crash leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """torch.save through a temp file: a crash leaves the old file whole."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def file_digest(path: Path) -> str:
@@ -270,13 +267,12 @@ def save_train_checkpoint(out_dir: Path, strategy: Strategy, cfg: TrainConfig, c
 def replace_with_link(source: Path, target: Path) -> None:
     """Atomically make `target` the same file as `source` (a hard link; a copy where the
     filesystem has none)."""
-    tmp = target.with_name(f".{target.name}.link")  # one name: a crash's leftover goes next time
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.unlink()  # os.link makes the name itself
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[dict, SavedOptimizer, dict | None]:
@@ -493,9 +489,7 @@ def _open_metrics(out_dir: Path | None, strategy: Strategy, keep_until: int):
     kept = []
     if keep_until and path.exists():
         kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)  # a crash here leaves the old log whole
+    atomic_write_text(path, "".join(line + "\n" for line in kept))  # a crash leaves the old log whole
     return open(path, "a")
 
 

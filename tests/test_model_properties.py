@@ -129,3 +129,18 @@ def test_parameter_count_matches_transformers(config):
 
 def test_gpt2_preset_has_124m_parameters():
     assert count_params(GPTConfig.preset("gpt2")) == 124_439_808  # GPT-2 small as published
+
+
+@given(config=configs(), other=configs(), seed=st.integers(0, 3))
+@settings(max_examples=20)
+def test_configs_share_every_initial_tensor_whose_path_and_shape_they_share(config, other, seed):
+    a = tree.flatten(init_params(config, seed=seed))
+    b = tree.flatten(init_params(other, seed=seed))
+    shared = [k for k in a if k in b and a[k].shape == b[k].shape and k.endswith("weight")]
+    for k in shared:
+        assert torch.equal(a[k], b[k]), k
+    # and a different seed changes every random leaf
+    c = tree.flatten(init_params(config, seed=seed + 1))
+    for k, v in a.items():
+        if k.endswith("weight") and v.ndim == 2:
+            assert not torch.equal(v, c[k]), k
