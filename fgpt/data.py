@@ -32,6 +32,7 @@ from fgpt.tokenizer import EOT, gpt2_encoding
 VAL_PERCENT = 10  # share of documents (or, for one document, of tokens) held out for eval
 FORMAT = "fgpt-data-v1"  # part of the cache key: bump when the shard layout changes
 _TRAIN_STREAM, _VAL_STREAM = 0, 1  # separate random streams for train and eval windows
+EVAL_SEED = 0  # validation windows are drawn with this seed whatever the training seed
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ class Document:
 class Corpus:
     train: np.ndarray  # uint16 token ids (a read-only memmap)
     val: np.ndarray
-    cache_dir: Path
+    cache_dir: Path | None
     description: str
+    ignore_id: int | None = None  # targets equal to this id are left out of the loss (-1)
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -212,11 +214,16 @@ def window_starts(n_tokens: int, seq_len: int, batch_size: int, *, seed: int, st
     return rng.integers(0, n_tokens - seq_len, size=batch_size)  # [B]
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets for each start: ([n, T], [n, T]) int64."""
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int,
+            ignore_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for each start: ([n, T], [n, T]) int64. Targets equal
+    to `ignore_id` become -1, which the loss ignores."""
     rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # [n, T+1]
     rows = torch.from_numpy(rows)
-    return rows[:, :-1], rows[:, 1:]
+    x, y = rows[:, :-1], rows[:, 1:]
+    if ignore_id is not None:
+        y = y.masked_fill(y == ignore_id, -1)
+    return x, y
 
 
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
@@ -227,17 +234,17 @@ def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
 
 
 def rank_batch(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, step: int,
-               rank: int = 0, world_size: int = 1, stream: int = _TRAIN_STREAM):
+               rank: int = 0, world_size: int = 1, stream: int = _TRAIN_STREAM, ignore_id: int | None = None):
     """This rank's contiguous slice of the global batch of `step`: ([B/W, T], [B/W, T])."""
     starts = window_starts(len(tokens), seq_len, batch_size, seed=seed, step=step, stream=stream)
-    return windows(tokens, starts[rank_slice(batch_size, rank, world_size)], seq_len)
+    return windows(tokens, starts[rank_slice(batch_size, rank, world_size)], seq_len, ignore_id)
 
 
 def eval_batch(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, index: int,
-               rank: int = 0, world_size: int = 1):
+               rank: int = 0, world_size: int = 1, ignore_id: int | None = None):
     """The `index`-th fixed validation batch (the same at every evaluation)."""
     return rank_batch(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, step=index,
-                      rank=rank, world_size=world_size, stream=_VAL_STREAM)
+                      rank=rank, world_size=world_size, stream=_VAL_STREAM, ignore_id=ignore_id)
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

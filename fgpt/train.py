@@ -68,6 +68,8 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float | None = None  # cosine floor; None = lr / 10
     warmup: int | None = None  # warmup steps; None = min(100, steps // 10)
+    schedule: str = "cosine"  # cosine | wsd (constant, then a linear cooldown; see lr_at)
+    cooldown: float = 0.2  # wsd: the final fraction of the steps that decays to min_lr
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # <= 0: no clipping
@@ -106,11 +108,24 @@ class TrainResult:
 
 # --- schedule, flops --------------------------------------------------------------------
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+SCHEDULES = ("cosine", "wsd")
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine",
+          cooldown: float = 0.2) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over `warmup`
-    steps, then half a cosine down to `min_lr` at the last step."""
+    steps, then either half a cosine down to `min_lr` at the last step ("cosine"), or
+    constant `lr` until the last `cooldown` fraction of the steps and a linear decay to
+    `min_lr` over them ("wsd", warmup-stable-decay: evaluations before the decay compare
+    runs of different lengths at the same learning rate)."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "wsd":
+        decay = max(1, round(cooldown * total))
+        start = total - decay
+        if step < start:
+            return lr
+        return lr + (min_lr - lr) * min(1.0, (step - start + 1) / decay)
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
@@ -158,6 +173,10 @@ def validate(cfg: TrainConfig) -> None:
                         f"{cfg.grad_accum} micro-batches")
     if cfg.precision not in ("fp32", "bf16"):
         raise FgptError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise FgptError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if not 0 < cfg.cooldown <= 1:
+        raise FgptError(f"--cooldown must be in (0, 1], got {cfg.cooldown}")
     if not cfg.lr > 0:
         raise FgptError(f"--lr must be positive, got {cfg.lr}")
     if min(cfg.eval_interval, cfg.checkpoint_interval) < 0:
@@ -330,30 +349,33 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def evaluate(strategy: Strategy, val, cfg: TrainConfig, config: GPTConfig, seq_len: int) -> float:
-    """Mean loss over `eval_iters` fixed validation batches (the same every time)."""
+def evaluate(strategy: Strategy, corpus: data.Corpus, cfg: TrainConfig, config: GPTConfig, seq_len: int) -> float:
+    """Mean loss over `eval_iters` fixed validation batches: the same at every evaluation, for
+    every training seed (they depend on the data alone)."""
     batch = cfg.batch_size // cfg.grad_accum  # global micro-batch size: fits in memory
     losses = []
     for i in range(cfg.eval_iters):
-        x, y = data.eval_batch(val, seq_len=seq_len, batch_size=batch, seed=cfg.seed, index=i,
-                               rank=strategy.rank, world_size=strategy.world_size)
+        x, y = data.eval_batch(corpus.val, seq_len=seq_len, batch_size=batch, seed=data.EVAL_SEED, index=i,
+                               rank=strategy.rank, world_size=strategy.world_size, ignore_id=corpus.ignore_id)
         losses.append(strategy.eval_loss(x, y, config).float().cpu())
     return float(strategy.mean_across_ranks(torch.stack(losses).mean()))
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or continue) a training run; see the module docstring for what is written."""
+def train(cfg: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult:
+    """Run (or continue) a training run; see the module docstring for what is written.
+    `corpus`: train on these token arrays instead of reading `cfg.data` (in-process use,
+    e.g. the study's restricted-vocabulary corpus)."""
     validate(cfg)
     strategy = make_strategy(cfg.strategy, device=resolve_device(cfg.device), compile=cfg.compile,
                              reduce_dtype=cfg.reduce_dtype)
     try:
         with stop_requests() as stop, use_window_kernel(cfg.window_kernel):
-            return _train(cfg, strategy, stop)
+            return _train(cfg, strategy, stop, corpus)
     finally:
         strategy.close()
 
 
-def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
+def _train(cfg: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus | None) -> TrainResult:
     out_dir = Path(cfg.out) if cfg.out else None
     W, K = strategy.world_size, cfg.grad_accum
     if cfg.batch_size % (K * W):
@@ -375,7 +397,7 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
         start, elapsed0 = 0, 0.0
     T = config.n_ctx
 
-    corpus = _load_corpus(cfg, strategy)
+    corpus = corpus or _load_corpus(cfg, strategy)
     data.check_fits(corpus.train, T, cfg.batch_size, "train")
     if cfg.eval_interval:
         data.check_fits(corpus.val, T, 1, "val")
@@ -409,9 +431,10 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
     try:
         for s in range(start, cfg.steps):
             step_start = time.perf_counter()
-            lr = lr_at(s, lr=cfg.lr, min_lr=min_lr, warmup=warmup, total=cfg.steps)
+            lr = lr_at(s, lr=cfg.lr, min_lr=min_lr, warmup=warmup, total=cfg.steps, schedule=cfg.schedule,
+                       cooldown=cfg.cooldown)
             x, y = data.rank_batch(corpus.train, seq_len=T, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   step=s, rank=strategy.rank, world_size=W)
+                                   step=s, rank=strategy.rank, world_size=W, ignore_id=corpus.ignore_id)
             loss, grad_norm = optimizer_step(strategy, data.micro_batches(x, y, K), lr=lr,
                                              grad_clip=cfg.grad_clip, step=s + 1, out_dir=out_dir)
             step_s = time.perf_counter() - step_start
@@ -421,7 +444,7 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict) -> TrainResult:
                    "tokens_per_s": tokens_per_step / step_s,
                    "mfu": flops_tok * tokens_per_step / step_s / (peak * W)}
             if cfg.eval_interval and (n % cfg.eval_interval == 0 or n == cfg.steps):
-                row["val_loss"] = evaluate(strategy, corpus.val, cfg, config, T)
+                row["val_loss"] = evaluate(strategy, corpus, cfg, config, T)
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
             result.metrics.append(row)
             result.step = n

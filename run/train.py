@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr", type=float, help="cosine floor (default lr/10)")
     g.add_argument("--warmup", type=int, help="warmup steps (default min(100, steps/10))")
+    g.add_argument("--schedule", choices=["cosine", "wsd"],
+                   help="after warmup: half a cosine to --min-lr (default), or constant then a linear cooldown")
+    g.add_argument("--cooldown", type=float, help="wsd: final fraction of the steps that decays (default 0.2)")
     g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, help=f"global-norm clip, 0 = off (default {d.grad_clip})")
     g.add_argument("--seed", type=int)

@@ -427,3 +427,16 @@ def test_cli_resume_of_a_run_with_the_default_model(text_file, tmp_path, capsys,
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert load_checkpoint(out)[0] == GPTConfig.preset("tiny")
+
+
+@given(warmup=st.integers(0, 5), stable=st.integers(0, 30), decay=st.integers(1, 20), lr=st.floats(1e-5, 1.0))
+def test_wsd_schedule_is_constant_then_decays_linearly_to_the_floor(warmup, stable, decay, lr):
+    total = warmup + stable + decay
+    cooldown = decay / total
+    rates = [lr_at(s, lr=lr, min_lr=lr / 10, warmup=warmup, total=total, schedule="wsd", cooldown=cooldown)
+             for s in range(total)]
+    start = total - round(cooldown * total)
+    assert all(r == lr for r in rates[warmup:start])  # flat: mid-run evaluations share one lr
+    assert rates[-1] == pytest.approx(lr / 10)
+    tail = rates[max(start, warmup):]
+    assert all(a >= b for a, b in zip(tail, tail[1:]))
