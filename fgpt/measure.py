@@ -1,0 +1,137 @@
+"""Timing and memory measurement, shared by the benchmarks (`run/bench_*.py`) and the study
+(`fgpt/report`), so every table in the project is measured the same way.
+
+    times = repeat_times(lambda: step(), repeats=5)       # seconds, one per run, after a warm-up
+    stats = spread(times)                                 # {"median", "min", "max", "n"}
+    grew = peak_rss_growth(lambda: step())                # bytes the resident set grew by, at most
+    print(machine_line())                                 # CPU model, cores, threads, torch, load
+
+Timings synchronise CUDA when a GPU is in use. Memory on CPU is the process's resident set
+(Linux VmHWM), which sees every allocator; on CUDA it is torch's peak allocated bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def _sync(device: str | torch.device | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def repeat_times(fn: Callable[[], object], repeats: int = 5, *, warmup: int = 1,
+                 device: str | torch.device | None = None) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3, **kwargs) -> float:
+    """The fastest of `repeats` timed calls (the least disturbed by other work)."""
+    return min(repeat_times(fn, repeats, **kwargs))
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements, and how many there were."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# --- memory -----------------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def release_freed_memory() -> None:
+    """Make glibc hand large freed blocks straight back to the OS (mmap threshold 64 KiB) and
+    trim what it holds now, so the resident set tracks live tensors. No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_growth(fn: Callable[[], object], device: str | torch.device | None = None) -> int:
+    """Bytes by which memory grew at its peak while `fn` ran: torch's peak allocation on
+    CUDA; on CPU the resident set's high-water mark (Linux: VmHWM, reset through clear_refs)
+    above its size at the start. Call `release_freed_memory()` once first so freed tensors
+    leave the resident set."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - before)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident size
+    before = _status_bytes("VmRSS")
+    fn()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+# --- the machine ------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> dict:
+    """What a benchmark table must say about where it ran."""
+    flags = cpu_flags()
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["load_average"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def machine_line() -> str:
+    m = machine()
+    isa = ", ".join(name for name in ("amx", "avx512_bf16") if m[name]) or "no AMX / avx512_bf16"
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    load = f", load average {m['load_average']}" if "load_average" in m else ""
+    return (f"{m['cpu']} ({isa}), {m['cores']} cores, {m['threads']} torch threads{gpu}; "
+            f"torch {m['torch']}, Python {m['python']}{load}")
