@@ -21,3 +21,11 @@ bench what *args:
 # the assessment study: writes docs/report.md, its plots and docs/report/results.json
 report *args:
     python -m run.report "$@"
+
+# evaluate a checkpoint: strided perplexity (--data TEXT) or multiple choice (--task mc --data FILE.jsonl)
+eval *args:
+    python -m run.eval "$@"
+
+# plot training and validation loss of runs: just plot out/a out/b --out runs.png
+plot *args:
+    python -m run.plot "$@"
