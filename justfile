@@ -14,7 +14,7 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | parallel | attention
+# benchmarks: generate | train | parallel | attention | eval
 bench what *args:
     python -m run.bench "$@"
 

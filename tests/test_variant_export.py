@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
 from fgpt import GPTConfig, forward, init_params, load_checkpoint, save_checkpoint, tree
 from hf_reference import hf_logits, rel_err
@@ -29,7 +29,8 @@ def test_transformers_refuses_every_variant_and_fgpt_loads_it(variant, tmp_path)
     save_checkpoint(tmp_path, config, params)
     written = json.loads((tmp_path / "config.json").read_text())
     assert (written["model_type"], written["architectures"]) == ("fgpt", ["FgptForCausalLM"])
-    for load in (AutoModelForCausalLM.from_pretrained, AutoConfig.from_pretrained):
+    for load in (AutoModelForCausalLM.from_pretrained, AutoConfig.from_pretrained,
+                 lambda path: pipeline("text-generation", model=str(path))):
         with pytest.raises(ValueError, match="model type `fgpt`"):
             load(tmp_path)
     loaded_config, loaded = load_checkpoint(tmp_path)
