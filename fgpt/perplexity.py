@@ -98,9 +98,10 @@ def window_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndarr
     predecessor by n_ctx - stride tokens skips that many head rows)."""
     x = torch.from_numpy(np.stack([np.asarray(tokens[w.begin:w.end], dtype=np.int64) for w in windows]))
     x = x.to(device)  # [B, T]
-    if int(x.min()) < 0 or int(x.max()) >= config.vocab_size:
-        bad = int(x.max()) if int(x.max()) >= config.vocab_size else int(x.min())
-        raise FgptError(f"token id {bad} is outside the model's vocabulary of {config.vocab_size}")
+    low, high = int(x.min()), int(x.max())
+    if low < 0 or high >= config.vocab_size:
+        raise FgptError(f"token id {high if high >= config.vocab_size else low} is outside the "
+                        f"model's vocabulary of {config.vocab_size}")
     # logits at window position j predict token begin + j + 1
     lo = min(w.first - w.begin - 1 for w in windows)
     hi = windows[0].length - 1
@@ -121,7 +122,7 @@ def strided_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndar
     """The strided perplexity of a token stream (anything with len() and slicing: a list, a
     numpy array, a memory-mapped shard). Defaults: n_ctx = the model's, stride = n_ctx // 2.
     `byte_lengths[id]`: the UTF-8 bytes of each token id, to count the scored text's bytes."""
-    n_ctx = n_ctx or config.n_ctx
+    n_ctx = config.n_ctx if n_ctx is None else n_ctx
     stride = n_ctx // 2 if stride is None else stride
     if batch_size < 1:
         raise FgptError(f"--batch-size must be at least 1, got {batch_size}")

@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def hf_guide_nll(hf, tokens: torch.Tensor, n_ctx: int, stride: int) -> tuple[float, int]:
+    """The loop of Hugging Face's perplexity guide: transformers' own loss on `labels`, with
+    the context tokens masked to -100, weighted by the exact number of targets it scored
+    (the model shifts labels left by one). Also the tests' reference."""
     nll, count, prev_end = 0.0, 0, 0
     with torch.inference_mode():
         for begin in range(0, len(tokens), stride):

@@ -15,9 +15,9 @@ import pytest
 from fgpt.tokenizer import gpt2_encoding
 from hf_reference import hf_model
 from run import eval as eval_cli
+from run.bench_eval import hf_guide_nll
 from run._cli import main_guard
 from test_multiple_choice import hf_ending_logprob
-from test_perplexity import hf_strided_nll
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("The café's naïve owner said: «bonjour» — then 日本語 and an emoji 🐕.\n"
@@ -59,7 +59,7 @@ def test_perplexity_of_a_text_file_from_the_command_line(gpt2_vocab_model, text_
 
     import torch
     tokens = gpt2_encoding().encode_ordinary(TEXT)
-    nll, count = hf_strided_nll(model, torch.tensor(tokens), 32, 12)
+    nll, count = hf_guide_nll(model, torch.tensor(tokens), 32, 12)
     assert result["tokens"] == count == len(tokens) - 1
     assert result["loss"] == pytest.approx(nll / count, rel=1e-4)
     assert result["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
@@ -82,7 +82,7 @@ def test_a_corpus_is_scored_on_its_validation_split(gpt2_vocab_model, tmp_path, 
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
     val = [int(t) for t in load_corpus(str(corpus_dir), progress=False).val]
-    nll, count = hf_strided_nll(model, torch.tensor(val), 24, 10)
+    nll, count = hf_guide_nll(model, torch.tensor(val), 24, 10)
     assert result["tokens"] == count == len(val) - 1
     assert result["loss"] == pytest.approx(nll / count, rel=1e-4)
     # bytes: the validation documents' text, separators (<|endoftext|>) counting none

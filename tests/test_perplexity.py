@@ -14,26 +14,7 @@ from hypothesis import given, strategies as st
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint
 from fgpt.perplexity import batches, plan_windows, scored_bytes, strided_nll
 from hf_reference import hf_model
-
-
-def hf_strided_nll(model, tokens: torch.Tensor, n_ctx: int, stride: int) -> tuple[float, int]:
-    """The loop of Hugging Face's perplexity guide: transformers' own loss on `labels`, with
-    the context tokens masked to -100, weighted by the exact number of targets it scored."""
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(tokens), stride):
-        end = min(begin + n_ctx, len(tokens))
-        trg_len = end - prev_end
-        ids = tokens[None, begin:end]
-        labels = ids.clone()
-        labels[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(ids, labels=labels).loss
-        n = int((labels[:, 1:] != -100).sum())  # the model shifts labels left by one
-        nll, count = nll + float(loss) * n, count + n
-        prev_end = end
-        if end == len(tokens):
-            break
-    return nll, count
+from run.bench_eval import hf_guide_nll  # transformers' loss over the guide's loop
 
 
 # (tokens, n_ctx, stride, batch): a last partial window, windows that tile exactly, stride = 1,
@@ -48,7 +29,7 @@ def test_strided_loss_matches_transformers(n_tokens, n_ctx, stride, batch, tmp_p
     model.save_pretrained(tmp_path)
     config, params = load_checkpoint(tmp_path)
     tokens = torch.randint(0, 101, (n_tokens,), generator=torch.Generator().manual_seed(stride))
-    ref_nll, ref_count = hf_strided_nll(model, tokens, n_ctx, stride)
+    ref_nll, ref_count = hf_guide_nll(model, tokens, n_ctx, stride)
     total = strided_nll(params, config, tokens.numpy(), n_ctx=n_ctx, stride=stride, batch_size=batch,
                         progress=False)
     assert total.tokens == ref_count

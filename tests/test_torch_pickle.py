@@ -122,3 +122,28 @@ def test_truncated_bin_is_a_one_line_error(tmp_path):
 def test_directory_without_weights_names_both_formats(tmp_path):
     with pytest.raises(FgptError, match="no model.safetensors or pytorch_model.bin"):
         load_checkpoint(tmp_path)
+
+
+def test_a_hub_repo_without_safetensors_downloads_the_bin(tmp_path, monkeypatch):
+    """Offline stand-in for the hub: the repo holds config.json and pytorch_model.bin only."""
+    import huggingface_hub
+    model = hf_model(*CONFIGS[0])
+    repo = save_bin(model, tmp_path / "remote")
+    local, asked = tmp_path / "snapshot", []
+
+    def snapshot_download(name, allow_patterns):
+        import fnmatch
+        import shutil
+        asked.append((name, allow_patterns))
+        local.mkdir(exist_ok=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, local / f.name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    config, params = load_checkpoint("someone/gpt2-finetune")
+    assert [name for name, _ in asked] == ["someone/gpt2-finetune"] * 2
+    assert "pytorch_model.bin" not in asked[0][1]  # safetensors first: the pickle only when there is none
+    tokens = torch.randint(0, 97, (1, 32))
+    assert rel_err(forward(params, tokens, config), hf_logits(model, tokens)) < 1e-5
