@@ -144,10 +144,12 @@ def head(params: dict, x: torch.Tensor, config: GPTConfig) -> torch.Tensor:
 
 
 def forward(params: dict, tokens: torch.Tensor, config: GPTConfig, *,
-            cache: KVCache | None = None, train: bool = False, last_only: bool = False) -> torch.Tensor:
+            cache: KVCache | None = None, train: bool = False, last_only: bool = False,
+            logits_for: slice | None = None) -> torch.Tensor:
     """tokens [B, T] int64 -> logits [B, T, V]. With `cache`, tokens continue the cached
     sequence and their keys/values are appended to it. `last_only`: logits [B, 1, V] of the
-    last position alone (what sampling needs; spares the head's T x V matmul)."""
+    last position alone (what sampling needs; spares the head's T x V matmul); `logits_for`:
+    those of the positions in that slice alone (what scoring a few targets needs)."""
     positions, end = positions_for(tokens, config, cache)
     x = embed(params, tokens, config, positions, train)
     rope = rope_for(positions, end, config, x.dtype)
@@ -155,7 +157,8 @@ def forward(params: dict, tokens: torch.Tensor, config: GPTConfig, *,
         x = block(p, x, config, layer=i, rope=rope, cache=cache, train=train)
     if cache is not None:
         cache.length = end
-    return head(params, x[:, -1:] if last_only else x, config)
+    keep = slice(-1, None) if last_only else logits_for or slice(None)
+    return head(params, x[:, keep], config)
 
 
 def loss_fn(params: dict, tokens: torch.Tensor, targets: torch.Tensor, config: GPTConfig,

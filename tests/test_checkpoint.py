@@ -115,14 +115,6 @@ def test_truncated_and_foreign_files(hub_file):
         load_checkpoint(hub_file)
 
 
-def test_pickle_checkpoints_are_refused_unopened(tmp_path):
-    (tmp_path / "pytorch_model.bin").write_bytes(b"never unpickled")
-    with pytest.raises(FgptError, match="pickle"):
-        load_checkpoint(tmp_path)
-    with pytest.raises(FgptError, match="pickle"):
-        load_checkpoint(tmp_path / "pytorch_model.bin")
-
-
 def test_unknown_key_is_named(hub_file):
     rewrite(hub_file, lambda s: s.__setitem__("h.0.attn.extra.weight", torch.zeros(2)))
     with pytest.raises(FgptError, match=r"unknown keys h\.0\.attn\.extra\.weight"):
