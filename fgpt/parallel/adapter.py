@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fgpt import tree
 from fgpt.config import GPTConfig
-from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
+from fgpt.model import Positions, block, embed, head_loss
 from fgpt.parallel.base import SavedOptimizer, load_per_parameter, parse_reduce_dtype, save_per_parameter
 from fgpt.parallel.dist import DistributedStrategy
 from fgpt.parallel.single import adamw_param_groups
@@ -55,13 +55,13 @@ class Block(ParamTree):
         super().__init__(node)
         self.config, self.layer, self.compute_dtype = config, layer, compute_dtype
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         p = cast_to(self.tree(), self.compute_dtype)
-        return block(p, x, self.config, layer=self.layer, rope=rope, train=self.training)
+        return block(p, x, self.config, layer=self.layer, pos=pos, train=self.training)
 
 
 class GPTModule(nn.Module):
-    """tokens, targets -> mean loss, through fgpt.model's embed / block / head.
+    """tokens, targets -> mean loss, through fgpt.model's embed / block / head_loss.
     `compute_dtype` casts the parameters for compute (ddp's bf16); fsdp leaves it None
     because its MixedPrecisionPolicy gathers in bf16 already."""
 
@@ -75,12 +75,10 @@ class GPTModule(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         root = cast_to({k: getattr(self, k).tree() for k in self.root_keys}, self.compute_dtype)
-        positions, end = positions_for(tokens, self.config, None)
-        x = embed(root, tokens, self.config, positions, train=self.training)  # [B, T, d]
-        rope = rope_for(positions, end, self.config, x.dtype)
+        x, pos = embed(root, tokens, self.config, train=self.training)  # [B, T, d]
         for blk in self.h:
-            x = blk(x, rope)  # [B, T, d]
-        return token_loss(head(root, x, self.config), targets)
+            x = blk(x, pos)  # [B, T, d]
+        return head_loss(root, x, targets, self.config)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fgpt import tree
-from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
+from fgpt.model import block, embed, head_loss
 from fgpt.parallel.base import MOMENTS, SavedOptimizer, adamw_step, optimizer_pieces, parse_reduce_dtype
 from fgpt.parallel.dist import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
 from fgpt.parallel.flat import FlatLayout, Segment
@@ -146,20 +146,18 @@ class CustomFSDP(DistributedStrategy):
             self.blocks[0].start_gather()
         root_leaves = self.root.wait_gather()
         root = self.root.layout.as_tree(root_leaves)
-        positions, end = positions_for(tokens, self.config, None)
-        x0 = embed(root, tokens, self.config, positions, train=train)  # [B, T, d]
-        rope = rope_for(positions, end, self.config, x0.dtype)
+        x0, pos = embed(root, tokens, self.config, train=train)  # [B, T, d]
         x, saved = x0, []
         for i, unit in enumerate(self.blocks):
             leaves = unit.wait_gather()
             if i + 1 < len(self.blocks):
                 self.blocks[i + 1].start_gather()  # overlaps this block's compute
             x_in = x.detach().requires_grad_(x.requires_grad)
-            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, rope=rope, train=train)
+            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, pos=pos, train=train)
             saved.append((leaves, x_in, x))  # x: [B, T, d]
             unit.free()
         x_last = x.detach().requires_grad_(x.requires_grad)
-        loss = token_loss(head(root, x_last, self.config), targets)
+        loss = head_loss(root, x_last, targets, self.config)
         return loss, (root_leaves, x0, saved, x_last)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
