@@ -20,7 +20,7 @@ from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import Positions, block, embed, head_loss
 from fgpt.parallel.base import adamw_param_groups, parse_reduce_dtype
-from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter
+from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
 from fgpt.parallel.process_group import DistributedStrategy
 
 
@@ -143,7 +143,7 @@ class WrappedModuleStrategy(DistributedStrategy):
         """The flat range [lo, hi) of parameter `p` this rank holds, and its local shape: all
         of it (ddp), or the rows of its dim-0 shard (fsdp: torch.chunk's, the last ones short)."""
         if not isinstance(p, DTensor):
-            return 0, p.numel(), p.shape
+            return whole(p)
         return (*dim0_shard_range(tuple(p.shape), self.rank, self.world_size), p.to_local().shape)
 
     def optimizer_state(self):

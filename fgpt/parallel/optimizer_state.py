@@ -32,6 +32,11 @@ def adamw_step(optimizer: torch.optim.Optimizer) -> float:
 Part = Callable[[torch.Tensor], tuple[int, int, torch.Size]]  # param -> (lo, hi, local shape)
 
 
+def whole(p: torch.Tensor) -> tuple[int, int, torch.Size]:
+    """The Part of a parameter this rank holds entirely (single, ddp)."""
+    return 0, p.numel(), p.shape
+
+
 def save_per_parameter(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor], part: Part,
                        local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
     """optimizer_state() of an optimizer over (possibly sharded) parameters: `part(p)` is the

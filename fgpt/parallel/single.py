@@ -10,11 +10,7 @@ from fgpt.config import GPTConfig
 from fgpt.model import loss_fn
 from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy, adamw_param_groups
-from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter
-
-
-def whole(p: torch.Tensor) -> tuple[int, int, torch.Size]:
-    return 0, p.numel(), p.shape
+from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
 
 
 class SingleDevice(Strategy):
