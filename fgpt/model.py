@@ -85,9 +85,10 @@ def init_params(config: GPTConfig, seed: int = 0, *, dtype=torch.float32, device
     """GPT-2 initialisation: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)),
     zero biases, unit layer-norm gains.
 
-    Each leaf draws from its own generator seeded by (seed, path), so two configs that share
-    a leaf's path and shape get the same tensor: a RoPE model (no wpe) or a GQA model (other
-    c_attn width) starts from exactly the baseline's other weights."""
+    Each leaf draws from its own generator seeded by (seed, path), so two configs of one
+    depth that share a leaf's path and shape get the same tensor (across depths the c_proj
+    weights are the same draw, scaled): a RoPE model (no wpe) or a GQA model (other c_attn
+    width) starts from exactly the baseline's other weights."""
     resid_std = 0.02 / math.sqrt(2 * config.n_layer)
     flat = {}
     for path, shape in param_shapes(config).items():
