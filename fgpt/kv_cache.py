@@ -24,7 +24,7 @@ class KVCache:
     slot_pos: list[torch.Tensor]  # per layer [size] int64: slot held at each index, -1 = empty
     pad: torch.Tensor  # [B] left padding of each row, in slots
     capacity: int  # slots this cache may ever hold
-    length: int = 0  # slots written so far
+    length: int = 0  # slots written so far: the cursor, moved by `advance`
     _has_padding: bool | None = None
 
     @classmethod
@@ -53,6 +53,11 @@ class KVCache:
         """[B, n_new] token positions of the next n_new slots (pad slots clamp to 0)."""
         slots = torch.arange(self.length, self.length + n_new, device=self.pad.device)
         return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def advance(self, n: int) -> None:
+        """Move the cursor past the n slots every layer has just written (`forward` calls it
+        once per pass, after the last block: each layer's `attend` reads the same cursor)."""
+        self.length += n
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         size = self.slot_pos[layer].numel()

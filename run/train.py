@@ -224,7 +224,7 @@ def main() -> int:
     # keeps torchrun from taking it for a failure (and restarting under --max-restarts).
     code = 130 if result.interrupted and result.step != cfg.stop_after else 0
     if "RANK" in os.environ:  # a torchrun worker: skip finalizers that can abort after gloo
-        from fgpt.parallel.dist import exit_without_finalizers
+        from fgpt.parallel.process_group import exit_without_finalizers
         exit_without_finalizers(code)
     return code
 

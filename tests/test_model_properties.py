@@ -56,17 +56,15 @@ def test_causality_future_tokens_do_not_change_past_logits(config, data):
 @given(config=configs(), data=st.data())
 def test_causality_by_gradient_of_the_embeddings(config, data):
     """The gradient of position t's logits reaches no embedding after t (x: the blocks' input)."""
-    from fgpt.model import block, head
-    from fgpt.rope import rope_angles
+    from fgpt.model import block, embed, head
     params = wide_params(config, seed=0)
     T = data.draw(st.integers(2, 8))
     t = data.draw(st.integers(0, T - 2))
+    _, pos = embed(params, torch.zeros(1, T, dtype=torch.long), config)  # the model's own positions
     x = torch.randn(1, T, config.n_embd, requires_grad=True)
-    rope = rope_angles(torch.arange(T), T, config.head_dim, config.rope_base, x.dtype) \
-        if config.pos_emb == "rope" else None
     h = x
     for i, p in enumerate(params["h"]):
-        h = block(p, h, config, layer=i, rope=rope)
+        h = block(p, h, config, layer=i, pos=pos)
     logits = head(params, h, config)  # [1, T, V]
     (grad,) = torch.autograd.grad(logits[0, t].square().sum(), x)
     assert torch.count_nonzero(grad[0, t + 1:]) == 0

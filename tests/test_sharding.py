@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgpt import tree
-from fgpt.parallel.adapter import dim0_shard_range
-from fgpt.parallel.base import SavedOptimizer, optimizer_pieces
+from fgpt.parallel.module_wrapper import dim0_shard_range
+from fgpt.parallel.optimizer_state import SavedOptimizer, optimizer_pieces
 from fgpt.parallel.custom_fsdp import adamw_groups, attach_grads, leaf_parts, segment_params
 from fgpt.parallel.flat import FlatLayout
 from helpers import assert_same_tree

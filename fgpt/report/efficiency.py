@@ -61,22 +61,25 @@ def decode_bytes_per_step(config: GPTConfig, context: int, batch: int) -> int:
 @torch.no_grad()
 def decode_runs(config: GPTConfig, *, context: int, batch: int, new_tokens: int, runs: int) -> list[float]:
     """Tokens/s of `runs` timed runs of `new_tokens` greedy steps after `context` cached
-    tokens (random weights and cache contents: a step's cost does not depend on them)."""
+    tokens (random weights, a zero-filled cache: a step's cost does not depend on the values);
+    each run starts from a freshly filled cache, made outside the timing."""
     config = config.replace(n_ctx=max(config.n_ctx, context + new_tokens))
     params = init_params(config, seed=0)
-    cache = KVCache.allocate(config, batch, capacity=context + new_tokens)
-    for slots in cache.slot_pos:
-        kept = torch.arange(max(0, context - slots.numel()), context)  # a rolling buffer keeps the last
-        slots[kept % slots.numel()] = kept
-    token = torch.zeros(batch, 1, dtype=torch.long)
 
-    def run():
-        cache.length = context
-        t = token
+    def filled_cache() -> KVCache:
+        cache = KVCache.allocate(config, batch, capacity=context + new_tokens)
+        for slots in cache.slot_pos:
+            kept = torch.arange(max(0, context - slots.numel()), context)  # a rolling buffer keeps the last
+            slots[kept % slots.numel()] = kept
+        cache.advance(context)
+        return cache
+
+    def run(cache: KVCache):
+        t = torch.zeros(batch, 1, dtype=torch.long)
         for _ in range(new_tokens):
             t = forward(params, t, config, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
 
-    return [batch * new_tokens / s for s in repeat_times(run, runs)]
+    return [batch * new_tokens / s for s in repeat_times(run, runs, setup=filled_cache)]
 
 
 def decode_row(config: GPTConfig, *, context: int, batch: int, new_tokens: int, runs: int,
