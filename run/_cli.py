@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -19,3 +20,11 @@ def main_guard(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad choice, a missing value) are FgptError too, so
+    `main_guard` prints them as the same one line as every other bad input."""
+
+    def error(self, message: str):
+        raise FgptError(f"{message} (see {self.prog} --help)")
