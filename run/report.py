@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, require_extra
 from fgpt.report.budget import FULL, QUICK
-from fgpt.report.plots import write_plots
 from fgpt.report.study import run_study
 from fgpt.report.writer import REFERENCES, write_report
 from run._cli import main_guard
@@ -53,6 +52,8 @@ def meta(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    require_extra("matplotlib", "plot", "the report's plots")  # before hours of training, not after
+    from fgpt.report.plots import write_plots
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
