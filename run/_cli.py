@@ -23,8 +23,9 @@ def main_guard(main: Callable[[], int | None]) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors (a bad choice, a missing value) are FgptError too, so
-    `main_guard` prints them as the same one line as every other bad input."""
+    """argparse whose usage errors (a bad choice, a missing value) are the same one line and
+    exit code as every other bad input, rather than the whole usage text first."""
 
     def error(self, message: str):
-        raise FgptError(f"{message} (see {self.prog} --help)")
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

@@ -40,8 +40,7 @@ def window_arg(text: str):
 
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = ArgumentParser(prog="python -m run.train", description=__doc__.split("\n")[0],
-                                argument_default=None)
+    p = ArgumentParser(prog="python -m run.train", description=__doc__.split("\n")[0], argument_default=None)
     p.add_argument("--strategy", choices=list(STRATEGIES), help="also strategy=NAME (default single)")
     p.add_argument("--nproc", type=int, help="processes (also nproc=N; default 1 for single, 2 otherwise)")
     p.add_argument("--max-restarts", type=int, default=0,
@@ -146,9 +145,9 @@ def relaunch(argv: list[str], nproc: int, max_restarts: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def main() -> int:
-    argv = expand_launcher_tokens(sys.argv[1:])
-    args = parser().parse_args(argv)
+def choose_ranks(args, under_torchrun: bool) -> None:
+    """Fill in strategy and nproc (as given; else as the resumed run had them; else single,
+    or two ranks of another strategy), checking the launcher's own flags."""
     saved = run_dir.train_state(args.out) if args.resume else None
     if saved and args.strategy in (None, saved["strategy"]):  # as the run was, unless told otherwise
         args.strategy = saved["strategy"]
@@ -167,10 +166,16 @@ def main() -> int:
         raise FgptError("--max-restarts restarts torchrun's ranks: use ddp, fsdp or custom-fsdp")
     if args.resume and not args.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
-    under_torchrun = "RANK" in os.environ
     if under_torchrun and args.max_restarts:
         raise FgptError("--max-restarts is torchrun's own option when you start torchrun yourself: "
                         "give it before `-m run.train`")
+
+
+def main() -> int:
+    argv = expand_launcher_tokens(sys.argv[1:])
+    args = parser().parse_args(argv)
+    under_torchrun = "RANK" in os.environ
+    choose_ranks(args, under_torchrun)
     if args.out is None:  # one name for every rank and every restart
         job = run_dir.torchrun_job_id()
         if under_torchrun and job is None:

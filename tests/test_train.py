@@ -14,7 +14,7 @@ from fgpt import init_params, load_checkpoint, loss_fn, tree
 from fgpt.checkpoint import latest_checkpoint
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt.train import lr_at, train
+from fgpt.train import lr_at, peak_flops, train
 from train_case import TINY, tiny_run
 
 pytestmark = pytest.mark.usefixtures("data_cache")  # one tokenised-corpus cache per session
@@ -107,6 +107,18 @@ def test_resume_continues_bit_for_bit(text_file, tmp_path):
     config, params = load_checkpoint(tmp_path / "b")
     assert config == TINY and torch.equal(params["wte"]["weight"], straight.params["wte"]["weight"])
     assert latest_checkpoint(tmp_path) == tmp_path / "b"  # the run, not its checkpoints/step-6
+
+
+def test_resume_with_dropout_continues_bit_for_bit(text_file, tmp_path):
+    """Dropout draws from torch's global RNG, whose state every checkpoint saves; nothing else
+    in the loop may draw from it. Each call probes the device's speed as a fresh process does."""
+    runs = []
+    for kw in ({"out": str(tmp_path / "a")}, {"out": str(tmp_path / "b"), "stop_after": 3},
+               {"out": str(tmp_path / "b"), "resume": True}):
+        peak_flops.cache_clear()
+        runs.append(train(tiny_run(text_file, model=TINY.replace(dropout=0.1), **kw)))
+    straight, first, second = runs
+    assert [m["loss"] for m in first.metrics + second.metrics] == [m["loss"] for m in straight.metrics]
 
 
 def test_crash_mid_write_leaves_the_last_checkpoint(text_file, tmp_path, monkeypatch):
