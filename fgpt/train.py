@@ -167,7 +167,6 @@ def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult
     `corpus`: train on these token arrays instead of reading `run.data` (in-process use,
     e.g. the study's restricted-vocabulary corpus)."""
     validate(run)
-    run = run_dir.effective_settings(run)
     strategy = make_strategy(run.strategy, device=resolve_device(run.device), compile=run.compile,
                              reduce_dtype=run.reduce_dtype)
     try:
@@ -179,6 +178,7 @@ def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult
 
 def _train(run: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus | None) -> TrainResult:
     check_batch_split(run, strategy.world_size)
+    run = run_dir.effective_settings(run)
     model_config, corpus, first, elapsed_s = _start(run, strategy, corpus)
     out_dir = Path(run.out) if run.out else None
     result = TrainResult(config=model_config, out_dir=out_dir, step=first)
