@@ -98,7 +98,7 @@ class KVCache:
 
 def _cached_attention(q, keys, values, mask) -> torch.Tensor:
     """masked_attention, except one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA
-    takes ~5x longer in bf16 there (186 vs 36 us for 12 heads of 64 over 136 keys, one thread)."""
+    is several times slower for it in bf16 (measured once; no `just bench` row isolates it)."""
     if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return masked_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return masked_attention(q, keys, values, mask)

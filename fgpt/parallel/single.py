@@ -40,8 +40,8 @@ class SingleDevice(Strategy):
         self.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.params = tree.tree_map(lambda x: x.detach().to(self.device, torch.float32).clone(), params)
         self.named = tree.flatten(self.params)  # same tensors, dotted names
-        # fused: one kernel over all leaves; on CPU ~5x faster than the default per-tensor loop
-        # on a 124M tree (3.4 s -> 0.7 s per step, 2 busy cores).
+        # fused: one kernel over all leaves instead of the default per-tensor loop (`just bench
+        # train` shows the gap: "transformers fp32" against "transformers fp32 fused AdamW").
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay),
                                            lr=lr, betas=betas, fused=True)
         self._grad_and_loss = grad_and_value(self._loss)
