@@ -33,6 +33,7 @@ from fgpt.model import count_params, init_params
 from fgpt.parallel import Strategy, make_strategy
 from fgpt.run_config import TrainConfig, check_batch_split, resolve_device, validate
 
+
 @dataclass
 class TrainResult:
     """What `train` returns on every rank."""
@@ -134,7 +135,8 @@ def initial_params(run: TrainConfig) -> tuple[GPTConfig, dict]:
     return model_config, init_params(model_config, seed=run.seed)
 
 
-def _start(run: TrainConfig, strategy: Strategy, corpus: data.Corpus | None) -> tuple[GPTConfig, data.Corpus, int, float]:
+def _start(run: TrainConfig, strategy: Strategy,
+           corpus: data.Corpus | None) -> tuple[GPTConfig, data.Corpus, int, float]:
     """Set the strategy up at step 0, or where the checkpoint in `run.out` left off:
     (model config, corpus, first step, elapsed seconds before it)."""
     if run.resume:
