@@ -14,10 +14,14 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | parallel | attention
+# benchmarks: generate | train | parallel | attention | data
 bench what *args:
     python -m run.bench "$@"
 
 # the assessment study: writes docs/report.md, its plots and docs/report/results.json
 report *args:
     python -m run.report "$@"
+
+# tokenise a corpus (text / JSONL / Parquet) into token shards: just prepare --data SRC --out DIR
+prepare *args:
+    python -m run.prepare "$@"

@@ -61,7 +61,7 @@ class TrainConfig:
     """One run's settings. The defaults are `just train`'s embedded run: the tiny preset on
     the built-in corpus, 120 steps of 8 x 256 tokens."""
     model: GPTConfig | None = None  # None: the --init-from checkpoint's, else the tiny preset
-    data: str | None = None  # text file / directory / glob; None = the built-in corpus
+    data: str | None = None  # text / JSONL / Parquet file, directory or glob, or token shards; None = built-in
     steps: int = 120
     batch_size: int = 8  # global sequences per optimizer step (over micro-batches and ranks)
     grad_accum: int = 1
@@ -398,6 +398,7 @@ def _train(cfg: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus
     T = config.n_ctx
 
     corpus = corpus or _load_corpus(cfg, strategy)
+    data.check_vocab(corpus, config.vocab_size)
     data.check_fits(corpus.train, T, cfg.batch_size, "train")
     if cfg.eval_interval:
         data.check_fits(corpus.val, T, 1, "val")
@@ -493,14 +494,18 @@ def _agree(strategy: Strategy, flag: bool) -> bool:
 
 
 def _load_corpus(cfg: TrainConfig, strategy: Strategy) -> data.Corpus:
-    """Every rank reads the sources (so bad input fails everywhere alike, never a hang);
-    rank 0 tokenises into the cache while the others wait, then all open the same shards."""
-    docs = data.documents(cfg.data)
-    description = "python stdlib" if cfg.data is None else cfg.data
+    """Rank 0 tokenises a raw source into the cache (streaming, on every core) while the
+    others wait; then all open the same shards. Rank 0's failure is shared with every rank,
+    so bad input is one error everywhere, never a hang."""
+    error = None
     if strategy.is_main:
-        data.build_cache(docs, description, progress=cfg.progress)
-    strategy.barrier()
-    return data.open_corpus(data.cache_dir_for(docs), description)
+        try:
+            data.build_cache(cfg.data, progress=cfg.progress)
+        except FgptError as e:
+            error = e
+    if _agree(strategy, error is not None):
+        raise error or FgptError("--data: rank 0 could not prepare the corpus (its error says why)")
+    return data.load_corpus(cfg.data, progress=False)
 
 
 def _open_metrics(out_dir: Path | None, strategy: Strategy, keep_until: int):
