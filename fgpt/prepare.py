@@ -39,6 +39,7 @@ VAL_FRACTION = 0.1  # share of documents (or, when that leaves a split empty, of
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as llm.c's shards
 SPLITS = ("train", "val")
 _SEPARATOR = np.array([EOT], np.uint32)
+_COPY_BLOCK = 1 << 22  # tokens per block when moving a split's tail
 
 
 def is_val(name: str, fraction: float = VAL_FRACTION) -> bool:
@@ -232,8 +233,8 @@ def _split_by_position(tmp: Path, dtype, fraction: float, shard_tokens: int) -> 
     n = len(stream)
     cut = n - math.floor(n * fraction)
     val = ShardWriter(tmp, "val", dtype, shard_tokens=shard_tokens)
-    for a in range(cut, n, shard_tokens):
-        val.add(stream[a:min(n, a + shard_tokens)], 0, False)
+    for a in range(cut, n, _COPY_BLOCK):
+        val.add(stream[a:min(n, a + _COPY_BLOCK)], 0, False)
     val.close()
     start = 0
     for path, shard in zip(paths, stream.shards):

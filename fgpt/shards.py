@@ -154,12 +154,16 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         fmt = manifest["format"]
-        manifest["splits"]["train"]["shards"], manifest["splits"]["val"]["shards"]
+        entries = [e for s in ("train", "val") for e in manifest["splits"][s]["shards"]]
+        well_formed = all(isinstance(e["file"], str) and isinstance(e["tokens"], int) and e["tokens"] >= 0
+                          for e in entries)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FgptError(f"{path} is not an fgpt manifest ({type(e).__name__}: {e})") from None
     if fmt != FORMAT:
         raise FgptError(f"{path} has format {fmt!r}, not {FORMAT!r}: prepare it again with "
                         f"python -m run.prepare")
+    if not well_formed:
+        raise FgptError(f"{path}: every shard entry needs a file name and a token count")
     if manifest.get("dtype") not in DTYPES:
         raise FgptError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     return manifest

@@ -80,14 +80,15 @@ class Chunk:
 # --- listing ----------------------------------------------------------------------------
 
 def list_files(spec: str) -> list[SourceFile]:
-    """The files named by `spec`: a file, a directory (every non-hidden file below it) or a
-    glob, sorted by path."""
+    """The files named by `spec`: a file, a directory (every file below it, except hidden
+    ones and those in hidden directories such as .git) or a glob, sorted by path."""
     if any(ch in spec for ch in "*?["):
         paths, root = [Path(p) for p in glob.glob(spec, recursive=True)], None
         paths = [p for p in paths if p.is_file()]
     elif Path(spec).is_dir():
         root = Path(spec)
-        paths = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        paths = [p for p in root.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     elif Path(spec).is_file():
         paths, root = [Path(spec)], Path(spec).parent
     else:

@@ -146,6 +146,15 @@ def test_one_document_is_split_by_position(tmp_path, name_in_val):
     np.testing.assert_array_equal(np.concatenate([train, val]), whole)
 
 
+def test_hidden_files_and_directories_are_not_documents(tmp_path):
+    src = write_text_files(tmp_path / "docs", DOCS[:4])
+    (src / ".git").mkdir()
+    (src / ".git" / "index").write_bytes(b"DIRC\0\0\0\2")  # binary: an error if it were read
+    (src / ".notes.txt").write_text("not a document")
+    train, _, _ = prepared(src, tmp_path / "out", val_fraction=0.0)
+    np.testing.assert_array_equal(train, reference(DOCS[:4]))
+
+
 def test_val_from_another_source(tmp_path):
     src = write_text_files(tmp_path / "train", DOCS[:5])
     held_out = write_text_files(tmp_path / "held", DOCS[5:8])

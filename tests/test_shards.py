@@ -148,6 +148,8 @@ def test_a_prepared_directory_opens_as_it_was_written(prepared_dir):
     (lambda m: m["splits"]["val"]["shards"].append({"file": "val_000099.bin", "tokens": 3}), r"cannot read shard .*val_000099.bin"),
     (lambda m: m.update(format="fgpt-data-v1"), r"has format 'fgpt-data-v1', not 'fgpt-shards-v2'"),
     (lambda m: m.pop("splits"), r"is not an fgpt manifest \(KeyError"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("tokens"), r"is not an fgpt manifest \(KeyError"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(tokens="500"), r"every shard entry needs a file name and a token count"),
 ])
 def test_a_manifest_that_disagrees_with_the_files_is_an_error(prepared_dir, change, match):
     edit_manifest(prepared_dir, change)
