@@ -58,8 +58,8 @@ class Shard:
 
 class TokenStream:
     """Shards concatenated into one read-only token array: `len()`, `stream[a:b]` (a new
-    np.ndarray, reading across shard boundaries), `stream[i]`, `np.asarray(stream)` (the
-    whole stream in memory: for small corpora) and `max()`."""
+    np.ndarray, reading across shard boundaries), `stream[i]`, iteration, `np.asarray(stream)`
+    (the whole stream in memory: for small corpora) and `max()`."""
 
     def __init__(self, shards: list[Shard], dtype, *, max_token: int | None = None):
         self.shards = [s for s in shards if s.tokens]
@@ -83,6 +83,10 @@ class TokenStream:
         if not 0 <= i < len(self):
             raise IndexError(f"token {key} of a stream of {len(self)}")
         return self._read(i, i + 1)[0]
+
+    def __iter__(self):
+        for a in range(0, len(self), _READ_BLOCK):
+            yield from self._read(a, min(a + _READ_BLOCK, len(self)))
 
     def __array__(self, dtype=None, copy=None):
         out = self._read(0, len(self))

@@ -50,6 +50,7 @@ def test_a_stream_of_shards_slices_like_one_array(tmp_path_factory, cuts, data_)
     i = data_.draw(st.integers(-len(TOKENS), len(TOKENS) - 1))
     assert stream[i] == TOKENS[i]
     np.testing.assert_array_equal(np.asarray(stream), TOKENS)
+    assert [int(t) for t in stream] == TOKENS.tolist()
 
 
 @given(cuts=st.lists(st.integers(1, len(TOKENS) - 1), min_size=1, max_size=8),
@@ -93,6 +94,15 @@ def test_llmc_layout(tmp_path):
     assert len(corpus.train.shards) == 2
     np.testing.assert_array_equal(np.asarray(corpus.train), TOKENS[:2500])
     np.testing.assert_array_equal(np.asarray(corpus.val), TOKENS[2500:])
+
+
+def test_llmc_single_shard_names(tmp_path):
+    """llm.c's smaller datasets name their one shard per split `*_train.bin` / `*_val.bin`."""
+    write_llmc(tmp_path / "tiny_shakespeare_train.bin", TOKENS[:2000])
+    write_llmc(tmp_path / "tiny_shakespeare_val.bin", TOKENS[2000:])
+    corpus = data.load_corpus(str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(corpus.train), TOKENS[:2000])
+    np.testing.assert_array_equal(np.asarray(corpus.val), TOKENS[2000:])
 
 
 @pytest.mark.parametrize("header, match", [
@@ -183,3 +193,31 @@ def test_training_reads_prepared_shards_and_refuses_ids_past_the_vocabulary(tmp_
     TOKENS.tofile(nano / "val.bin")
     with pytest.raises(FgptError, match=r"the train split holds token id 50257, but the model's vocabulary has 50257 ids"):
         train(TrainConfig(data=str(nano), **run))
+
+
+class FakeRank:
+    """The parts of a Strategy corpus loading uses; `others_failed`: what mean_across_ranks
+    reports from the other ranks."""
+    device = torch.device("cpu")
+
+    def __init__(self, is_main, others_failed=False):
+        self.is_main, self.others_failed = is_main, others_failed
+
+    def mean_across_ranks(self, flag):
+        return torch.maximum(flag, torch.tensor(float(self.others_failed)))
+
+
+def test_rank_0s_preparation_error_reaches_every_rank(tmp_path, monkeypatch):
+    from fgpt.train import _load_corpus
+    monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    cfg = TrainConfig(data=str(bad), progress=False)
+    with pytest.raises(FgptError, match="line 2: not valid JSON"):
+        _load_corpus(cfg, FakeRank(is_main=True))
+    with pytest.raises(FgptError, match="rank 0 could not prepare the corpus"):
+        _load_corpus(cfg, FakeRank(is_main=False, others_failed=True))
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(30)))
+    corpus = _load_corpus(TrainConfig(data=str(good), progress=False), FakeRank(is_main=True))
+    assert len(corpus.train) > 0 and corpus.cache_dir.parent == tmp_path / "cache" / "data"
