@@ -14,13 +14,21 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | parallel | attention | data
+# benchmarks: generate | train | parallel | attention | eval | data
 bench what *args:
     python -m run.bench "$@"
 
 # the assessment study: writes docs/report.md, its plots and docs/report/results.json
 report *args:
     python -m run.report "$@"
+
+# evaluate a checkpoint: strided perplexity (--data TEXT) or multiple choice (--task mc --data FILE.jsonl)
+eval *args:
+    python -m run.eval "$@"
+
+# plot training and validation loss of runs: just plot out/a out/b --out runs.png
+plot *args:
+    python -m run.plot "$@"
 
 # tokenise a corpus (text / JSONL / Parquet) into token shards: just prepare --data SRC --out DIR
 prepare *args:
