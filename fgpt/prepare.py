@@ -172,43 +172,54 @@ def prepare(files: list[SourceFile], out: Path, *, val_files: list[SourceFile] |
     if val_files is not None:
         jobs.append((val_files, lambda name: "val", f"--val {val_description}"))
     old = None
-    with atomic_path(out, directory=True) as tmp:
-        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens=shard_tokens) for s in SPLITS}
-        total = sum(f.size for fs, _, _ in jobs for f in fs)
-        # delay: no bar for a small corpus, nor before an error found in the first second
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="preparing",
-                  dynamic_ncols=True, delay=1.0, disable=not progress) as bar:
-            for job_files, split_of, what in jobs:
-                has_text = False
-                work = partial(encode_chunk, split_of=split_of, text_field=text_field)
-                for encoded in ordered_map(work, read_chunks(job_files, text_field=text_field, lenient=lenient),
-                                           workers):
-                    for s in SPLITS:
-                        if encoded.parts[s]:
-                            writers[s].add(encoded.tokens(s), encoded.documents[s], encoded.separated[s])
-                    has_text = has_text or encoded.has_text
-                    bar.update(encoded.nbytes)
-                    bar.set_postfix_str(f"{_count(sum(w.tokens for w in writers.values()))} tokens", refresh=False)
-                if not has_text:
-                    raise FgptError(f"{what}: the files hold no text")
-        for w in writers.values():
-            w.close()
-        split_by = "source" if val_files is not None else "document"
-        if val_files is None and val_fraction > 0 and not all(w.tokens for w in writers.values()):
-            _split_by_position(tmp, dtype, val_fraction, shard_tokens)
-            split_by = "position"
-        manifest = _manifest(tmp, dtype, writers, description=description, val_description=val_description,
-                             val_fraction=None if val_files is not None else val_fraction,
-                             text_field=text_field, split_by=split_by)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; a corpus is as shareable as any directory
-        if out.exists():  # --force: set the old directory aside only now that the new one is whole
-            old = out.with_name(f".{out.name}.replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
+    try:
+        with atomic_path(out, directory=True) as tmp:
+            writers = {s: ShardWriter(tmp, s, dtype, shard_tokens=shard_tokens) for s in SPLITS}
+            try:
+                _tokenise(jobs, writers, text_field=text_field, lenient=lenient, workers=workers, progress=progress)
+            finally:
+                for w in writers.values():
+                    w.close()
+            split_by = "source" if val_files is not None else "document"
+            if val_files is None and val_fraction > 0 and not all(w.tokens for w in writers.values()):
+                _split_by_position(tmp, dtype, val_fraction, shard_tokens)
+                split_by = "position"
+            manifest = _manifest(tmp, dtype, writers, description=description, val_description=val_description,
+                                 val_fraction=None if val_files is not None else val_fraction,
+                                 text_field=text_field, split_by=split_by)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; a corpus is as shareable as any directory
+            if out.exists():  # --force: set the old directory aside only now that the new one is whole
+                old = out.with_name(f".{out.name}.replaced")
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(out, old)
+    except BaseException:
+        if old is not None and not out.exists():  # the final rename failed: put the old one back
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+def _tokenise(jobs: list, writers: dict, *, text_field: str, lenient: bool, workers: int, progress: bool) -> None:
+    """Every job's chunks through the tokeniser pool into the split writers, in order."""
+    total = sum(f.size for files, _, _ in jobs for f in files)
+    # delay: no bar for a small corpus, nor before an error found in the first second
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="preparing",
+              dynamic_ncols=True, delay=1.0, disable=not progress) as bar:
+        for files, split_of, what in jobs:
+            has_text = False
+            work = partial(encode_chunk, split_of=split_of, text_field=text_field)
+            for encoded in ordered_map(work, read_chunks(files, text_field=text_field, lenient=lenient), workers):
+                for s in SPLITS:
+                    if encoded.parts[s]:
+                        writers[s].add(encoded.tokens(s), encoded.documents[s], encoded.separated[s])
+                has_text = has_text or encoded.has_text
+                bar.update(encoded.nbytes)
+                bar.set_postfix_str(f"{_count(sum(w.tokens for w in writers.values()))} tokens", refresh=False)
+            if not has_text:
+                raise FgptError(f"{what}: the files hold no text")
 
 
 def _umask() -> int:

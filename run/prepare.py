@@ -51,9 +51,10 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - start
     mb = sum(f.size for f in files + (val_files or [])) / 1e6
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    print(f"prepared {args.out}: train {train['tokens']:,} tokens in {len(train['shards'])} shards, "
-          f"val {val['tokens']:,} tokens in {len(val['shards'])} ({manifest['split_by']} split); "
-          f"{manifest['documents']:,} documents, {mb:.1f} MB in {seconds:.1f} s ({mb / seconds:.1f} MB/s)",
+    shards = lambda split: f"{len(split['shards'])} shard{'' if len(split['shards']) == 1 else 's'}"  # noqa: E731
+    print(f"prepared {args.out}: train {train['tokens']:,} tokens in {shards(train)}, "
+          f"val {val['tokens']:,} in {shards(val)} ({manifest['split_by']} split); "
+          f"{manifest['documents']:,} documents, {mb:.3g} MB in {seconds:.1f} s ({mb / seconds:.3g} MB/s)",
           file=sys.stderr)
     print(args.out)
 
