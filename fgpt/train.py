@@ -106,16 +106,21 @@ def check_launch(run: TrainConfig, *, nproc: int) -> None:
 
 
 def load_corpus(run: TrainConfig, strategy: Strategy | None = None) -> data.Corpus:
-    """Every rank reads the sources (so bad input fails everywhere alike, never a hang);
-    rank 0 (or a launcher, without a strategy) tokenises into the cache while the others
-    wait, then all open the same shards."""
-    docs = data.documents(run.data)
-    description = "python stdlib" if run.data is None else run.data
+    """Rank 0 (or a launcher, without a strategy) tokenises a raw source into the cache
+    (streaming, on every core) while the others wait; then all open the same shards.
+    Rank 0's failure is shared with every rank, so bad input is one error everywhere,
+    never a hang."""
+    error = None
     if strategy is None or strategy.is_main:
-        data.build_cache(docs, description, progress=run.progress)
-    if strategy is not None:
-        strategy.barrier()
-    return data.open_corpus(data.cache_dir_for(docs), description)
+        try:
+            data.build_cache(run.data, progress=run.progress)
+        except FgptError as e:
+            error = e
+    if strategy is not None and _agree(strategy, error is not None):
+        raise error or FgptError("--data: rank 0 could not prepare the corpus (its error says why)")
+    if error is not None:
+        raise error
+    return data.load_corpus(run.data, progress=False)
 
 
 def _check_fits(corpus: data.Corpus, run: TrainConfig, seq_len: int) -> None:
@@ -144,6 +149,7 @@ def _start(run: TrainConfig, strategy: Strategy,
     else:
         (model_config, params), resumed = initial_params(run), None
     corpus = corpus or load_corpus(run, strategy)
+    data.check_vocab(corpus, model_config.vocab_size)
     _check_fits(corpus, run, model_config.n_ctx)
     strategy.setup(params, model_config, lr=run.lr, weight_decay=run.weight_decay, betas=run.betas,
                    precision=run.precision)

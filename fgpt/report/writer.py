@@ -295,9 +295,10 @@ def generation(r: dict) -> str:
     parts.append(table(["arm", "greedy tokens equal to the text's", "repeated 4-grams (greedy)"], stats))
     best = max(g["arms"].items(), key=lambda kv: kv[1]["greedy_match"])
     loops = max(g["arms"].items(), key=lambda kv: kv[1]["greedy_repeat"] or 0)
-    parts.append(f"What differs: {best[0]}'s greedy text agrees most often with the text's own continuation "
-                 f"({num(best[1]['greedy_match'], 3)} of its tokens), and {loops[0]}'s greedy text repeats itself "
-                 f"most ({num(loops[1]['greedy_repeat'], 3)} of its 4-grams).")
+    repeats = (f"{loops[0]}'s greedy text repeats itself most ({num(loops[1]['greedy_repeat'], 3)} of its 4-grams)"
+               if loops[1]["greedy_repeat"] else "no arm's greedy text repeats a 4-gram")
+    parts.append(f"What differs: {best[0]}'s greedy tokens match the text's own continuation most often "
+                 f"({num(best[1]['greedy_match'], 3)} of them), and {repeats}.")
     for i, prompt in enumerate(g["prompts"]):
         rows = [["(the text)", _cell(g["truth"][i]), ""]]
         rows += [[arm, _cell(a["greedy"][i]), _cell(a["sampled"][i])] for arm, a in g["arms"].items()]
