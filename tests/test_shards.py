@@ -208,16 +208,16 @@ class FakeRank:
 
 
 def test_rank_0s_preparation_error_reaches_every_rank(tmp_path, monkeypatch):
-    from fgpt.train import _load_corpus
+    from fgpt.train import load_corpus
     monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n')
     cfg = TrainConfig(data=str(bad), progress=False)
     with pytest.raises(FgptError, match="line 2: not valid JSON"):
-        _load_corpus(cfg, FakeRank(is_main=True))
+        load_corpus(cfg, FakeRank(is_main=True))
     with pytest.raises(FgptError, match="rank 0 could not prepare the corpus"):
-        _load_corpus(cfg, FakeRank(is_main=False, others_failed=True))
+        load_corpus(cfg, FakeRank(is_main=False, others_failed=True))
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(30)))
-    corpus = _load_corpus(TrainConfig(data=str(good), progress=False), FakeRank(is_main=True))
+    corpus = load_corpus(TrainConfig(data=str(good), progress=False), FakeRank(is_main=True))
     assert len(corpus.train) > 0 and corpus.cache_dir.parent == tmp_path / "cache" / "data"
