@@ -123,8 +123,8 @@ def setup(r: dict) -> str:
             "against the same shape with GPT-2's full vocabulary:\n\n"
             + table(["part", "params %", "FLOPs %", "params % (GPT-2 vocab)", "FLOPs % (GPT-2 vocab)"], share_rows)
             + f"\n\n**Training.** `fgpt.train`, single device, fp32, AdamW (peak lr {num(b['lr'], 4)}), batches of "
-            f"{num(b['batch_size'])} × {num(b['n_ctx'])} tokens, warmup {num(100 * b['warmup_frac'], 0)}% of the steps, "
-            f"then constant, then a linear cooldown over the last {num(100 * b['cooldown'], 0)}% (evaluations before "
+            f"{num(b['batch_size'])} × {num(b['n_ctx'])} tokens, warmup {num(b['warmup_percent'], 0)}% of the steps, "
+            f"then constant, then a linear cooldown over the last {num(b['cooldown_percent'], 0)}% (evaluations before "
             f"the cooldown compare arms at one learning rate). A pilot of {num(b['pilot_steps'])} steps measured "
             f"{num(min(p['tokens_per_s'].values()), 0)} tokens/s, so each run got {num(p['steps'])} steps "
             f"({num(p['tokens_per_run'])} tokens) to fit {num(b['train_minutes'], 0)} min of training. "
