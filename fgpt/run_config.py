@@ -55,7 +55,7 @@ class TrainConfig:
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
-    window_kernel: str = "band"  # kernel of windowed layers: band | flex (fgpt.attention)
+    window_kernel: str = "band"  # kernel of windowed layers: band | flex | dense (fgpt.attention)
     strategy: str = "single"
     progress: bool = True
 

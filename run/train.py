@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
     g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
-                   help="windowed layers: band (plain, default) or flex (compiled flex_attention; CUDA only)")
+                   help="windowed layers: band (plain O(T·W), default), flex (compiled flex_attention; CUDA only) or dense (a T² mask)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     return p
 
