@@ -13,7 +13,7 @@ import statistics
 
 from fgpt.report.budget import RULES, Budget
 from fgpt.report.stats import (CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE, SUPPORTED, loglog_slope,
-                               paired_interval, verdict)
+                               paired_interval, t975, verdict)
 
 SOURCES = {
     "rope": "Su et al. 2021, RoFormer (arXiv:2104.09864)",
@@ -88,6 +88,9 @@ def derive(r: dict, budget: Budget) -> None:
     ref = kv["GPT-2 124M (MHA)"]
     d["kv_vs_mha"] = {name: [e["bytes"] / m["bytes"] for e, m in zip(rows, ref)] for name, rows in kv.items()}
     d["kv_exact"] = all(e["bytes"] == e["formula"] for rows in kv.values() for e in rows)
+    d["t_quantile"] = t975(len(budget.seeds) - 1) if len(budget.seeds) > 1 else None
+    spreads = [row["tokens_per_s"]["max"] / row["tokens_per_s"]["min"] for rows in dec.values() for row in rows]
+    d["decode_widest_spread"] = max(spreads)
     r["derived"] = d
     r["claims"] = claims(r, budget)
 

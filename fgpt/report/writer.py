@@ -311,16 +311,26 @@ def _cell(text: str) -> str:
 
 
 def caveats(r: dict) -> str:
-    b, p = r["budget"], r["pilot"]
+    b, p, d, s = r["budget"], r["pilot"], r["derived"], r["setup"]
+    ctx = r["context"]["arms"]["baseline"]
+    first, last = str(r["context"]["cuts"][0]), str(r["context"]["cuts"][-2])
+    seeds_line = (f"- Seeds: {num(len(b['seeds']))} per main arm, so a paired interval is ±{num(d['t_quantile'], 2)} "
+                  "standard errors wide; 'not detected' means 'smaller than the margin', not 'zero'.\n"
+                  if d["t_quantile"] else "- Seeds: one per arm: no intervals.\n")
     return ("## What this study cannot see\n\n"
-            f"- Scale: {num(r['setup']['shares']['total']['params'])} parameters, {num(p['tokens_per_run'])} tokens per "
+            f"- Scale: {num(s['shares']['total']['params'])} parameters, {num(p['tokens_per_run'])} tokens per "
             "run; the papers train hundreds of millions to billions of parameters on billions to trillions of "
-            "tokens. Effects that only appear with scale "
-            "(e.g. GQA's quality gap growing with model size) cannot show here.\n"
-            f"- Seeds: {num(len(b['seeds']))} per main arm; intervals are wide, and 'not detected' means 'smaller than "
-            f"the margin', not 'zero'.\n"
-            "- Timing: one CPU (named in the header), other processes possibly running; speed ratios come from the same "
-            "run. The papers' speed claims are about GPUs and memory bandwidth.\n"
+            "tokens. Effects that only appear with scale (e.g. GQA's quality gap growing with model size) cannot "
+            "show here.\n"
+            + seeds_line
+            + f"- Context: the baseline gains {interval(ctx[first])} nats from context beyond {first} tokens and "
+              f"{interval(ctx[last])} beyond {last}; claims about longer dependencies rest on the copy and relay "
+              "probes, not on the language-modelling loss.\n"
+            f"- The embedding and head still hold {num(s['shares']['embedding / head']['params_percent'], 1)}% of "
+            f"the parameters and {num(s['shares']['embedding / head']['flops_percent'], 1)}% of the FLOPs.\n"
+            f"- Timing: one CPU (named in the header); the widest decode spread was "
+            f"{num(d['decode_widest_spread'], 2)}× between the fastest and slowest run of one setting. Speed ratios "
+            "come from the same run. The papers' speed claims are about GPUs and memory bandwidth.\n"
             "- The relay probe is synthetic; the copy probe inserts random spans into real text.")
 
 
