@@ -71,12 +71,14 @@ def decode_layout(params: dict) -> dict:
     bf16 = params["wte"]["weight"].dtype == torch.bfloat16
 
     def relayout(t: torch.Tensor, want_in_out_rows: bool) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t  # int8 weights keep the layout their kernel reads (fgpt/int8.py)
         return t.contiguous() if want_in_out_rows else t.T.contiguous().T
 
     h = [{**b, "attn": {k: {**v, "weight": relayout(v["weight"], not bf16)} for k, v in b["attn"].items()},
           "mlp": {k: {**v, "weight": relayout(v["weight"], not bf16)} for k, v in b["mlp"].items()}}
          for b in params["h"]]
-    return {**params, "h": h, "wte": {"weight": relayout(params["wte"]["weight"], bf16)}}
+    return {**params, "h": h, "wte": {**params["wte"], "weight": relayout(params["wte"]["weight"], bf16)}}
 
 
 def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache) -> torch.Tensor:
@@ -125,11 +127,11 @@ def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], ma
     check_length(config, longest, max_new_tokens, allow_past_ctx)
     if max_new_tokens == 0:
         return
-    wte = params["wte"]["weight"]
-    device = wte.device
+    ln_f = params["ln_f"]["weight"]  # the activations' dtype, also where wte is int8
+    device = ln_f.device
     pad = torch.tensor([longest - len(r) for r in rows], device=device)  # [N]
     tokens = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=device)  # [N, T]
-    cache = KVCache.allocate(config, len(rows), longest + max_new_tokens, dtype=wte.dtype,
+    cache = KVCache.allocate(config, len(rows), longest + max_new_tokens, dtype=ln_f.dtype,
                              device=device, pad=pad)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stops = eos_id is not None and not ignore_eos
