@@ -1,25 +1,28 @@
 """`just bench generate`: greedy decode tokens/s, fgpt vs transformers, in one run.
 
 GPT-2 124M shapes with random weights, batch 1, a short prompt, 128 new tokens. fgpt runs
-in fp32 and bf16; transformers in fp32 (the reference) and bf16. In fp32 both must pick
-the same tokens, or the comparison is void.
+in fp32, bf16 and int8 (weight-only, fgpt/int8.py); transformers in fp32 (the reference)
+and bf16. In fp32 both must pick the same tokens, or the comparison is void. Each row also
+shows its bandwidth floor: a step reads every weight it multiplies by once, so it takes at
+least (those bytes) / (the measured copy bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from fgpt import tree
+from fgpt import int8, tree
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
+from fgpt.decode_layout import measured
 from fgpt.generate import Sampling, decode_layout, generate
+from fgpt.measure import copy_bandwidth, machine_line
 from fgpt.model import init_params
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best counts")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on cores "
+                    "shared with other work, 1 thread spares every op a barrier wait")
     return ap.parse_args(argv)
 
 
@@ -45,19 +50,32 @@ def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype):
     return hf.eval().to(dtype)
 
 
+def bytes_per_step(params: dict) -> int:
+    """What one decode step must read: every block weight and the head (wte), all of it; of
+    the position table only one row, so it is left out, as are the KV cache's few KB."""
+    return tree.nbytes({k: v for k, v in params.items() if k != "wpe"})
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = GPTConfig.preset(args.model)
     params = init_params(config, seed=0)
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     n = args.new_tokens
-    engines = {}
-    for name, dtype in DTYPES.items():
-        fast = decode_layout(tree.cast(params, dtype))
+    trees = {name: tree.cast(params, dtype) for name, dtype in FLOAT_DTYPES.items()}
+    trees["int8"] = int8.quantize(params)
+    engines, step_bytes = {}, {}
+    for name, weights in trees.items():
+        fast = decode_layout(weights)
+        step_bytes[name] = bytes_per_step(fast)
         engines["fgpt", name] = lambda fast=fast: generate(
             fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0]
-        engines["transformers", name] = lambda hf=hf_model(params, config, dtype): run_hf(hf, prompt, n)
+        if name in FLOAT_DTYPES:
+            hf = hf_model(params, config, FLOAT_DTYPES[name])
+            engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, n)
     # Round-robin, best of `repeats` each: a machine whose load drifts hits every engine alike.
     tokens = {key: run() for key, run in engines.items()}  # warm-up
     best = dict.fromkeys(engines, float("inf"))
@@ -66,17 +84,28 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             run()
             best[key] = min(best[key], time.perf_counter() - t0)
+    bandwidth = copy_bandwidth()
     rate = {key: n / seconds for key, seconds in best.items()}
-    load = os.getloadavg()[0]  # other processes on the same cores skew every number
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
+    same = sum(a == b for a, b in zip(tokens["fgpt", "int8"], tokens["fgpt", "float32"]))
     ref = rate["transformers", "float32"]
     print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
-          f"{n} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}; "
-          f"fp32 tokens identical in both: yes; load average {load:.1f}")
-    print("| engine | weights | tokens/s | vs transformers fp32 | vs transformers, same dtype |")
-    print("|---|---|---:|---:|---:|")
-    for name in DTYPES:
+          f"{n} new tokens (prefill included), best of {args.repeats}; fp32 tokens identical in fgpt "
+          f"and transformers; int8 picks fp32's token at {same} of {len(tokens['fgpt', 'int8'])} positions")
+    print(f"machine: {machine_line()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{n} {layout}"
+                        for (_, dtype, (k, n), _), layout in measured().items())
+    print(f"decode layouts measured for x @ W [in, out]: {layouts}")
+    print("| engine | weights | MB read / step | floor tokens/s | tokens/s | of floor "
+          "| vs transformers fp32 | vs transformers, same dtype |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name in trees:
+        floor = bandwidth / step_bytes[name]
         for engine in ("transformers", "fgpt"):
+            if (engine, name) not in rate:
+                continue
             r = rate[engine, name]
-            print(f"| {engine} | {name} | {r:.1f} | {r / ref:.2f}x | {r / rate['transformers', name]:.2f}x |")
+            same_dtype = f"{r / rate['transformers', name]:.2f}x" if ("transformers", name) in rate else "-"
+            print(f"| {engine} | {name} | {step_bytes[name] / 1e6:.0f} | {floor:.1f} | {r:.1f} | "
+                  f"{r / floor:.0%} | {r / ref:.2f}x | {same_dtype} |")
