@@ -21,3 +21,7 @@ bench what *args:
 # the assessment study: writes docs/report.md, its plots and docs/report/results.json
 report *args:
     python -m run.report "$@"
+
+# on a CUDA machine: CUDA tests, strategies on NCCL, 124M training and decode speed, one table
+gpu-check *args:
+    python -m run.gpu_check "$@"

@@ -10,7 +10,6 @@ least (those bytes) / (the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -19,7 +18,7 @@ from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.decode_layout import measured
 from fgpt.generate import Sampling, decode_layout, generate
-from fgpt.measure import copy_bandwidth, machine_line
+from fgpt.measure import best_time, copy_bandwidth, machine_line
 from fgpt.model import init_params
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -31,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best counts")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on cores "
                     "shared with other work, 1 thread spares every op a barrier wait")
     return ap.parse_args(argv)
@@ -38,16 +38,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_hf(hf, prompt: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        return hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0].tolist()
 
 
-def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype):
+def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype, device: str = "cpu"):
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head))
     hf.transformer.load_state_dict(tree.flatten(params), strict=True)
-    return hf.eval().to(dtype)
+    return hf.eval().to(device, dtype)
 
 
 def bytes_per_step(params: dict) -> int:
@@ -56,15 +56,13 @@ def bytes_per_step(params: dict) -> int:
     return tree.nbytes({k: v for k, v in params.items() if k != "wpe"})
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = GPTConfig.preset(args.model)
-    params = init_params(config, seed=0)
-    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-    n = args.new_tokens
+def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, repeats: int = 3,
+            device: str = "cpu") -> dict:
+    """Decode every engine round-robin, best of `repeats` each (a machine whose load drifts
+    hits every engine alike): tokens/s per (engine, weights), bytes per step, bandwidth."""
+    config = GPTConfig.preset(model)
+    params = init_params(config, seed=0, device=device)
+    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     trees = {name: tree.cast(params, dtype) for name, dtype in FLOAT_DTYPES.items()}
     trees["int8"] = int8.quantize(params)
     engines, step_bytes = {}, {}
@@ -72,40 +70,51 @@ def main(argv=None) -> None:
         fast = decode_layout(weights)
         step_bytes[name] = bytes_per_step(fast)
         engines["fgpt", name] = lambda fast=fast: generate(
-            fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0]
+            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0]
         if name in FLOAT_DTYPES:
-            hf = hf_model(params, config, FLOAT_DTYPES[name])
-            engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, n)
-    # Round-robin, best of `repeats` each: a machine whose load drifts hits every engine alike.
+            hf = hf_model(params, config, FLOAT_DTYPES[name], device)
+            engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, new_tokens)
     tokens = {key: run() for key, run in engines.items()}  # warm-up
-    best = dict.fromkeys(engines, float("inf"))
-    for _ in range(args.repeats):
-        for key, run in engines.items():
-            t0 = time.perf_counter()
-            run()
-            best[key] = min(best[key], time.perf_counter() - t0)
-    bandwidth = copy_bandwidth()
-    rate = {key: n / seconds for key, seconds in best.items()}
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
-    same = sum(a == b for a, b in zip(tokens["fgpt", "int8"], tokens["fgpt", "float32"]))
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(repeats):
+        for key, run in engines.items():
+            best[key] = min(best[key], best_time(run, 1, warmup=0, device=device))
+    return {"rate": {key: new_tokens / seconds for key, seconds in best.items()}, "step_bytes": step_bytes,
+            "bandwidth": copy_bandwidth(device=device),
+            "int8_same": sum(a == b for a, b in zip(tokens["fgpt", "int8"], tokens["fgpt", "float32"])),
+            "n_tokens": len(tokens["fgpt", "int8"])}
+
+
+def table(result: dict) -> list[str]:
+    rate, step_bytes, bandwidth = result["rate"], result["step_bytes"], result["bandwidth"]
     ref = rate["transformers", "float32"]
-    print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
-          f"{n} new tokens (prefill included), best of {args.repeats}; fp32 tokens identical in fgpt "
-          f"and transformers; int8 picks fp32's token at {same} of {len(tokens['fgpt', 'int8'])} positions")
-    print(f"machine: {machine_line()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{n} {layout}"
-                        for (_, dtype, (k, n), _), layout in measured().items())
-    print(f"decode layouts measured for x @ W [in, out]: {layouts}")
-    print("| engine | weights | MB read / step | floor tokens/s | tokens/s | of floor "
-          "| vs transformers fp32 | vs transformers, same dtype |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for name in trees:
+    lines = ["| engine | weights | MB read / step | floor tokens/s | tokens/s | of floor "
+             "| vs transformers fp32 | vs transformers, same dtype |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in step_bytes:
         floor = bandwidth / step_bytes[name]
         for engine in ("transformers", "fgpt"):
             if (engine, name) not in rate:
                 continue
             r = rate[engine, name]
             same_dtype = f"{r / rate['transformers', name]:.2f}x" if ("transformers", name) in rate else "-"
-            print(f"| {engine} | {name} | {step_bytes[name] / 1e6:.0f} | {floor:.1f} | {r:.1f} | "
-                  f"{r / floor:.0%} | {r / ref:.2f}x | {same_dtype} |")
+            lines.append(f"| {engine} | {name} | {step_bytes[name] / 1e6:.0f} | {floor:.1f} | {r:.1f} | "
+                         f"{r / floor:.0%} | {r / ref:.2f}x | {same_dtype} |")
+    return lines
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args.model, args.new_tokens, args.prompt_len, args.repeats, args.device)
+    print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens (prefill included), {args.device}, best of {args.repeats}; fp32 "
+          f"tokens identical in fgpt and transformers; int8 picks fp32's token at {result['int8_same']} of "
+          f"{result['n_tokens']} positions")
+    print(f"machine: {machine_line()}; copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s")
+    layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
+                        for (_, dtype, (k, m), _), layout in measured().items())
+    print(f"decode layouts measured for x @ W [in, out]: {layouts}")
+    print("\n".join(table(result)))
