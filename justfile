@@ -14,7 +14,7 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | parallel | attention
+# benchmarks: generate | train | parallel | attention | eval
 bench what *args:
     python -m run.bench "$@"
 
@@ -25,3 +25,11 @@ report *args:
 # on a CUDA machine: CUDA tests, strategies on NCCL, 124M training and decode speed, one table
 gpu-check *args:
     python -m run.gpu_check "$@"
+
+# evaluate a checkpoint: strided perplexity (--data TEXT) or multiple choice (--task mc --data FILE.jsonl)
+eval *args:
+    python -m run.eval "$@"
+
+# plot training and validation loss of runs: just plot out/a out/b --out runs.png
+plot *args:
+    python -m run.plot "$@"

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from fgpt.errors import FgptError
 
 # Kernels for windowed layers: "band" (plain PyTorch, below) or "flex" (compiled
-# flex_attention, fgpt/flex_window.py). Same maths, so the choice is a process setting
-# rather than a config field or an argument threaded through every strategy.
+# flex_attention, fgpt/flex_window.py). The choice is fgpt's one process-wide setting (for
+# every thread), read by `attention` at each call, as torch.nn.attention.sdpa_kernel sets
+# SDPA's backends: both kernels compute the same maths, so it says how, not what, and
+# belongs neither in the config (saved with checkpoints) nor in every strategy's signature.
 WINDOW_KERNELS = ("band", "flex")
 _window_kernel = "band"
 
@@ -117,7 +119,8 @@ def use_window_kernel(name: str):
 
 
 def attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal self-attention over a whole sequence: the training / fresh-prefill path."""
+    """Causal self-attention over a whole sequence: the training / fresh-prefill path.
+    Windowed layers run the kernel of `use_window_kernel` (the process-wide setting above)."""
     if window is None or window >= q.shape[-2]:  # the window hides nothing
         return causal_attention(q, k, v, dropout_p)
     if _window_kernel == "flex":

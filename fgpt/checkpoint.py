@@ -6,8 +6,12 @@
 Loading is a key-path transform (`tree.unflatten`), after two normalisations of the HF
 files in the wild: `GPT2LMHeadModel.save_pretrained` prefixes keys with `transformer.`
 (and may store a tied `lm_head.weight`); hub files have no prefix and carry
-`h.N.attn.bias` / `h.N.attn.masked_bias` mask buffers. Only safetensors is read: a pickle
-checkpoint can run code, so it is refused, never opened.
+`h.N.attn.bias` / `h.N.attn.masked_bias` mask buffers.
+
+Safetensors comes first. A directory holding only `pytorch_model.bin` (many hub fine-tunes)
+loads through `torch.load(weights_only=True)`: its restricted unpickler builds tensors and
+plain containers and refuses every other global before calling it, so no code in the file
+runs; anything but a flat {name: tensor} mapping is then refused too.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import json
 import logging
 import os
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -32,6 +38,9 @@ log = logging.getLogger("fgpt")
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")  # torch.save files, read tensors-only
 CONFIG = "config.json"
 HF_PREFIX = "transformer."
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # hub files' causal-mask buffers
@@ -51,7 +60,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     for h in handles:
         where |= {k: h for k in h.keys()}
     keys = _normalise_keys(list(where), path)
-    shapes = {ours: tuple(where[hf].get_slice(hf).get_shape()) for ours, hf in keys.items()}
+    shapes = {ours: where[hf].shape(hf) for ours, hf in keys.items()}
     config = GPTConfig.from_json(config_json) if config_json else infer_config(shapes)
     _check_against(config, shapes, path, from_json=config_json is not None)
     if config_json is None:
@@ -59,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
                     "from tensor shapes", path, config.n_layer, config.n_head, config.n_kv_head, config.pos_emb)
 
     def read(hf_key: str) -> torch.Tensor:
-        t = where[hf_key].get_tensor(hf_key)
+        t = where[hf_key].tensor(hf_key)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     flat = {ours: read(hf) for ours, hf in keys.items()}
@@ -76,25 +85,29 @@ def _resolve(path) -> tuple[list[Path], Path | None]:
             return _resolve(_download(str(path)))
         raise FgptError(f"checkpoint not found: {path}")
     if p.is_dir():
-        if (p / INDEX).is_file():
-            p = p / INDEX
-        elif (p / WEIGHTS).is_file():
-            p = p / WEIGHTS
-        else:
-            found = sorted(p.glob("*.safetensors"))
-            if len(found) != 1:
-                pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
-                hint = (f" (only {', '.join(pickles)}: pickle files are never loaded, convert them"
-                        " to safetensors)") if pickles else ""
-                raise FgptError(f"no {WEIGHTS} in {p}{hint}")
-            p = found[0]
+        p = _weights_in(p)
     config = p.parent / CONFIG
     config = config if config.is_file() else None
     if p.name.endswith(".index.json"):
         return _shards(p), config
-    if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-        raise FgptError(f"{p} is a pickle checkpoint; fgpt reads only safetensors (pickle can run code)")
     return [p], config
+
+
+def _weights_in(directory: Path) -> Path:
+    """The weights of a directory: safetensors when there is any, else pytorch_model.bin."""
+    for name in (INDEX, WEIGHTS):
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(directory.glob("*.safetensors"))
+    if len(found) > 1:
+        raise FgptError(f"{directory} holds several .safetensors files and no {INDEX}: "
+                        "pass the file to load")
+    if found:
+        return found[0]
+    for name in (PICKLE_INDEX, PICKLE_WEIGHTS):
+        if (directory / name).is_file():
+            return directory / name
+    raise FgptError(f"no {WEIGHTS} or {PICKLE_WEIGHTS} in {directory}")
 
 
 def _shards(index: Path) -> list[Path]:
@@ -110,11 +123,65 @@ def _shards(index: Path) -> list[Path]:
 
 
 def _open(file: Path, device):
-    """Memory-map one safetensors file: tensors are read only when asked for."""
-    try:
-        return safe_open(str(file), framework="pt", device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise FgptError(f"{file} is not a readable safetensors file ({e})") from None
+    return _TorchFile(file, device) if file.suffix in PICKLE_SUFFIXES else _SafetensorsFile(file, device)
+
+
+class _SafetensorsFile:
+    """A memory-mapped safetensors file: tensors are read only when asked for."""
+
+    def __init__(self, file: Path, device):
+        try:
+            self._file = safe_open(str(file), framework="pt", device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise FgptError(f"{file} is not a readable safetensors file ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+
+class _TorchFile:
+    """A torch.save file of tensors alone (`pytorch_model.bin`), unpickled with
+    weights_only=True: globals outside torch's allowlist (os.system, any class) are refused
+    before they are called."""
+
+    def __init__(self, file: Path, device):
+        try:  # zip-format files (torch >= 1.6) map lazily; legacy ones are read whole
+            with warnings.catch_warnings():  # e.g. "pickle protocol 4" before refusing a plain pickle
+                warnings.simplefilter("ignore")
+                loaded = torch.load(file, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as e:  # torch's errors on foreign files are many (UnpicklingError, RuntimeError, EOFError...)
+            raise FgptError(f"{file} is not a tensors-only torch file; refused without running "
+                            f"anything in it ({_why(e)})") from None
+        if not isinstance(loaded, dict):
+            raise FgptError(f"{file} holds an object of type {type(loaded).__name__}, not a mapping "
+                            "of tensor names to tensors")
+        bad = [k for k, v in loaded.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+        if bad:
+            raise FgptError(f"{file}: {bad[0]!r} is of type {type(loaded[bad[0]]).__name__}, not a tensor "
+                            "(fgpt reads tensors-only files: a state_dict as save_pretrained writes it)")
+        self._tensors = {k: v.detach() for k, v in loaded.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+def _why(e: Exception) -> str:
+    """The telling line of torch's (long, multi-line) load error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    telling = [line for line in lines if "unsupported" in line.lower()]  # names the refused global
+    return (telling or lines or [type(e).__name__])[0]
 
 
 def _normalise_keys(hf_keys: list[str], path) -> dict[str, str]:
@@ -187,7 +254,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> GPTConfig:
 # --- the hub (optional) ------------------------------------------------------------------
 
 def _looks_like_hub_name(name: str) -> bool:
-    return bool(_HUB_REPO.fullmatch(name)) and not name.endswith((".safetensors", ".json"))
+    return bool(_HUB_REPO.fullmatch(name)) and not name.endswith((".safetensors", ".json", *PICKLE_SUFFIXES))
 
 
 def _download(repo: str) -> Path:
@@ -199,7 +266,11 @@ def _download(repo: str) -> Path:
         raise FgptError(f"checkpoint {repo!r} is not a local path and huggingface_hub is not "
                         f"installed (pip install 'fgpt[hub]'); or {local_hint}") from None
     try:
-        return Path(snapshot_download(_hub_repo(repo), allow_patterns=[WEIGHTS, INDEX, "*.safetensors", CONFIG]))
+        local = Path(snapshot_download(_hub_repo(repo), allow_patterns=[WEIGHTS, INDEX, "*.safetensors", CONFIG]))
+        if not any(local.glob("*.safetensors")):  # many fine-tunes ship only the pickle
+            local = Path(snapshot_download(_hub_repo(repo), allow_patterns=[
+                PICKLE_WEIGHTS, PICKLE_INDEX, "pytorch_model-*.bin", CONFIG]))
+        return local
     except Exception as e:  # offline, unknown repo, ...: the hub's own errors are many and long
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FgptError(f"checkpoint {repo!r} is not a local path and the hub could not provide it "

@@ -11,6 +11,9 @@ from typing import Any, Mapping
 from fgpt.errors import FgptError
 
 GPT2_VOCAB = 50257
+# Variants (rotary, GQA, windowed) are written under fgpt's own model type: transformers then
+# refuses them (AutoModel*, pipeline) instead of loading them as full-attention GPT-2.
+FGPT_MODEL_TYPE, FGPT_ARCHITECTURE = "fgpt", "FgptForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class GPTConfig:
         ws = self.layer_windows
         return None if any(w is None for w in ws) else max(ws)
 
+    @property
+    def is_plain_gpt2(self) -> bool:
+        """Learned positions, multi-head, full attention: what transformers' GPT-2 computes."""
+        return (self.pos_emb == "learned" and self.kv_heads == self.n_head
+                and all(w is None for w in self.layer_windows))
+
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
 
@@ -85,10 +94,13 @@ class GPTConfig:
 
     # HF config.json ------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        """An HF GPT-2 config.json; fgpt's extra fields ride along (HF ignores unknown keys)."""
+        """An HF GPT-2 config.json; fgpt's extra fields ride along (HF ignores unknown keys).
+        A variant says `model_type: fgpt`, which transformers does not know, so it refuses the
+        checkpoint rather than run it with GPT-2's attention."""
+        plain = self.is_plain_gpt2
         d = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel" if plain else FGPT_ARCHITECTURE],
+            "model_type": "gpt2" if plain else FGPT_MODEL_TYPE,
             "vocab_size": self.vocab_size,
             "n_positions": self.n_ctx,
             "n_ctx": self.n_ctx,
@@ -110,8 +122,9 @@ class GPTConfig:
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
-        """Read an HF GPT-2 config.json (plain HF files mean learned / MHA / full attention)."""
-        if d.get("model_type", "gpt2") != "gpt2":
+        """Read an HF GPT-2 config.json (plain HF files mean learned / MHA / full attention) or
+        an fgpt variant's (model_type fgpt; older fgpt files said gpt2 with the same fields)."""
+        if d.get("model_type", "gpt2") not in ("gpt2", FGPT_MODEL_TYPE):
             raise FgptError(f"config.json describes a {d.get('model_type')!r} model, not gpt2")
         if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise FgptError(f"unsupported activation_function {d['activation_function']!r}")

@@ -24,7 +24,7 @@ class KVCache:
     slot_pos: list[torch.Tensor]  # per layer [size] int64: slot held at each index, -1 = empty
     pad: torch.Tensor  # [B] left padding of each row, in slots
     capacity: int  # slots this cache may ever hold
-    length: int = 0  # slots written so far
+    length: int = 0  # slots written so far: the cursor, moved by `advance`
     _has_padding: bool | None = None
 
     @classmethod
@@ -53,6 +53,11 @@ class KVCache:
         """[B, n_new] token positions of the next n_new slots (pad slots clamp to 0)."""
         slots = torch.arange(self.length, self.length + n_new, device=self.pad.device)
         return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def advance(self, n: int) -> None:
+        """Move the cursor past the n slots every layer has just written (`forward` calls it
+        once per pass, after the last block: each layer's `attend` reads the same cursor)."""
+        self.length += n
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         size = self.slot_pos[layer].numel()
@@ -98,7 +103,7 @@ class KVCache:
 
 def _cached_attention(q, keys, values, mask) -> torch.Tensor:
     """masked_attention, except one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA
-    takes ~5x longer in bf16 there (186 vs 36 us for 12 heads of 64 over 136 keys, one thread)."""
+    is several times slower for it in bf16 (measured once; no `just bench` row isolates it)."""
     if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return masked_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return masked_attention(q, keys, values, mask)

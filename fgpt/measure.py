@@ -28,18 +28,22 @@ def _sync(device: str | torch.device | None) -> None:
         torch.cuda.synchronize()
 
 
-def repeat_times(fn: Callable[[], object], repeats: int = 5, *, warmup: int = 1,
-                 device: str | torch.device | None = None) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of `fn`, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
+def repeat_times(fn: Callable[..., object], repeats: int = 5, *, warmup: int = 1,
+                 device: str | torch.device | None = None, setup: Callable[[], object] | None = None) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn`, after `warmup` untimed calls. With
+    `setup`, each call is `fn(setup())` and only `fn` is timed (fresh state per run)."""
+    call = fn if setup is None else (lambda: fn(state))
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if setup is not None:
+            state = None  # the previous run's state goes before the next is made
+            state = setup()
         _sync(device)
         start = time.perf_counter()
-        fn()
+        call()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
     return times
 
 
@@ -144,3 +148,10 @@ def machine_line() -> str:
     load = f", load average {m['load_average']}" if "load_average" in m else ""
     return (f"{m['cpu']} ({isa}), {m['cores']} cores, {m['threads']} torch threads{gpu}; "
             f"torch {m['torch']}, Python {m['python']}{load}")
+
+
+def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes per second this machine streams from memory: a sum over a tensor far larger
+    than the caches (the floor of a memory-bound decode step is bytes read / this)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / min(repeat_times(lambda: x.sum(), repeats))

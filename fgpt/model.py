@@ -1,16 +1,37 @@
 """GPT-2 as pure functions over a parameter tree.
 
     params = init_params(config, seed=0)
-    logits = forward(params, tokens, config)          # [B, T] -> [B, T, V]
+    logits = forward(params, tokens, config)              # [B, T] -> [B, T, V]
+    loss = loss_fn(params, tokens, targets, config)       # mean next-token cross-entropy
 
-The tree's dotted paths are the HF GPT-2 safetensors keys (see DESIGN.md). Nothing here
-mutates `params` or touches global state, so torch.func.grad / vmap / jacrev apply.
+The tree is nested dicts of tensors whose dotted paths are the HF GPT-2 safetensors keys
+(`param_shapes` lists them all): `wte`, `wpe` (learned positions only), `h` (a list, one dict
+per block: `ln_1`, `attn.c_attn` with columns [q | k | v], `attn.c_proj`, `ln_2`, `mlp.c_fc`,
+`mlp.c_proj`) and `ln_f`. Linear weights are [in, out] (HF's Conv1D) and the LM head is the
+token embedding `wte` (tied).
+
+The network is four pieces, chained by `trunk` here and piece by piece by the training
+strategies that shard parameters per block (fgpt/parallel/): `embed` (tokens -> x and their
+`Positions`), `block` (x -> x, once per layer), then `head` (x -> logits) or `head_loss`
+(x -> mean loss). A position scheme lives in `embed`, `Positions` and `attention_block` alone.
+
+What "pure" means here, exactly: no function keeps state between calls or mutates `params`,
+so torch.func.grad / vjp / jacrev apply. The exceptions, all of them:
+- `cache=`: `forward` writes the new keys and values into the KV cache, then moves its cursor
+  (`KVCache.advance`); the cache is the one argument that is mutated.
+- dropout (`train=True` and `config.dropout > 0`) draws from torch's default generator of
+  the device: `torch.manual_seed` seeds it, and torch.func.vmap needs `randomness=` then.
+- windowed layers read the one process-wide setting, the window kernel
+  (`fgpt.attention.use_window_kernel`): which implementation computes them, not what.
+Rotary cos / sin tables are memoised per (length, head dim, base, dtype, device) in
+fgpt/rope.py: a memo of values, which never changes a result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +85,10 @@ def init_params(config: GPTConfig, seed: int = 0, *, dtype=torch.float32, device
     """GPT-2 initialisation: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)),
     zero biases, unit layer-norm gains.
 
-    Each leaf draws from its own generator seeded by (seed, path), so two configs that share
-    a leaf's path and shape get the same tensor: a RoPE model (no wpe) or a GQA model (other
-    c_attn width) starts from exactly the baseline's other weights."""
+    Each leaf draws from its own generator seeded by (seed, path), so two configs of one
+    depth that share a leaf's path and shape get the same tensor (across depths the c_proj
+    weights are the same draw, scaled): a RoPE model (no wpe) or a GQA model (other c_attn
+    width) starts from exactly the baseline's other weights."""
     resid_std = 0.02 / math.sqrt(2 * config.n_layer)
     flat = {}
     for path, shape in param_shapes(config).items():
@@ -84,7 +106,32 @@ def init_params(config: GPTConfig, seed: int = 0, *, dtype=torch.float32, device
 
 # --- the network -----------------------------------------------------------------------
 
-def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, rope=None,
+class Positions(NamedTuple):
+    """What the blocks need of where the tokens sit, made once per pass by `embed`. Learned
+    positions were added to the embeddings, so they need nothing here; rotary positions
+    carry the (cos, sin) that rotate q and k."""
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def embed(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCache | None = None,
+          train: bool = False) -> tuple[torch.Tensor, Positions]:
+    """tokens [B, T] -> (x [B, T, d], their Positions). Positions count from 0, or continue
+    the cached sequence (per row, after its left padding)."""
+    T = tokens.shape[1]
+    end = T if cache is None else cache.length + T  # one past the largest position
+    if config.pos_emb == "learned" and end > config.n_ctx:
+        raise FgptError(f"sequence of {end} tokens exceeds n_ctx={config.n_ctx} (learned positions)")
+    ids = torch.arange(T, device=tokens.device) if cache is None else cache.positions(T)  # [T] or [B, T]
+    x = embedding(params["wte"], tokens)  # [B, T, d]
+    if config.pos_emb == "learned":
+        x = x + embedding(params["wpe"], ids)
+        pos = Positions()
+    else:  # "rope"
+        pos = Positions(rope=rope_angles(ids, end, config.head_dim, config.rope_base, x.dtype))
+    return dropout(x, config.dropout, train), pos
+
+
+def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, pos: Positions,
                     cache: KVCache | None = None, train: bool = False) -> torch.Tensor:
     """Causal self-attention: [B, T, d] -> [B, T, d]; q, k, v come from one c_attn matmul."""
     hd, H, Hkv = config.head_dim, config.n_head, config.kv_heads
@@ -93,8 +140,8 @@ def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, 
     q = rearrange(q, "b t (h d) -> b h t d", h=H)
     k = rearrange(k, "b t (h d) -> b h t d", h=Hkv)
     v = rearrange(v, "b t (h d) -> b h t d", h=Hkv)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if pos.rope is not None:
+        q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
     window = config.layer_windows[layer]
     if cache is not None:
         y = cache.attend(layer, q, k, v, window)
@@ -104,37 +151,13 @@ def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, 
     return dropout(linear(p["c_proj"], y), config.dropout, train)
 
 
-def block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, rope=None,
+def block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, pos: Positions,
           cache: KVCache | None = None, train: bool = False) -> torch.Tensor:
     """One pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
     eps = config.layer_norm_epsilon
     x = x + attention_block(p["attn"], layer_norm(p["ln_1"], x, eps), config,
-                            layer=layer, rope=rope, cache=cache, train=train)
+                            layer=layer, pos=pos, cache=cache, train=train)
     return x + dropout(mlp(p["mlp"], layer_norm(p["ln_2"], x, eps)), config.dropout, train)
-
-
-def positions_for(tokens: torch.Tensor, config: GPTConfig, cache: KVCache | None) -> tuple:
-    """(positions [T] or [B, T], one past the largest position) for the incoming tokens."""
-    T = tokens.shape[1]
-    end = T if cache is None else cache.length + T
-    if config.pos_emb == "learned" and end > config.n_ctx:
-        raise FgptError(f"sequence of {end} tokens exceeds n_ctx={config.n_ctx} (learned positions)")
-    if cache is None:
-        return torch.arange(T, device=tokens.device), end
-    return cache.positions(T), end
-
-
-def embed(params: dict, tokens: torch.Tensor, config: GPTConfig, positions, train=False):
-    x = embedding(params["wte"], tokens)  # [B, T, d]
-    if config.pos_emb == "learned":
-        x = x + embedding(params["wpe"], positions)
-    return dropout(x, config.dropout, train)
-
-
-def rope_for(positions, end: int, config: GPTConfig, dtype):
-    if config.pos_emb != "rope":
-        return None
-    return rope_angles(positions, end, config.head_dim, config.rope_base, dtype)
 
 
 def head(params: dict, x: torch.Tensor, config: GPTConfig) -> torch.Tensor:
@@ -143,28 +166,37 @@ def head(params: dict, x: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     return unembed(params["wte"], x)
 
 
+def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """The head, then the mean cross-entropy against targets [B, T] (in fp32); -1 is ignored."""
+    logits = head(params, x, config)  # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+
+def trunk(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCache | None = None,
+          train: bool = False) -> torch.Tensor:
+    """embed, then every block: tokens [B, T] -> the residual stream [B, T, d] the head reads.
+    With `cache`, the tokens continue the cached sequence and their keys / values join it."""
+    x, pos = embed(params, tokens, config, cache=cache, train=train)
+    for i, p in enumerate(params["h"]):
+        x = block(p, x, config, layer=i, pos=pos, cache=cache, train=train)
+    if cache is not None:
+        cache.advance(tokens.shape[1])
+    return x
+
+
 def forward(params: dict, tokens: torch.Tensor, config: GPTConfig, *,
-            cache: KVCache | None = None, train: bool = False, last_only: bool = False) -> torch.Tensor:
+            cache: KVCache | None = None, train: bool = False, last_only: bool = False,
+            logits_for: slice | None = None) -> torch.Tensor:
     """tokens [B, T] int64 -> logits [B, T, V]. With `cache`, tokens continue the cached
     sequence and their keys/values are appended to it. `last_only`: logits [B, 1, V] of the
-    last position alone (what sampling needs; spares the head's T x V matmul)."""
-    positions, end = positions_for(tokens, config, cache)
-    x = embed(params, tokens, config, positions, train)
-    rope = rope_for(positions, end, config, x.dtype)
-    for i, p in enumerate(params["h"]):
-        x = block(p, x, config, layer=i, rope=rope, cache=cache, train=train)
-    if cache is not None:
-        cache.length = end
-    return head(params, x[:, -1:] if last_only else x, config)
+    last position alone (what sampling needs; spares the head's T x V matmul); `logits_for`:
+    those of the positions in that slice alone (what scoring a few targets needs)."""
+    x = trunk(params, tokens, config, cache=cache, train=train)
+    keep = slice(-1, None) if last_only else logits_for or slice(None)
+    return head(params, x[:, keep], config)
 
 
 def loss_fn(params: dict, tokens: torch.Tensor, targets: torch.Tensor, config: GPTConfig,
             *, train: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy; targets of -1 are ignored."""
-    return token_loss(forward(params, tokens, config, train=train), targets)
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, T, V] against targets [B, T]; -1 is ignored.
-    Shared with the parallel strategies, which run embed / blocks / head piece by piece."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    return head_loss(params, trunk(params, tokens, config, train=train), targets, config)

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
@@ -56,3 +57,13 @@ def gpt2_encoding() -> tiktoken.Encoding:
         vocab_bpe_file=_verified("vocab.bpe"), encoder_json_file=_verified("encoder.json"))
     return tiktoken.Encoding(name="gpt2", pat_str=PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
+
+
+@functools.cache
+def token_byte_lengths() -> np.ndarray:
+    """The UTF-8 bytes each token id stands for (bits-per-byte counts); <|endoftext|> counts
+    0, being a document boundary rather than text."""
+    enc = gpt2_encoding()
+    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+    lengths[EOT] = 0
+    return lengths

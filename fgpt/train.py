@@ -46,7 +46,7 @@ from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.model import count_params, init_params
 from fgpt.parallel import Strategy, make_strategy
-from fgpt.parallel.base import SavedOptimizer
+from fgpt.parallel.optimizer_state import SavedOptimizer
 
 log = logging.getLogger("fgpt")
 
@@ -359,7 +359,7 @@ def evaluate(strategy: Strategy, corpus: data.Corpus, cfg: TrainConfig, config: 
     for i in range(cfg.eval_iters):
         x, y = data.eval_batch(corpus.val, seq_len=seq_len, batch_size=batch, seed=data.EVAL_SEED, index=i,
                                rank=strategy.rank, world_size=strategy.world_size, ignore_id=corpus.ignore_id)
-        losses.append(strategy.eval_loss(x, y, config).float().cpu())
+        losses.append(strategy.eval_loss(x, y).float().cpu())
     return float(strategy.mean_across_ranks(torch.stack(losses).mean()))
 
 

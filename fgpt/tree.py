@@ -51,11 +51,6 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     return optree.tree_map(fn, tree)
 
 
-def tree_map_with_path(fn: Callable[[str, torch.Tensor], Any], tree: Tree) -> Tree:
-    """Like tree_map, but `fn` also receives the leaf's dotted path."""
-    return optree.tree_map_with_path(lambda p, x: fn(_key(p), x), tree)
-
-
 def leaves(tree: Tree) -> list[torch.Tensor]:
     return optree.tree_leaves(tree)
 
@@ -65,13 +60,5 @@ def cast(tree: Tree, dtype: torch.dtype) -> Tree:
     return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, tree)
 
 
-def to_device(tree: Tree, device: torch.device | str) -> Tree:
-    return tree_map(lambda x: x.to(device), tree)
-
-
 def count(tree: Tree) -> int:
     return sum(x.numel() for x in leaves(tree))
-
-
-def nbytes(tree: Tree) -> int:
-    return sum(x.numel() * x.element_size() for x in leaves(tree))

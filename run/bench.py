@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("generate", "train", "parallel", "attention")
+BENCHES = ("generate", "train", "parallel", "attention", "eval")
 
 
 def main() -> None:

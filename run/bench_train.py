@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
-from fgpt.parallel.single import SingleDevice, adamw_param_groups
+from fgpt.parallel.base import adamw_param_groups
+from fgpt.parallel.single import SingleDevice
 
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 

@@ -1,6 +1,7 @@
-"""`python -m run.convert --checkpoint IN --to-gqa N --out OUT`: turn an MHA checkpoint into
-a grouped-query one by mean-pooling each group's K/V heads (then uptrain it with
-`python -m run.train --init-from OUT`)."""
+"""`python -m run.convert --checkpoint IN (--to-gqa N | --to-safetensors) --out OUT`: turn an
+MHA checkpoint into a grouped-query one by mean-pooling each group's K/V heads (then uptrain
+it with `python -m run.train --init-from OUT`), or write a `pytorch_model.bin` checkpoint's
+safetensors twin (same tensors, same dtype)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ log = logging.getLogger("run.convert")
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m run.convert", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="a .safetensors file or a directory holding one")
-    ap.add_argument("--to-gqa", type=int, required=True, metavar="N", help="number of kv heads to keep")
+    ap.add_argument("--checkpoint", required=True,
+                    help="a .safetensors or pytorch_model.bin file, or a directory holding one")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to-gqa", type=int, metavar="N", help="number of kv heads to keep")
+    what.add_argument("--to-safetensors", action="store_true",
+                      help="rewrite the weights as model.safetensors, unchanged")
     ap.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
     return ap.parse_args(argv)
 
@@ -27,6 +32,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config, params = load_checkpoint(args.checkpoint)
+    if args.to_safetensors:
+        out = save_checkpoint(args.out, config, params)
+        log.info("wrote %s (%s)", out, "model.safetensors + config.json")
+        return
     new_config, new_params = to_gqa(config, params, args.to_gqa)
     out = save_checkpoint(args.out, new_config, new_params)
     log.info("pooled %d kv heads into %d (n_head=%d): wrote %s", config.kv_heads, args.to_gqa,

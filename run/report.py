@@ -1,7 +1,8 @@
-"""`just report [--quick] [--out DIR] [--no-parallel]`: the assessment study.
+"""`just report [--quick] [--out DIR] [--data SRC]`: the assessment study.
 
-Trains every arm (baseline, RoPE, GQA, SWA, the combination) on every seed, measures, and
-writes DIR/report.md, DIR/report/*.png and DIR/report/results.json (every number the text
+Trains every arm on its seeds, probes the trained models (context use, length, copying,
+generation), runs the relay probe and the efficiency measurements, and writes
+DIR/report.md, DIR/report/*.png and DIR/report/results.json (every number the text
 quotes). DIR defaults to docs/. `--quick` runs the same code with tiny budgets (the test).
 """
 
@@ -9,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from fgpt.errors import FgptError
+from fgpt.measure import machine, machine_line
 from fgpt.report.budget import FULL, QUICK
+from fgpt.report.claims import derive
 from fgpt.report.plots import write_plots
 from fgpt.report.study import run_study
-from fgpt.report.writer import REFERENCES, write_report
+from fgpt.report.writer import write_report
 from run._cli import main_guard
 
 
@@ -30,24 +29,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute): the test's mode")
     p.add_argument("--out", default="docs", help="output directory (default: docs)")
     p.add_argument("--data", help="corpus: text file, directory or glob (default: Python's stdlib)")
-    p.add_argument("--no-parallel", action="store_true", help="skip the parallel-strategies table")
     return p.parse_args(argv)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def meta(argv: list[str]) -> dict:
-    return {"command": "python -m run.report" + "".join(" " + shlex.quote(a) for a in argv),
-            "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         raise FgptError(f"--out {out}: {e.strerror}") from None
     budget = QUICK if args.quick else FULL
-    results = run_study(budget, data_spec=args.data, parallel=not args.no_parallel)
-    results |= {"meta": meta(argv), "budget": budget.to_dict(), "references": REFERENCES}
+    results = run_study(budget, data_spec=args.data)
+    results["meta"] = {"command": "python -m run.report" + "".join(" " + shlex.quote(a) for a in argv),
+                       "machine": machine(), "machine_line": machine_line()}
+    results["budget"] = budget.to_dict()
+    derive(results, budget)
     asset_dir = out / "report"
     write_plots(results, asset_dir)
     (asset_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""`python -m run.train [strategy=NAME] [nproc=N] [FLAGS...]`: train a GPT (see README "Train").
+"""`python -m run.train [strategy=NAME] [nproc=N] [FLAGS...]`: train a GPT (see README "Training").
 
 With no flags it runs the embedded default: the tiny preset on the built-in corpus, on CPU.
 `strategy=` / `nproc=` may appear anywhere (that is how `just train` hands them over). With
@@ -227,7 +227,7 @@ def main() -> int:
     # keeps torchrun from taking it for a failure (and restarting under --max-restarts).
     code = 130 if result.interrupted and result.step != cfg.stop_after else 0
     if "RANK" in os.environ:  # a torchrun worker: skip finalizers that can abort after gloo
-        from fgpt.parallel.dist import exit_without_finalizers
+        from fgpt.parallel.process_group import exit_without_finalizers
         exit_without_finalizers(code)
     return code
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fgpt import init_params  # noqa: E402
 from fgpt.errors import FgptError  # noqa: E402
 from fgpt.parallel import make_strategy  # noqa: E402
-from fgpt.parallel.base import SavedOptimizer  # noqa: E402
-from fgpt.parallel.dist import exit_without_finalizers  # noqa: E402
+from fgpt.parallel.optimizer_state import SavedOptimizer  # noqa: E402
+from fgpt.parallel.process_group import exit_without_finalizers  # noqa: E402
 from fgpt.train import train  # noqa: E402
 from parallel_case import CASES, CONFIG, HYPER, STEPS, STOP_AFTER, train_run, train_steps  # noqa: E402
 
@@ -43,14 +43,14 @@ def run_case(name: str, accum: int, precision: str, steps: int) -> dict:
 
 
 def resume_case(name: str) -> dict:
-    """Stop after 3 steps, rebuild from full_params + optimizer state, finish the run."""
+    """Stop after 3 steps, rebuild from full_params + optimizer state as --resume does (setup
+    on the saved tree, then load_optimizer_state), finish the run."""
     first = make_strategy(name, device="cpu")
     first.setup(init_params(CONFIG, seed=0), CONFIG, precision="fp32", **HYPER)
     head = train_steps(first, 1, 3, rank=first.rank, world=first.world_size)
     params, opt = first.full_params(), first.optimizer_state()
     second = make_strategy(name, device="cpu")
-    second.setup(init_params(CONFIG, seed=1), CONFIG, precision="fp32", **HYPER)
-    second.load_params(params)
+    second.setup(params, CONFIG, precision="fp32", **HYPER)
     second.load_optimizer_state(SavedOptimizer(first.world_size, {first.rank: opt}.__getitem__))
     tail = train_steps(second, 1, STEPS, rank=second.rank, world=second.world_size, start=3)
     return {"losses": head["losses"] + tail["losses"]}

@@ -1,10 +1,10 @@
 """Attention kernels and rotary embeddings against straightforward references.
 
-The references here are written independently of fgpt: a softmax over an explicit
-tril-band mask with K/V heads indexed per query head, and RoPE as complex rotation.
+The references are written independently of fgpt: a softmax over an explicit tril-band
+mask with K/V heads indexed per query head (tests/helpers.py; the cases draw more query
+heads than K/V heads, so every kernel is checked as GQA = MHA over repeated K/V heads
+here, and the whole model in tests/test_variants.py), and RoPE as complex rotation.
 """
-
-import math
 
 import torch
 from hypothesis import given, strategies as st
@@ -12,18 +12,7 @@ from hypothesis import given, strategies as st
 from fgpt.attention import (causal_attention, default_block, dense_window_attention,
                             sliding_window_attention)
 from fgpt.rope import apply_rope, rope_angles, rope_tables
-
-
-def reference_attention(q, k, v, window=None):
-    """softmax(q k^T / sqrt(hd) + band mask) v, query head h reading kv head h // group."""
-    H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
-    kv_of_head = torch.arange(H) // (H // Hkv)
-    k, v = k[:, kv_of_head], v[:, kv_of_head]  # [B, H, T, hd]
-    allowed = torch.ones(T, T, dtype=torch.bool).tril()
-    if window is not None:
-        allowed &= ~torch.ones(T, T, dtype=torch.bool).tril(-window)  # drop keys j <= i - window
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, T, T]
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+from helpers import reference_attention
 
 
 @st.composite
@@ -75,16 +64,6 @@ def test_window_at_least_T_is_full_causal(case, extra):
     torch.testing.assert_close(causal_attention(q, k, v), reference_attention(q, k, v))
 
 
-@given(qkv_cases())
-def test_gqa_equals_mha_with_repeated_kv_heads(case):
-    q, k, v, window, block = case
-    group = q.shape[1] // k.shape[1]
-    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    torch.testing.assert_close(causal_attention(q, k, v), causal_attention(q, k_rep, v_rep))
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window, block=block),
-                               sliding_window_attention(q, k_rep, v_rep, window, block=block))
-
-
 @given(qkv_cases(), st.integers(0, 39))
 def test_sliding_window_is_causal(case, t):
     """Changing keys/values at position t changes no output before t."""
@@ -98,9 +77,22 @@ def test_sliding_window_is_causal(case, t):
     torch.testing.assert_close(a[:, :, :t], b[:, :, :t])
 
 
-def test_default_block_stays_within_the_window():
-    for w in (1, 3, 64, 100, 256, 4096):
-        assert 1 <= default_block(w) <= w
+@given(st.sampled_from([65, 100, 256, 300]), st.integers(1, 200), st.integers(1, 2), st.integers(0, 2**16))
+def test_default_block_shorter_than_the_window_equals_the_dense_reference(window, extra, Hkv, seed):
+    """qkv_cases' windows are under 64, where the default block is the whole window; past 64
+    it is shorter, so the queries split into several blocks whose key spans overlap, the
+    last block ragged. The kernel as `attention` calls it (block=None) against the
+    reference, values and gradients."""
+    assert default_block(window) < window
+    T = window + extra
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2 * Hkv, T, 4, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, Hkv, T, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    fast, fast_grads = _values_and_grads(lambda *a: sliding_window_attention(*a, window), q, k, v)
+    ref, ref_grads = _values_and_grads(lambda *a: reference_attention(*a, window), q, k, v)
+    torch.testing.assert_close(fast, ref)
+    for g, r in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(g, r)
 
 
 # --- rotary embeddings ----------------------------------------------------------------

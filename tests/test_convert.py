@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from hypothesis import given, strategies as st
 
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, save_checkpoint
 from fgpt.convert import to_gqa
+from helpers import repeat_kv_heads
 from run import convert as convert_cli
 
 VOCAB = 29
@@ -18,21 +19,6 @@ VOCAB = 29
 def tiny(n_head, n_kv_head=None, pos_emb="learned", window=None) -> GPTConfig:
     return GPTConfig(vocab_size=VOCAB, n_ctx=24, n_layer=2, n_head=n_head, n_embd=4 * n_head,
                      n_kv_head=n_kv_head, pos_emb=pos_emb, window=window)
-
-
-def repeat_kv_heads(config: GPTConfig, params: dict) -> tuple[GPTConfig, dict]:
-    """An MHA model whose K/V heads are equal within each group: every kv head repeated."""
-    H, Hkv, hd = config.n_head, config.kv_heads, config.head_dim
-    m = H // Hkv
-
-    def widen(w):
-        q, k, v = w.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        rep = lambda t: repeat(t, "... (g d) -> ... (g m d)", m=m, d=hd)  # noqa: E731
-        return torch.cat([q, rep(k), rep(v)], dim=-1)
-
-    h = [{**b, "attn": {**b["attn"], "c_attn": {n: widen(t) for n, t in b["attn"]["c_attn"].items()}}}
-         for b in params["h"]]
-    return config.replace(n_kv_head=None), {**params, "h": h}
 
 
 @st.composite

@@ -1,6 +1,6 @@
 """The opt-in flex_attention kernel for windowed layers (fgpt/flex_window.py).
 
-References: a softmax over an explicit band mask (tests/test_attention.py), torch's own
+References: a softmax over an explicit band mask (tests/helpers.py), torch's own
 `create_block_mask` for the tile layout, and the plain band kernel for whole models.
 Compiling costs seconds per distinct shape, so the cases reuse a few shapes.
 """
@@ -17,7 +17,7 @@ from fgpt.flex_window import flex_window_attention, window_block_mask
 from fgpt.generate import Sampling, generate
 from fgpt.model import loss_fn
 from fgpt.train import train
-from test_attention import reference_attention
+from helpers import reference_attention
 import run.generate
 import run.train
 

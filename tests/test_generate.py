@@ -13,23 +13,16 @@ from hypothesis import given, strategies as st
 
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, tree
 from fgpt.generate import STOPPED, Sampling, decode_layout, generate, sample, stream
+from helpers import greedy_by_recomputation, wide_params
 from hf_reference import hf_model, save_hub_style
 
 GREEDY = Sampling(temperature=0)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def greedy_by_full_forward(params, config, prompt, n):
-    """The reference for every cached path: re-run the whole sequence for each token."""
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(forward(params, torch.tensor([seq]), config)[0, -1].argmax()))
-    return seq
-
-
-def wide_params(config, seed=0):
-    """Random weights wide enough that greedy decoding does not settle into one token."""
-    return tree.tree_map(lambda x: x + 0.3 * torch.randn_like(x), init_params(config, seed=seed))
+def greedy_alone(params, config, prompt: list[int], n: int, **kw) -> list[int]:
+    """One prompt's greedy continuation by full recomputation, as generate returns it."""
+    return greedy_by_recomputation(params, config, [prompt], n, **kw)[0][0].tolist()
 
 
 # --- against transformers ------------------------------------------------------------------
@@ -103,13 +96,16 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_left_padded_batch_equals_each_prompt_alone(variant):
+def test_prompts_of_different_lengths_in_one_call_equal_each_prompt_alone(variant):
+    """generate pads a ragged batch on the left itself; each row continues as its prompt
+    alone does, and as full recomputation does. (The KV cache's handling of left-padded
+    rows, over random configs and chunkings: tests/test_model_properties.py.)"""
     config = GPTConfig(vocab_size=53, n_ctx=32, n_layer=2, n_head=4, n_embd=32, **VARIANTS[variant])
     params = wide_params(config)
     prompts = [[5, 9, 2, 7, 1, 8, 3], [4], [11, 12, 13]]
     batch = generate(params, config, prompts, 12, sampling=GREEDY, ignore_eos=True)
     for prompt, row in zip(prompts, batch):
-        assert row == greedy_by_full_forward(params, config, prompt, 12)
+        assert row == greedy_alone(params, config, prompt, 12)
         assert row == generate(params, config, [prompt], 12, sampling=GREEDY, ignore_eos=True)[0]
 
 
@@ -117,7 +113,7 @@ def test_all_windowed_rope_model_generates_past_n_ctx_with_a_rolling_cache():
     config = GPTConfig(vocab_size=53, n_ctx=8, n_layer=2, n_head=2, n_embd=16, pos_emb="rope", window=3)
     params = wide_params(config)
     got = generate(params, config, [[1, 2, 3]], 14, sampling=GREEDY, ignore_eos=True)[0]
-    assert got == greedy_by_full_forward(params, config, [1, 2, 3], 14)
+    assert got == greedy_alone(params, config, [1, 2, 3], 14)
 
 
 def test_full_attention_rope_past_n_ctx_only_when_allowed():
@@ -126,7 +122,7 @@ def test_full_attention_rope_past_n_ctx_only_when_allowed():
     with pytest.raises(FgptError, match="allow_past_ctx"):
         generate(params, config, [[1, 2, 3]], 10, sampling=GREEDY)
     got = generate(params, config, [[1, 2, 3]], 10, sampling=GREEDY, ignore_eos=True, allow_past_ctx=True)[0]
-    assert got == greedy_by_full_forward(params, config, [1, 2, 3], 10)
+    assert got == greedy_alone(params, config, [1, 2, 3], 10)
 
 
 # --- stopping, samples, streaming --------------------------------------------------------
@@ -185,10 +181,8 @@ def test_vocab_limit_samples_only_ids_below_it(small):
     limit = 9  # most of this model's likeliest ids lie above it
     unlimited = generate(params, config, [[1, 2]], 12, sampling=GREEDY, ignore_eos=True)[0]
     assert max(unlimited[2:]) >= limit
-    seq = [1, 2]
-    for _ in range(12):
-        seq.append(int(forward(params, torch.tensor([seq]), config)[0, -1, :limit].argmax()))
-    assert generate(params, config, [[1, 2]], 12, sampling=GREEDY, ignore_eos=True, vocab_limit=limit)[0] == seq
+    assert generate(params, config, [[1, 2]], 12, sampling=GREEDY, ignore_eos=True, vocab_limit=limit)[0] == \
+        greedy_alone(params, config, [1, 2], 12, vocab_limit=limit)
     sampled = generate(params, config, [[1, 2]], 30, sampling=Sampling(temperature=2.0), seed=0,
                        num_samples=4, ignore_eos=True, vocab_limit=limit)
     assert all(t < limit for row in sampled for t in row[2:])

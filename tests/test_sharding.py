@@ -11,10 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgpt import tree
-from fgpt.parallel.adapter import dim0_shard_range
-from fgpt.parallel.base import SavedOptimizer, optimizer_pieces
+from fgpt.parallel.module_wrapper import dim0_shard_range
+from fgpt.parallel.optimizer_state import SavedOptimizer, optimizer_pieces
 from fgpt.parallel.custom_fsdp import adamw_groups, attach_grads, leaf_parts, segment_params
 from fgpt.parallel.flat import FlatLayout
+from helpers import assert_same_tree
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 
@@ -37,13 +38,6 @@ def trees(draw) -> dict:
 
 
 worlds = st.integers(1, 5)
-
-
-def assert_same_tree(a: dict, b: dict) -> None:
-    fa, fb = tree.flatten(a), tree.flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert fa[k].shape == fb[k].shape and torch.equal(fa[k], fb[k]), k
 
 
 def all_gather(layout: FlatLayout, shards: list[torch.Tensor]) -> torch.Tensor:

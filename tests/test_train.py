@@ -396,7 +396,7 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
 def test_resumed_optimizer_state_does_not_live_in_the_mapped_checkpoint_file(tmp_path):
     """Rank files are memory-mapped on resume; the live AdamW state must be copied out, or a
     later save's removal of that step directory would keep its disk blocks for the run."""
-    from fgpt.parallel.base import SavedOptimizer
+    from fgpt.parallel.optimizer_state import SavedOptimizer
     first = SingleDevice()
     first.setup(init_params(TINY), TINY, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), precision="fp32")
     x = torch.randint(0, TINY.vocab_size, (2, 8))

@@ -1,6 +1,8 @@
 """Every variant (learned/rope x MHA/GQA/MQA x full/window/per-layer window) end to end:
-causality, GQA == MHA with repeated K/V, KV-cache decoding == full recomputation,
-gradients, running past n_ctx, checkpoints, and one-line config errors."""
+GQA == MHA with repeated K/V, the O(T·W) path == a dense mask, KV-cache decoding == full
+recomputation, gradients, running past n_ctx, checkpoints, training under every strategy,
+and one-line config errors. Causality and left-padded cache decoding, over random configs
+of the same variants: tests/test_model_properties.py."""
 
 import itertools
 import json
@@ -18,6 +20,7 @@ from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, lo
 from fgpt.attention import dense_window_attention
 from fgpt.kv_cache import KVCache
 from fgpt.train import TrainConfig, train
+from helpers import greedy_by_recomputation, repeat_kv_heads
 
 VOCAB = 37
 POS = ("learned", "rope")
@@ -47,33 +50,10 @@ def tokens_from(seed: int, *shape) -> torch.Tensor:
 
 # --- whole-sequence forward ----------------------------------------------------------
 
-@given(st.sampled_from(COMBOS), st.integers(1, 24), st.integers(0, 23), st.integers(0, 999))
-def test_every_variant_is_causal(models, combo, T, t, seed):
-    """Changing the tokens from position t on changes no logits before t."""
-    config, params = models[combo]
-    t = min(t, T - 1)
-    a = tokens_from(seed, 2, T)
-    b = a.clone()
-    b[:, t:] = (b[:, t:] + 1) % VOCAB
-    torch.testing.assert_close(forward(params, a, config)[:, :t], forward(params, b, config)[:, :t])
-
-
-def mha_from_gqa(config: GPTConfig, params: dict) -> tuple[GPTConfig, dict]:
-    """The same model with every K/V head copied for each query head of its group."""
-    H, Hkv, hd = config.n_head, config.kv_heads, config.head_dim
-    kv_of_head = torch.arange(H) // (H // Hkv)
-    cols = lambda base: (base + kv_of_head[:, None] * hd + torch.arange(hd)).flatten()  # noqa: E731
-    index = torch.cat([torch.arange(H * hd), cols(H * hd), cols((H + Hkv) * hd)])
-    h = [{**b, "attn": {**b["attn"], "c_attn": {"weight": b["attn"]["c_attn"]["weight"][:, index],
-                                                "bias": b["attn"]["c_attn"]["bias"][index]}}}
-         for b in params["h"]]
-    return config.replace(n_kv_head=None), {**params, "h": h}
-
-
 @given(st.sampled_from([c for c in COMBOS if c[1] is not None]), st.integers(1, 20), st.integers(0, 999))
 def test_gqa_equals_mha_with_repeated_kv_heads(models, combo, T, seed):
     config, params = models[combo]
-    mha_config, mha_params = mha_from_gqa(config, params)
+    mha_config, mha_params = repeat_kv_heads(config, params)
     assert mha_params["h"][0]["attn"]["c_attn"]["weight"].shape[1] == 3 * config.n_embd
     tokens = tokens_from(seed, 2, T)
     torch.testing.assert_close(forward(params, tokens, config), forward(mha_params, tokens, mha_config))
@@ -124,15 +104,6 @@ def greedy_with_cache(params, config, prompt, n_new, chunk, capacity=None):
     return tokens, torch.stack(steps, dim=1)
 
 
-def greedy_by_recomputation(params, config, prompt, n_new):
-    tokens, steps = prompt, []
-    for _ in range(n_new):
-        logits = forward(params, tokens, config)[:, -1]
-        steps.append(logits)
-        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
-    return tokens, torch.stack(steps, dim=1)
-
-
 @given(st.sampled_from(COMBOS), st.integers(4, 12), st.integers(1, 8), st.integers(9, 16), st.integers(0, 999))
 def test_cached_greedy_decoding_equals_full_recomputation(models, combo, P, chunk, n_new, seed):
     """Prompts longer than the window (3), chunked prefill into rolling buffers, and
@@ -153,24 +124,6 @@ def test_rolling_buffer_memory_stays_flat(models, combo):
     for i in windowed:
         assert short.k[i].shape == long.k[i].shape == (1, config.kv_heads, config.layer_windows[i],
                                                        config.head_dim)
-
-
-@given(st.sampled_from(COMBOS), st.integers(1, 6), st.integers(1, 5), st.integers(0, 999))
-def test_left_padded_rows_decode_like_rows_alone(models, combo, short_len, extra, seed):
-    """A batch of a short (left-padded) and a long prompt decodes each row as if alone."""
-    config, params = models[combo]
-    long_len, n_new = short_len + extra, 8
-    rows = [tokens_from(seed, 1, short_len), tokens_from(seed + 1, 1, long_len)]
-    batch = torch.cat([torch.cat([torch.zeros(1, extra, dtype=torch.long), rows[0]], 1), rows[1]])
-    cache = KVCache.allocate(config, 2, long_len + n_new, pad=torch.tensor([extra, 0]))
-    logits = forward(params, batch, config, cache=cache)[:, -1]
-    for _ in range(n_new):
-        nxt = logits.argmax(-1, keepdim=True)
-        rows = [torch.cat([r, nxt[i:i + 1]], 1) for i, r in enumerate(rows)]
-        logits = forward(params, nxt, config, cache=cache)[:, -1]
-    for i, r in enumerate(rows):
-        alone = forward(params, r, config)[:, -1]
-        torch.testing.assert_close(logits[i:i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_overflow_is_a_clear_error(models):

@@ -35,9 +35,10 @@ import torch
 import torch.distributed as dist
 
 from fgpt import tree
-from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.base import MOMENTS, SavedOptimizer, adamw_step, optimizer_pieces, parse_reduce_dtype
-from fgpt.parallel.dist import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
+from fgpt.model import block, embed, head_loss
+from fgpt.parallel.base import parse_reduce_dtype
+from fgpt.parallel.optimizer_state import MOMENTS, SavedOptimizer, adamw_step, optimizer_pieces
+from fgpt.parallel.process_group import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
 from fgpt.parallel.flat import FlatLayout, Segment
 
 
@@ -125,8 +126,7 @@ class CustomFSDP(DistributedStrategy):
     def setup(self, params, config, *, lr, weight_decay, betas, precision):
         self.config = config
         self.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.root_keys = [k for k in params if k != "h"]
-        units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
+        units = [{k: v for k, v in params.items() if k != "h"}] + list(params["h"])
         self.units = [Unit(u, self.world_size, self.rank, self.device, self.compute_dtype) for u in units]
         self.root, self.blocks = self.units[0], self.units[1:]
         groups = adamw_groups([sp for u in self.units for sp in u.segments], weight_decay)
@@ -146,20 +146,18 @@ class CustomFSDP(DistributedStrategy):
             self.blocks[0].start_gather()
         root_leaves = self.root.wait_gather()
         root = self.root.layout.as_tree(root_leaves)
-        positions, end = positions_for(tokens, self.config, None)
-        x0 = embed(root, tokens, self.config, positions, train=train)  # [B, T, d]
-        rope = rope_for(positions, end, self.config, x0.dtype)
+        x0, pos = embed(root, tokens, self.config, train=train)  # [B, T, d]
         x, saved = x0, []
         for i, unit in enumerate(self.blocks):
             leaves = unit.wait_gather()
             if i + 1 < len(self.blocks):
                 self.blocks[i + 1].start_gather()  # overlaps this block's compute
             x_in = x.detach().requires_grad_(x.requires_grad)
-            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, rope=rope, train=train)
+            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, pos=pos, train=train)
             saved.append((leaves, x_in, x))  # x: [B, T, d]
             unit.free()
         x_last = x.detach().requires_grad_(x.requires_grad)
-        loss = token_loss(head(root, x_last, self.config), targets)
+        loss = head_loss(root, x_last, targets, self.config)
         return loss, (root_leaves, x0, saved, x_last)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
@@ -211,7 +209,7 @@ class CustomFSDP(DistributedStrategy):
                 unit.grad.add_(mean)
         self._reductions.clear()
 
-    def eval_loss(self, tokens, targets, config):
+    def eval_loss(self, tokens, targets):
         with torch.no_grad():
             loss = self._forward(tokens.to(self.device), targets.to(self.device), train=False)[0]
         self.root.free()
@@ -257,12 +255,6 @@ class CustomFSDP(DistributedStrategy):
     def full_grads(self) -> dict:
         """The whole fp32 gradient tree on CPU (a collective; for tests and debugging)."""
         return self._gather_tree(lambda u: torch.zeros_like(u.shard) if u.grad is None else u.grad)
-
-    def load_params(self, params):
-        units = [{k: params[k] for k in self.root_keys}] + list(params["h"])
-        with torch.no_grad():
-            for u, p in zip(self.units, units):
-                u.shard.copy_(u.layout.shard(u.layout.pack(p), self.rank))
 
     def _leaf_parts(self):
         """(unit, dotted path, leaf range, shard range) for every parameter this rank's shards touch."""

@@ -10,13 +10,13 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compr
 from torch.nn.parallel import DistributedDataParallel
 
 from fgpt.errors import FgptError
-from fgpt.parallel.adapter import AdapterStrategy, GPTModule
+from fgpt.parallel.module_wrapper import GPTModule, WrappedModuleStrategy
 
 
-class DDP(AdapterStrategy):
+class DDP(WrappedModuleStrategy):
     name = "ddp"
 
-    def wrap(self, params, config, precision):
+    def wrap(self, params, precision):
         bf16_reduce = self.reduce_dtype == torch.bfloat16
         if bf16_reduce and dist.get_backend() != "nccl":
             # DDP.register_comm_hook refuses bf16_compress_hook unless CUDA + NCCL >= 2.10
@@ -25,7 +25,7 @@ class DDP(AdapterStrategy):
                             f"allows only on CUDA with NCCL (this run uses {dist.get_backend()}); "
                             "use fsdp or custom-fsdp for a bf16 reduction here")
         compute_dtype = torch.bfloat16 if precision == "bf16" else None
-        module = GPTModule(params, config, compute_dtype)
+        module = GPTModule(params, self.config, compute_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids, device_mesh=self.mesh)
         if bf16_reduce:  # divide by N, cast to bf16, all-reduce, cast back into the fp32 bucket

@@ -10,14 +10,14 @@ import contextlib
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from fgpt.parallel.adapter import AdapterStrategy, GPTModule
+from fgpt.parallel.module_wrapper import GPTModule, WrappedModuleStrategy
 
 
-class FSDP2(AdapterStrategy):
+class FSDP2(WrappedModuleStrategy):
     name = "fsdp"
 
-    def wrap(self, params, config, precision):
-        module = GPTModule(params, config)
+    def wrap(self, params, precision):
+        module = GPTModule(params, self.config)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                       reduce_dtype=self.reduce_dtype)  # --reduce-dtype
         for blk in module.h:

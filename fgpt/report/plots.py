@@ -18,82 +18,146 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _err(iv: dict) -> tuple[float, float]:
+    if iv is None or iv.get("lo") is None:
+        return 0.0, 0.0
+    return iv["mean"] - iv["lo"], iv["hi"] - iv["mean"]
+
+
 def curves(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, arm in r["arms"].items():
-        steps = [s for s, _ in arm["val_curve"]]
-        means = [v for _, v in arm["val_curve"]]
-        ax.plot(steps, means, marker=".", label=name, lw=2.2 if name in ("baseline", "rope") else 1.2)
+    for arm, runs in r["runs"].items():
+        steps = [s for s, _ in runs[0]["val_curve"]]
+        mean = [sum(run["val_curve"][i][1] for run in runs) / len(runs) for i in range(len(steps))]
+        ax.plot(steps, mean, marker=".", label=f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+    total = r["pilot"]["steps"]
+    ax.axvline(total * (1 - r["budget"]["cooldown"]), color="grey", ls=":", label="cooldown starts")
     ax.set(xlabel="optimizer step", ylabel="validation loss (mean over seeds)", title="Validation loss")
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def position(r: dict, path: Path) -> None:
-    pos = r["position"]
-    L1, _ = pos["lengths"]
+def context(r: dict, path: Path) -> None:
+    c = r["context"]
+    cuts = c["cuts"][:-1]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, entry in pos.items():
-        if name == "lengths":
-            continue
-        curve = entry.get("2x", entry["1x"])
-        ax.plot(range(len(curve)), curve, label=f"{name} ({'2' if '2x' in entry else '1'}× n_ctx)", lw=1)
-    ax.axvline(L1, color="k", ls="--", lw=1, label="training length")
-    ax.set(xlabel="position", ylabel="next-token loss (mean over seeds and sequences)", title="Loss by position")
-    ax.legend(fontsize=7)
+    for arm, e in c["arms"].items():
+        ivs = [e[str(k)] for k in cuts]
+        ax.errorbar(cuts, [iv["mean"] for iv in ivs], yerr=list(zip(*[_err(iv) for iv in ivs])), marker="o",
+                    capsize=3, label=arm)
+    ax.axhline(r["rules"]["context_use_nats"], color="grey", ls=":", label="threshold")
+    ax.set(xscale="log", xlabel="context k (tokens)", ylabel=f"loss(k) − loss({c['cuts'][-1]}) (nats)",
+           title="What the context beyond k is worth")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def length(r: dict, path: Path) -> None:
+    L = r["length"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in L["models"].items():
+        curve = m["curve"]
+        width = L["length"] / len(curve)
+        ax.plot([width * (i + 0.5) for i in range(len(curve))], curve, label=name)
+    for i in range(1, r["budget"]["length_mult"]):
+        ax.axvline(i * L["n_ctx"], color="k", ls="--", lw=0.8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="position", ylabel="loss, one pass − sliding n_ctx (nats)", title="Penalty past the training length")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def copy(r: dict, path: Path) -> None:
+    cp = r["copy"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entries in cp["models"].items():
+        pts = [(D, e) for D, e in zip(cp["distances"], entries) if e is not None and e["mean"] is not None]
+        if pts:
+            ax.errorbar([D for D, _ in pts], [e["mean"] for _, e in pts],
+                        yerr=list(zip(*[_err(e) for _, e in pts])), marker="o", capsize=3, label=name)
+    ax.axvline(cp["reach"], color="grey", ls=":", label="rope+swa reach L·(W−1)")
+    ax.axvline(r["budget"]["n_ctx"], color="k", ls="--", lw=0.8, label="n_ctx")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xscale="log", xlabel="distance between the copies (tokens)", ylabel="second − first copy loss (nats)",
+           title="Copying a random span")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def relay(r: dict, path: Path) -> None:
+    rel = r["relay"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in rel["models"]:
+        label = f"{m['n_layer']} layers, " + ("full" if m["window"] is None else f"W = {m['window']}")
+        d = [i + 1 for i, a in enumerate(m["accuracy"]) if a is not None]
+        line, = ax.plot(d, [a for a in m["accuracy"] if a is not None], lw=1.2, label=label)
+        if m["window"] is not None:
+            ax.axvline(m["predicted_edge"] + 0.5, color=line.get_color(), ls="--", lw=1)
+    ax.axhline(rel["chance"], color="grey", ls=":", label="chance")
+    ax.set(xlabel="distance from the value", ylabel="accuracy at reads", ylim=(-0.02, 1.02),
+           title="Relay (dashed: predicted edge L·(W−1))")
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
 def gqa(r: dict, path: Path) -> None:
-    eff = r["gqa_efficiency"]
-    loss = {a["config"]["n_kv_head"]: a["final_loss"] for a in r["arms"].values()
-            if a["config"]["pos_emb"] == "learned" and a["config"]["window"] is None}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
-    kb = [e["kv_bytes_per_token"] for e in eff]
-    ax1.errorbar(kb, [loss[e["n_kv_head"]]["mean"] for e in eff],
-                 yerr=[loss[e["n_kv_head"]]["std"] for e in eff], marker="o", capsize=3)
-    for e, x in zip(eff, kb):
-        ax1.annotate(f"{e['n_kv_head']} KV", (x, loss[e["n_kv_head"]]["mean"]), fontsize=8)
-    ax1.set(xlabel="KV-cache bytes per token", ylabel="validation loss", title="Quality vs cache size")
-    ax2.bar([str(e["n_kv_head"]) for e in eff], [e["decode_tokens_per_s"] for e in eff])
-    ax2.set(xlabel="KV heads", ylabel="decode tokens/s", title="Decode speed at long context")
+    d = r["derived"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    pts = sorted((cfg["n_kv_head"], arm) for arm, cfg in r["arms_config"].items()
+                 if cfg["pos_emb"] == "learned" and not cfg["window"])
+    ax1.plot([h for h, _ in pts], [d["final"][a]["mean"] for _, a in pts], marker="o")
+    for h, a in pts:
+        ax1.scatter([h] * len(d["final"][a]["per_seed"]), d["final"][a]["per_seed"], color="grey", s=10)
+    ax1.set(xscale="log", xlabel="KV heads (∝ KV-cache bytes)", ylabel="validation loss", title="Quality vs KV heads")
+    gaps = d["uptrain"]["gap"]
+    ax2.errorbar(d["uptrain"]["points"], [g["mean"] for g in gaps], yerr=list(zip(*[_err(g) for g in gaps])),
+                 marker="o", capsize=3)
+    m = r["rules"]["margin_nats"]
+    ax2.axhspan(-m, m, color="grey", alpha=0.2, label="± margin")
+    ax2.set(xlabel="uptraining, % of pre-training steps", ylabel="converted − MHA control (nats)",
+            title="MHA → GQA conversion")
+    ax2.legend(fontsize=8)
     _save(fig, path)
 
 
-def scaling(r: dict, path: Path) -> None:
-    rows = r["scaling"]["rows"]
-    T = [row["seq_len"] for row in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
-    for k in rows[0]["kernels"]:
-        ax1.plot(T, [row["kernels"][k]["ms"] for row in rows], marker="o", label=k)
-        ax2.plot(T, [max(row["kernels"][k]["mib"], 1e-2) for row in rows], marker="o", label=k)
+def kernels(r: dict, path: Path) -> None:
+    rows = r["efficiency"]["kernels"]["rows"]
+    names = list(rows[0]["kernels"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for n in names:
+        pts = [row for row in rows if n in row["kernels"]]
+        T = [row["seq_len"] for row in pts]
+        ax1.plot(T, [row["kernels"][n]["fwd_bwd_ms"] for row in pts], marker="o", label=f"{n} fwd+bwd")
+        ax1.plot(T, [row["kernels"][n]["fwd_ms"] for row in pts], marker=".", ls=":", label=f"{n} fwd")
+        ax2.plot(T, [max(row["kernels"][n]["fwd_bwd_mib"], 1e-2) for row in pts], marker="o", label=n)
     ax1.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms", title="Attention time")
-    ax2.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak extra MiB", title="Attention memory")
-    ax1.legend(fontsize=8)
+    ax2.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak extra MiB (fwd+bwd)",
+            title="Attention memory")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     _save(fig, path)
 
 
-def recall(r: dict, path: Path) -> None:
-    rc = r["recall"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    d = range(1, rc["max_distance"] + 1)
-    for m in rc["models"]:
-        label = "full attention" if m["window"] is None else f"W = {m['window']}"
-        line, = ax.plot(d, m["accuracy"], marker=".", label=label)
-        if m["window"] is not None:
-            ax.axvline(m["predicted_edge"] + 0.5, color=line.get_color(), ls="--", lw=1)
-    ax.axhline(rc["chance"], color="grey", ls=":", label="chance")
-    ax.set(xlabel="distance to the answer", ylabel="accuracy",
-           title="Recall by distance (dashed: predicted edge n_layer·(W−1))", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=8)
+def decode(r: dict, path: Path) -> None:
+    dec = r["efficiency"]["decode"]
+    batches = sorted({row["batch"] for rows in dec.values() for row in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, B in zip(axes[0], batches):
+        for name, rows in dec.items():
+            pts = [row for row in rows if row["batch"] == B]
+            T = [row["context"] for row in pts]
+            line, = ax.plot(T, [row["tokens_per_s"]["median"] for row in pts], marker="o", label=name)
+            ax.plot(T, [row["floor_tokens_per_s"] for row in pts], ls=":", color=line.get_color())
+        ax.set(xscale="log", yscale="log", xlabel="cached tokens", ylabel="tokens/s",
+               title=f"Decode, batch {B} (dotted: bandwidth floor)")
+        ax.legend(fontsize=8)
     _save(fig, path)
 
 
 def write_plots(r: dict, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for key, fn in (("curves", curves), ("position", position), ("gqa", gqa), ("scaling", scaling),
-                    ("recall", recall)):
+    fns = {"curves": curves, "context": context, "length": length, "copy": copy, "relay": relay, "gqa": gqa,
+           "kernels": kernels, "decode": decode}
+    for key, fn in fns.items():
         fn(r, directory / PLOTS[key])
-        paths.append(directory / PLOTS[key])
-    return paths
+    return [directory / PLOTS[key] for key in fns]

@@ -1,281 +1,386 @@
-"""The study: train every arm on every seed, then measure; returns the results tree that
-the markdown, the plots and results.json are all written from."""
+"""The study: train every arm on every seed, probe the trained models, measure efficiency;
+returns the results tree that the claims, the markdown, the plots and results.json are all
+written from. It calls library functions only (fgpt.train, fgpt.model, fgpt.generate, ...).
+
+Fairness: every arm trains on the same restricted-vocabulary corpus with the same batches
+(a function of seed and step), schedule (warmup, constant, linear cooldown: mid-run
+evaluations compare arms at one learning rate) and initial tensors wherever shapes agree
+(init_params seeds each leaf by its path). Every arm and seed is scored on the same fixed
+validation windows.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 import sys
 import tempfile
 import time
 
+import numpy as np
+import torch
+
 from fgpt import data
 from fgpt.checkpoint import save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.convert import to_gqa
+from fgpt.measure import machine, read_bandwidth
 from fgpt.model import count_params
-from fgpt.report import measure, recall
-from fgpt.report.budget import Budget
+from fgpt.report import efficiency, probes, relay
+from fgpt.report.budget import RULES, Budget
+from fgpt.report.stats import bootstrap_interval
+from fgpt.report.vocab import Vocab, restrict
 from fgpt.train import TrainConfig, TrainResult, train
 
 
-SCALING_HEADS, SCALING_HEAD_DIM = 4, 16  # the attention shape timed against sequence length
-UPTRAIN_SEED_SHIFT = 1000
-RECALL_THRESHOLD = 0.5  # recall "works" at a distance while accuracy stays at or above this
-
-
 class Progress:
-    """Progress lines on stderr with an ETA from the training steps done so far (training
-    dominates the study; the other measurements are a few minutes at most)."""
+    """Progress lines on stderr with the elapsed time."""
 
-    def __init__(self, total_steps: int):
-        self.total, self.done, self.start = total_steps, 0, time.perf_counter()
+    def __init__(self):
+        self.start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def log(self, message: str, steps_done: int = 0) -> None:
-        self.done += steps_done
-        eta = ""
-        if 0 < self.done < self.total:
-            eta = f", ETA of the training runs {_minutes(self.elapsed() / self.done * (self.total - self.done))}"
-        print(f"[report {_minutes(self.elapsed())}{eta}] {message}", file=sys.stderr, flush=True)
-
-
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation over seeds (0 for a single seed)."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    def log(self, message: str) -> None:
+        s = self.elapsed()
+        print(f"[report {int(s // 60)}m{int(s % 60):02d}s] {message}", file=sys.stderr, flush=True)
 
 
 def config_dict(config: GPTConfig) -> dict:
     return {"pos_emb": config.pos_emb, "n_kv_head": config.kv_heads, "window": config.window,
-            "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "n_ctx": config.n_ctx}
+            "head_dim": config.head_dim,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "n_ctx": config.n_ctx, "vocab_size": config.vocab_size}
 
 
-def train_run(budget: Budget, seed: int, *, model: GPTConfig | None = None, init_from: str | None = None,
-              steps: int | None = None, data_spec: str | None = None) -> TrainResult:
-    """One training run with the budget's shared schedule; nothing written to disk."""
-    steps = steps or budget.steps
-    result = train(TrainConfig(model=model, init_from=init_from, data=data_spec, steps=steps,
-                               batch_size=budget.batch_size, lr=budget.lr, seed=seed,
-                               eval_interval=min(budget.eval_interval, steps), eval_iters=budget.eval_iters,
-                               device="cpu", progress=False))
+# --- what the model spends on ----------------------------------------------------------------
+
+def shares(config: GPTConfig) -> dict:
+    """Parameter and forward-FLOP shares per token (causal attention over an average of
+    (n_ctx + 1) / 2 keys): embedding + tied head, QKV + output projections, attention scores
+    and values, MLP."""
+    d, L, hd = config.n_embd, config.n_layer, config.head_dim
+    qkv_out = L * (d * (config.n_head + 2 * config.kv_heads) * hd + d * d)
+    mlp = L * 8 * d * d
+    embed = config.vocab_size * d + (config.n_ctx * d if config.pos_emb == "learned" else 0)
+    keys = (config.n_ctx + 1) / 2
+    flops = {"embedding / head": 2 * config.vocab_size * d, "QKV / out projections": 2 * qkv_out,
+             "attention scores / values": 4 * L * d * keys, "MLP": 2 * mlp}
+    params = {"embedding / head": embed, "QKV / out projections": qkv_out, "attention scores / values": 0,
+              "MLP": mlp}
+    total_p, total_f = sum(params.values()), sum(flops.values())
+    return {k: {"params_percent": 100 * params[k] / total_p, "flops_percent": 100 * flops[k] / total_f}
+            for k in flops} | {"total": {"params": count_params(config), "flops_per_token": total_f}}
+
+
+# --- training -------------------------------------------------------------------------------
+
+def schedule(budget: Budget, steps: int) -> dict:
+    return dict(batch_size=budget.batch_size, lr=budget.lr, warmup=max(1, round(budget.warmup_frac * steps)),
+                schedule="wsd", cooldown=budget.cooldown, eval_interval=max(1, steps // budget.evals_per_run),
+                eval_iters=budget.eval_batches)
+
+
+def train_run(budget: Budget, corpus: data.Corpus, config: GPTConfig | None, seed: int, steps: int,
+              **overrides) -> TrainResult:
+    """One training run of the shared recipe, in memory (nothing written to disk)."""
+    settings = schedule(budget, steps) | overrides
+    result = train(TrainConfig(model=config, steps=steps, seed=seed, device="cpu", progress=False,
+                               checkpoint_interval=0, **settings), corpus=corpus)
     if result.interrupted:  # the loop turns Ctrl-C / SIGTERM into an early stop: end the study too
         raise KeyboardInterrupt
     return result
 
 
-def run_record(result: TrainResult, loss_1x: list[float]) -> dict:
-    rates = [m["tokens_per_s"] for m in result.metrics[1:]] or [result.metrics[0]["tokens_per_s"]]
-    return {"val_curve": [[m["step"], m["val_loss"]] for m in result.metrics if "val_loss" in m],
-            "final_train_loss": result.metrics[-1]["loss"],
-            "final_loss": statistics.fmean(loss_1x),
-            "tokens_per_s": statistics.median(rates),
-            "wall_s": result.metrics[-1]["elapsed_s"]}
+def pilot_steps(budget: Budget, corpus: data.Corpus, arms: dict[str, GPTConfig], progress: Progress) -> dict:
+    """Time a few steps of the slowest-looking arms; the step count that fits the training
+    budget (rounded to a multiple of the evaluation count, within [min_steps, max_steps])."""
+    rates = {}
+    for name in ("baseline", f"rope+swa-{budget.window}"):
+        result = train_run(budget, corpus, arms[name], 0, budget.pilot_steps, eval_interval=0)
+        rates[name] = statistics.median(m["tokens_per_s"] for m in result.metrics[-max(1, budget.pilot_steps // 2):])
+    tokens_per_s = min(rates.values())
+    step_s = budget.batch_size * budget.n_ctx / tokens_per_s
+    fits = budget.train_minutes * 60 / (budget.run_equivalents() * step_s)
+    k = budget.evals_per_run
+    steps = int(min(budget.max_steps, max(budget.min_steps, fits)) // k * k)
+    progress.log(f"pilot: {tokens_per_s:.0f} tokens/s -> {steps} steps per run "
+                 f"({budget.run_equivalents():.1f} run-equivalents in {budget.train_minutes} min)")
+    return {"tokens_per_s": rates, "steps": steps, "tokens_per_run": steps * budget.batch_size * budget.n_ctx}
 
 
-def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
-    """First evaluated step whose loss is <= target (None: never within the budget)."""
-    return next((int(step) for step, loss in curve if loss <= target), None)
-
-
-def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
-    return [[pts[0][0], statistics.fmean(p[1] for p in pts)] for pts in zip(*curves)]
-
-
-def run_study(budget: Budget, *, data_spec: str | None = None, parallel: bool = True) -> dict:
-    arms = budget.arms()
-    progress = Progress(total_steps=len(arms) * len(budget.seeds) * budget.steps
-                        + len(budget.seeds) * budget.uptrain_steps)
-    progress.log(f"{len(arms)} arms x {len(budget.seeds)} seeds x {budget.steps} steps, then the GQA "
-                 f"conversion, the recall probe ({len(budget.recall_windows) + 1} models x "
-                 f"{budget.recall_steps} steps) and the efficiency measurements")
-    corpus = data.load_corpus(data_spec, progress=False)
-    runs, position, baseline_params = train_arms(budget, arms, corpus, data_spec, progress)
-    results = {"arms": summarise_arms(arms, runs),
-               "position": summarise_positions(position, budget.n_ctx, 2 * budget.n_ctx)}
-
-    # GQA: the paper's conversion recipe, cache size and decode speed
-    results["conversion"] = convert_and_uptrain(budget, baseline_params, corpus, results["arms"],
-                                                data_spec, progress)
-    results["gqa_efficiency"] = gqa_efficiency(budget)
-    progress.log("measured KV-cache size and decode speed")
-
-    # SWA: the long-range recall probe and the attention cost curves
-    results["recall"] = run_recall(budget)
-    progress.log("ran the long-range recall probe")
-    results["parallel"] = run_parallel(budget) if parallel else {"measured": False, "reason": "--no-parallel"}
-    progress.log("parallel strategies: " + ("measured" if results["parallel"]["measured"] else "not measured"))
-    results["scaling"] = {"window": budget.scaling_window, "n_head": SCALING_HEADS, "head_dim": SCALING_HEAD_DIM,
-                          "rows": measure.attention_scaling(budget.scaling_lengths, budget.scaling_window,
-                                                            n_head=SCALING_HEADS, head_dim=SCALING_HEAD_DIM)}
-    progress.log("measured attention time and memory against sequence length")
-    derive(results, budget)
-    results["wall_s"] = progress.elapsed()
-    return results
-
-
-def train_arms(budget: Budget, arms: dict[str, GPTConfig], corpus, data_spec, progress: Progress):
-    """Every arm on every seed (seeds outermost, so machine noise spreads over all arms).
-    Returns the run records, loss-by-position curves and the baseline's trained params."""
+def train_arms(budget: Budget, corpus: data.Corpus, arms: dict[str, GPTConfig], steps: int,
+               eval_starts: np.ndarray, progress: Progress) -> tuple[dict, dict]:
+    """Every arm on its seeds (seeds outermost, so machine noise spreads over all arms).
+    Returns per-run records and the trained parameters by (arm, seed)."""
     runs: dict[str, list[dict]] = {name: [] for name in arms}
-    position: dict[str, dict[str, list[list[float]]]] = {name: {"1x": [], "2x": []} for name in arms}
-    baseline_params = {}
-    for seed in budget.seeds:
+    params: dict[tuple[str, int], dict] = {}
+    for seed in sorted({s for a in arms for s in budget.seeds_of(a)}):
         for name, config in arms.items():
-            result = train_run(budget, seed, model=config, data_spec=data_spec)
-            loss_1x = measure.loss_by_position(result.params, config, corpus.val, seq_len=budget.n_ctx,
-                                               n_seqs=budget.final_eval_seqs)
-            position[name]["1x"].append(loss_1x)
-            if config.pos_emb == "rope":  # learned positions have no embedding past n_ctx
-                position[name]["2x"].append(measure.loss_by_position(
-                    result.params, config, corpus.val, seq_len=2 * budget.n_ctx, n_seqs=budget.final_eval_seqs))
-            if name == "baseline":
-                baseline_params[seed] = result.params
-            runs[name].append(run_record(result, loss_1x) | {"seed": seed})
-            progress.log(f"trained {name} seed {seed}: val loss {runs[name][-1]['final_loss']:.3f}",
-                         budget.steps)
-    return runs, position, baseline_params
+            if seed not in budget.seeds_of(name):
+                continue
+            result = train_run(budget, corpus, config, seed, steps)
+            params[name, seed] = result.params
+            final = probes.evaluation_loss(result.params, config, corpus.val, eval_starts, corpus.ignore_id)
+            rates = [m["tokens_per_s"] for m in result.metrics[1:]] or [result.metrics[0]["tokens_per_s"]]
+            runs[name].append({"seed": seed, "final_loss": final, "tokens_per_s": statistics.median(rates),
+                               "final_train_loss": result.metrics[-1]["loss"],
+                               "val_curve": [[m["step"], m["val_loss"]] for m in result.metrics if "val_loss" in m]})
+            progress.log(f"trained {name} seed {seed}: loss on the evaluation set {final:.4f}")
+    return runs, params
 
 
-def gqa_efficiency(budget: Budget) -> list[dict]:
-    rows = []
-    for kv in budget.kv_heads:
-        config = budget.base_config().replace(n_kv_head=kv)
-        rows.append({"n_kv_head": kv,
-                     "kv_bytes_per_token": measure.kv_bytes_per_token(config, budget.decode_context),
-                     "decode_tokens_per_s": measure.decode_tokens_per_s(
-                         config, context=budget.decode_context, batch=budget.decode_batch,
-                         new_tokens=budget.decode_tokens)})
-    return rows
+def uptrain_ladder(budget: Budget, corpus: data.Corpus, params: dict, steps: int, base: GPTConfig,
+                   eval_starts: np.ndarray, progress: Progress) -> dict:
+    """Ainslie et al.'s recipe on each baseline seed: mean-pool K/V heads into main_kv_head
+    groups, then uptrain at a constant lr for up to max(uptrain_percents)% of the
+    pre-training steps. The control is the unconverted MHA model trained the same extra
+    steps the same way. Both are scored on the same validation batch at every step."""
+    top = max(1, round(max(budget.uptrain_percents) / 100 * steps))
+    lr = budget.uptrain_lr_frac * budget.lr
+    out = {"steps": top, "lr": lr, "percents": list(budget.uptrain_percents),
+           "ladder_steps": [max(1, round(p / 100 * steps)) for p in budget.uptrain_percents],
+           "converted": [], "control": []}
+    batch = data.eval_batch(corpus.val, seq_len=budget.n_ctx, batch_size=budget.batch_size, seed=data.EVAL_SEED,
+                            index=0, ignore_id=corpus.ignore_id)
+    for seed in budget.seeds:
+        mha = params["baseline", seed]
+        gqa_config, gqa = to_gqa(base, mha, budget.main_kv_head)
+        for kind, config, start in (("converted", gqa_config, gqa), ("control", base, mha)):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, config, start)
+                result = train_run(budget, corpus, None, seed + 1000, top, init_from=tmp, lr=lr, min_lr=lr,
+                                   warmup=max(1, top // 10), schedule="cosine", eval_interval=1, eval_iters=1)
+            curve = [probes.batch_loss(start, config, *batch)] + [m["val_loss"] for m in result.metrics]
+            final = probes.evaluation_loss(result.params, config, corpus.val, eval_starts, corpus.ignore_id)
+            out[kind].append({"seed": seed, "curve": curve, "final_loss": final})  # curve[k]: after k steps
+        progress.log(f"uptrained converted and control models of baseline seed {seed}")
+    return out
 
 
-def summarise_arms(arms: dict[str, GPTConfig], runs: dict[str, list[dict]]) -> dict:
-    out = {}
+# --- probes ---------------------------------------------------------------------------------
+
+def context_probe(budget: Budget, corpus: data.Corpus, arms: dict, params: dict) -> dict:
+    cuts = tuple(budget.context_cuts) + (budget.n_ctx,)
+    targets = probes.context_targets(corpus.val, budget.n_ctx, budget.context_targets, corpus.ignore_id)
+    out = {"cuts": list(cuts), "targets": len(targets), "arms": {}}
+    for name in ("baseline", "rope", f"gqa-{budget.main_kv_head}", f"rope+swa-{budget.window}"):
+        per_seed = [probes.context_losses(params[name, s], arms[name], corpus.val, targets, cuts)
+                    for s in budget.seeds]
+        entry = {}
+        for k in budget.context_cuts:  # gain from context beyond k: L(k) - L(n_ctx), per target
+            gain = np.stack([p[k] - p[budget.n_ctx] for p in per_seed], axis=1)  # [targets, seeds]
+            entry[str(k)] = bootstrap_interval(gain, resamples=budget.bootstrap) | {
+                "per_seed": [float(g) for g in gain.mean(axis=0)]}
+        entry["loss_at"] = {str(k): statistics.fmean(float(p[k].mean()) for p in per_seed) for k in cuts}
+        out["arms"][name] = entry
+    return out
+
+
+BINS = ("[n,2n)", "[2n,3n)", "[3n,4n)")
+
+
+def length_probe(budget: Budget, corpus: data.Corpus, arms: dict, params: dict) -> dict:
+    """Per-position penalty of one long pass against the sliding-n_ctx evaluation."""
+    n = budget.n_ctx
+    inputs, targets = probes.length_sequences(corpus.val, n, budget.length_mult, budget.length_seqs)
+    rope, swa = arms["rope"], arms[f"rope+swa-{budget.window}"]
+    models = {"rope": ("rope", rope, None),
+              f"rope, window {n} at inference only": ("rope", rope, rope.replace(window=n)),
+              f"rope+swa-{budget.window}": (f"rope+swa-{budget.window}", swa, None)}
+    bins = [(i * n, (i + 1) * n) for i in range(1, budget.length_mult)]
+    out = {"n_ctx": n, "length": budget.length_mult * n, "stride": budget.length_stride,
+           "bins": [list(b) for b in bins], "bin_names": list(BINS[:len(bins)]), "models": {}}
+    for label, (arm, config, eval_config) in models.items():
+        runs = [probes.length_penalty(params[arm, s], config, inputs, targets, budget.length_stride,
+                                      corpus.ignore_id, eval_config=eval_config) for s in budget.seeds]
+        penalty = np.stack([r["penalty"] for r in runs], axis=1)  # [seqs, seeds, positions]
+        out["models"][label] = {
+            "inside_max_abs": float(np.nanmax(np.abs(penalty[:, :, :n]))),
+            "bins": [bootstrap_interval(penalty[:, :, a:b], resamples=budget.bootstrap) for a, b in bins],
+            "curve": _binned(penalty, 16),
+            "sliding_loss_bins": [float(np.nanmean(np.stack([r["sliding"] for r in runs])[..., a:b]))
+                                  for a, b in bins]}
+    # learned positions: no embedding past n_ctx, so only the sliding evaluation exists
+    base_sliding = [probes.sliding_losses(params["baseline", s], arms["baseline"], inputs, targets,
+                                          budget.length_stride, corpus.ignore_id) for s in budget.seeds]
+    out["learned_sliding_loss_bins"] = [float(np.nanmean(np.stack(base_sliding)[..., a:b])) for a, b in bins]
+    out["learned_inside_loss"] = float(np.nanmean(np.stack(base_sliding)[..., :n]))
+    return out
+
+
+def _binned(values: np.ndarray, width: int) -> list[float | None]:
+    """Mean over everything but the last axis (positions), in bins of `width` positions."""
+    chunks = [values[..., i:i + width] for i in range(0, values.shape[-1], width)]
+    return [float(np.nanmean(c)) if np.isfinite(c).any() else None for c in chunks]
+
+
+def copy_probe(budget: Budget, corpus: data.Corpus, arms: dict, params: dict, vocab: Vocab) -> dict:
+    n, span = budget.n_ctx, budget.copy_span
+    rope, swa = arms["rope"], arms[f"rope+swa-{budget.window}"]
+    models = {"baseline": ("baseline", arms["baseline"]), "rope": ("rope", rope),
+              f"rope, window {n} at inference only": ("rope", rope.replace(window=n)),
+              f"rope+swa-{budget.window}": (f"rope+swa-{budget.window}", swa)}
+    out = {"distances": list(budget.copy_distances), "span": span, "seqs": budget.copy_seqs,
+           "reach": budget.n_layer * (budget.window - 1), "models": {}}
+    for label, (arm, config) in models.items():
+        rows = []
+        for D in budget.copy_distances:
+            seqs, first, second = probes.copy_sequences(corpus.val, D, span, budget.copy_seqs, vocab.unk,
+                                                        seed=D, avoid=vocab.eot)
+            if config.pos_emb == "learned" and seqs.shape[1] - 1 > config.n_ctx:
+                rows.append(None)  # no position embedding that far
+                continue
+            gain = np.stack([probes.copy_gain(params[arm, s], config, seqs, first, second, span)
+                             for s in budget.seeds], axis=1)  # [seqs, seeds]
+            rows.append(bootstrap_interval(gain, resamples=budget.bootstrap))
+        out["models"][label] = rows
+    return out
+
+
+def generation_probe(budget: Budget, corpus: data.Corpus, arms: dict, params: dict, vocab: Vocab) -> dict:
+    starts = probes.evenly_spaced(len(corpus.val), budget.prompt_tokens + budget.new_tokens, budget.prompts)
+    prompts = [corpus.val[s:s + budget.prompt_tokens].astype(np.int64).tolist() for s in starts]
+    truth = [corpus.val[s + budget.prompt_tokens:s + budget.prompt_tokens + budget.new_tokens].astype(np.int64).tolist()
+             for s in starts]
+    seed = budget.seeds[0]
+    out = {"prompts": [vocab.decode(p) for p in prompts], "truth": [vocab.decode(t) for t in truth],
+           "seed": seed, "sampling": dataclasses.asdict(probes.SAMPLED), "arms": {}}
     for name, config in arms.items():
-        out[name] = {"config": config_dict(config), "runs": runs[name],
-                     "final_loss": mean_std([r["final_loss"] for r in runs[name]]),
-                     "tokens_per_s": mean_std([r["tokens_per_s"] for r in runs[name]]),
-                     "val_curve": mean_curve([r["val_curve"] for r in runs[name]])}
-    target = out["baseline"]["final_loss"]["mean"]
-    base_curve_target = out["baseline"]["val_curve"][-1][1]  # same evaluator as the curves
-    for arm in out.values():
-        arm["steps_to_baseline_final"] = steps_to_reach(arm["val_curve"], base_curve_target)
-        arm["loss_vs_baseline"] = arm["final_loss"]["mean"] - target
-        arm["speed_vs_baseline"] = arm["tokens_per_s"]["mean"] / out["baseline"]["tokens_per_s"]["mean"]
+        if (name, seed) not in params:
+            continue
+        gen = probes.continuations(params[name, seed], config, prompts, budget.new_tokens, eos_id=vocab.eot,
+                                   vocab_limit=vocab.unk)
+        match = [statistics.fmean(a == b for a, b in zip(g, t)) if g else 0.0 for g, t in zip(gen["greedy"], truth)]
+        reps = [r for r in (probes.repeated_ngram_share(g) for g in gen["greedy"]) if r is not None]
+        out["arms"][name] = {"greedy": [vocab.decode(g) for g in gen["greedy"]],
+                             "sampled": [vocab.decode(g) for g in gen["sampled"]],
+                             "greedy_match": statistics.fmean(match),
+                             "greedy_repeat": statistics.fmean(reps) if reps else None}
     return out
 
 
-def summarise_positions(position: dict, seq_1x: int, seq_2x: int) -> dict:
-    out = {"lengths": [seq_1x, seq_2x]}
-    for name, curves in position.items():
-        entry = {"1x": [statistics.fmean(c) for c in zip(*curves["1x"])]}
-        entry["1x_mean"] = statistics.fmean(entry["1x"])
-        if curves["2x"]:
-            curve = [statistics.fmean(c) for c in zip(*curves["2x"])]
-            entry |= {"2x": curve, "2x_seen": statistics.fmean(curve[:seq_1x]),
-                      "2x_beyond": statistics.fmean(curve[seq_1x:])}
-        out[name] = entry
+def relay_probe(budget: Budget, progress: Progress) -> dict:
+    task = relay.RelayTask(seq_len=budget.relay_seq_len)
+    shape = relay.relay_config(task, 1, None)
+    out = {"seq_len": task.seq_len, "n_values": task.n_values, "chance": task.chance, "steps": budget.relay_steps,
+           "n_embd": shape.n_embd, "n_head": shape.n_head, "edge_accuracy": relay.EDGE_ACCURACY,
+           "batch": budget.relay_batch, "seeds": list(budget.relay_seeds), "models": []}
+    for n_layer, window in budget.relay_models:
+        config = relay.relay_config(task, n_layer, window)
+        per_seed = []
+        for seed in budget.relay_seeds:
+            trained = relay.train_relay(task, config, steps=budget.relay_steps, batch_size=budget.relay_batch, seed=seed)
+            acc, counts = relay.accuracy_by_distance(task, trained, config, n_seqs=budget.relay_eval_seqs, seed=99)
+            per_seed.append(acc)
+        mean = [None if any(a[i] is None for a in per_seed) else statistics.fmean(a[i] for a in per_seed)
+                for i in range(task.seq_len - 1)]
+        edge = relay.receptive_field(n_layer, window, task.seq_len)
+        beyond_from = edge + (window or 0) + 1
+        out["models"].append({
+            "n_layer": n_layer, "window": window, "predicted_edge": edge, "accuracy": mean,
+            "accuracy_per_seed": per_seed, "reads_per_distance_min": int(min(counts)),
+            "measured_edge": relay.measured_edge(mean, relay.EDGE_ACCURACY),
+            "within_single_window": relay.mean_over(mean, 1, (window or task.seq_len) - 1),
+            "within_edge": relay.mean_over(mean, 1, edge),
+            "between_window_and_edge": relay.mean_over(mean, (window or task.seq_len), edge) if window else None,
+            "beyond_edge": relay.mean_over(mean, beyond_from, task.seq_len - 1) if window else None})
+        progress.log(f"relay probe: {n_layer} layers, window {window}")
     return out
 
 
-def convert_and_uptrain(budget: Budget, baseline_params: dict, corpus, arms: dict, data_spec,
-                        progress: Progress) -> dict:
-    """Ainslie et al.: mean-pool the trained MHA model's K/V heads into `convert_kv_head`
-    groups, measure, uptrain for uptrain_percent of the steps, measure again."""
-    kv = budget.convert_kv_head
-    after_convert, after_uptrain = [], []
-    for seed, params in baseline_params.items():
-        config, converted = to_gqa(budget.base_config(), params, kv)
-        after_convert.append(statistics.fmean(measure.loss_by_position(
-            converted, config, corpus.val, seq_len=budget.n_ctx, n_seqs=budget.final_eval_seqs)))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, config, converted)
-            # a shifted seed: uptraining sees batches pretraining did not
-            result = train_run(budget, seed + UPTRAIN_SEED_SHIFT, init_from=tmp, steps=budget.uptrain_steps,
-                               data_spec=data_spec)
-        after_uptrain.append(statistics.fmean(measure.loss_by_position(
-            result.params, config, corpus.val, seq_len=budget.n_ctx, n_seqs=budget.final_eval_seqs)))
-        progress.log(f"converted baseline seed {seed} to {kv} KV heads and uptrained", budget.uptrain_steps)
-    scratch = f"gqa-{kv}"
-    return {"n_kv_head": kv, "uptrain_steps": budget.uptrain_steps,
-            "mha": arms["baseline"]["final_loss"],
-            "converted": mean_std(after_convert), "uptrained": mean_std(after_uptrain),
-            "scratch_arm": scratch, "scratch": arms[scratch]["final_loss"]}
+# --- efficiency -------------------------------------------------------------------------------
+
+def decode_variants(budget: Budget) -> dict[str, GPTConfig]:
+    """GPT-2's width (768, 12 heads of 64) with `decode_layers` layers, rotary positions."""
+    base = GPTConfig(vocab_size=budget.vocab_size, n_layer=budget.decode_layers, n_head=12, n_embd=768,
+                     n_ctx=max(budget.decode_contexts) + budget.decode_tokens, pos_emb="rope")
+    return {"MHA": base, "GQA-4": base.replace(n_kv_head=4), "MQA": base.replace(n_kv_head=1),
+            f"SWA-{budget.decode_window}": base.replace(window=budget.decode_window)}
 
 
-def run_recall(budget: Budget) -> dict:
-    task = recall.RecallTask(max_distance=budget.recall_distance)
-    out = {"n_layer": budget.recall_layers, "max_distance": task.max_distance, "n_symbols": task.n_symbols,
-           "chance": 1 / task.n_symbols, "steps": budget.recall_steps, "threshold": RECALL_THRESHOLD,
-           "models": []}
-    for window in (None, *budget.recall_windows):
-        config = GPTConfig(vocab_size=task.vocab_size, n_ctx=task.seq_len, n_layer=budget.recall_layers,
-                           n_head=4, n_embd=64, window=window)
-        params = recall.train_recall(task, config, steps=budget.recall_steps, batch_size=budget.recall_batch,
-                                     lr=3e-3, seed=0)
-        acc = recall.accuracy_by_distance(task, params, config, n_per_distance=budget.recall_eval, seed=1)
-        predicted = recall.receptive_field(budget.recall_layers, window, task.seq_len)
-        out["models"].append({"window": window, "accuracy": acc, "predicted_edge": predicted,
-                              "measured_edge": recall.measured_edge(acc, RECALL_THRESHOLD)})
+def efficiency_measurements(budget: Budget, arms: dict, progress: Progress) -> dict:
+    out = {"machine": machine()}
+    gpt2 = GPTConfig.preset("gpt2", pos_emb="rope")
+    kv_configs = {"GPT-2 124M (MHA)": gpt2, "GQA-4": gpt2.replace(n_kv_head=4), "MQA": gpt2.replace(n_kv_head=1),
+                  "SWA-1024": gpt2.replace(window=1024), "GQA-4 + SWA-1024": gpt2.replace(n_kv_head=4, window=1024)}
+    out["kv_cache"] = {name: [{"context": T, "bytes": efficiency.kv_cache_bytes(c, T),
+                               "mib": efficiency.kv_cache_bytes(c, T) / efficiency.MiB,
+                               "formula": efficiency.kv_cache_formula(c, T)} for T in budget.kv_contexts]
+                       for name, c in kv_configs.items()}
+    out["read_bandwidth"] = read_bandwidth()
+    out["read_gb_per_s"] = out["read_bandwidth"] / 1e9
+    variants = decode_variants(budget)
+    out["decode_model"] = config_dict(variants["MHA"]) | {"head_dim": variants["MHA"].head_dim}
+    out["decode"] = {name: [efficiency.decode_row(c, context=T, batch=B, new_tokens=budget.decode_tokens,
+                                                  runs=budget.decode_runs, bandwidth=out["read_bandwidth"])
+                            for T in budget.decode_contexts for B in budget.decode_batches]
+                     for name, c in variants.items()}
+    progress.log("measured KV-cache bytes and decode speed")
+    out["kernels"] = {"window": budget.kernel_window, "heads": budget.kernel_heads, "head_dim": budget.kernel_head_dim,
+                      "rows": efficiency.in_child("kernel_scaling", list(budget.kernel_lengths), budget.kernel_window,
+                                                  budget.kernel_heads, budget.kernel_head_dim,
+                                                  budget.kernel_dense_max, budget.kernel_repeats)}
+    progress.log("measured the attention kernels against sequence length")
+    step_arms = {"rope": arms["rope"], f"rope+swa-{budget.window}": arms[f"rope+swa-{budget.window}"],
+                 f"rope+gqa-{budget.main_kv_head}": arms["rope"].replace(n_kv_head=budget.main_kv_head)}
+    out["steps"] = efficiency.in_child("step_scaling", {name: _fields(c) for name, c in step_arms.items()},
+                                       list(budget.step_lengths), 3)
+    progress.log("measured training step time and memory at long sequence lengths")
     return out
 
 
-def run_parallel(budget: Budget) -> dict:
-    """The parallel benchmark's table at a small size, through its own command."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "run.bench", "parallel", *budget.parallel_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    command = "python -m run.bench parallel " + " ".join(budget.parallel_args)
-    if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"measured": False, "command": command, "reason": f"the benchmark failed: {tail}"}
-    return {"measured": True, "command": command, "table": parse_markdown_table(proc.stdout),
-            "notes": [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith("|")]}
+def _fields(config: GPTConfig) -> dict:
+    return {k: getattr(config, k) for k in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd", "n_kv_head",
+                                            "pos_emb", "window")}
 
 
-def parse_markdown_table(text: str) -> dict:
-    """The first markdown table in `text` as {"header": [...], "rows": [[...], ...]}."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    rows = [r for r in cells[1:] if not all(set(c) <= set("-: ") for c in r)]
-    return {"header": cells[0] if cells else [], "rows": rows}
+# --- the whole study ----------------------------------------------------------------------------
+
+def run_study(budget: Budget, *, data_spec: str | None = None) -> dict:
+    progress = Progress()
+    torch.manual_seed(0)
+    full = data.load_corpus(data_spec, progress=False)
+    corpus, vocab = restrict(full, budget.vocab_size)
+    arms = {name: c.replace(vocab_size=vocab.size) for name, c in budget.arms().items()}
+    base = arms["baseline"]
+    progress.log(f"{len(arms)} arms; corpus {len(corpus.train)} training tokens, vocabulary {vocab.size} "
+                 f"({100 * vocab.coverage_train:.1f}% of tokens kept)")
+    results = {"setup": {"corpus": corpus.description, "train_tokens": len(corpus.train), "val_tokens": len(corpus.val),
+                         "vocab_size": vocab.size, "coverage_train_percent": 100 * vocab.coverage_train,
+                         "coverage_val_percent": 100 * vocab.coverage_val,
+                         "shares": shares(base), "shares_gpt2_vocab": shares(base.replace(vocab_size=50257))},
+               "rules": RULES, "arms_config": {name: config_dict(c) for name, c in arms.items()}}
+    pilot = pilot_steps(budget, corpus, arms, progress)
+    steps = pilot["steps"]
+    results["pilot"] = pilot
+    eval_starts = probes.evenly_spaced(len(corpus.val), budget.n_ctx + 1, budget.final_eval_windows)
+    results["eval_set"] = {"windows": len(eval_starts), "tokens": len(eval_starts) * budget.n_ctx}
+    runs, params = train_arms(budget, corpus, arms, steps, eval_starts, progress)
+    results["runs"] = runs
+    results["uptrain"] = uptrain_ladder(budget, corpus, params, steps, base, eval_starts, progress)
+    results["train_wall_min"] = progress.elapsed() / 60
+    results["context"] = context_probe(budget, corpus, arms, params)
+    progress.log("context-use probe done")
+    results["length"] = length_probe(budget, corpus, arms, params)
+    progress.log("length probe done")
+    results["copy"] = copy_probe(budget, corpus, arms, params, vocab)
+    progress.log("copy probe done")
+    results["generation"] = generation_probe(budget, corpus, arms, params, vocab)
+    results["relay"] = relay_probe(budget, progress)
+    results["efficiency"] = efficiency_measurements(budget, arms, progress)
+    results["wall_min"] = progress.elapsed() / 60
+    return nan_to_none(results)
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
-def derive(results: dict, budget: Budget) -> None:
-    """Every number the text quotes that is not a raw measurement: ratios, shares, means."""
-    config = budget.base_config()
-    n_params = count_params(config)
-    results["setup"] = {"n_params": n_params, "vocab_size": config.vocab_size,
-                        "tokens_per_run": budget.steps * budget.batch_size * budget.n_ctx,
-                        "embedding_share_percent": 100 * config.vocab_size * config.n_embd / n_params}
-    eff = results["gqa_efficiency"]
-    for e in eff:
-        e["kv_vs_mha"] = e["kv_bytes_per_token"] / eff[0]["kv_bytes_per_token"]
-        e["decode_vs_mha"] = e["decode_tokens_per_s"] / eff[0]["decode_tokens_per_s"]
-    first, last = results["scaling"]["rows"][0], results["scaling"]["rows"][-1]
-    results["scaling"]["growth"] = {
-        "from": first["seq_len"], "to": last["seq_len"], "length_ratio": last["seq_len"] / first["seq_len"],
-        **{key: {k: _ratio(last["kernels"][k][key], first["kernels"][k][key]) for k in first["kernels"]}
-           for key in ("ms", "mib")}}
-    results["scaling"]["growth"]["time"] = results["scaling"]["growth"].pop("ms")
-    for m in results["recall"]["models"]:
-        acc, w, edge = m["accuracy"], m["window"], m["predicted_edge"]
-        within = acc[:(w - 1) if w else len(acc)]
-        beyond = acc[edge:]
-        m["accuracy_within"] = statistics.fmean(within) if within else None
-        m["accuracy_beyond"] = statistics.fmean(beyond) if beyond else None
-    comb = budget.arms()["rope+gqa+swa"]
-    base_bytes = measure.kv_bytes_per_token(config, budget.decode_context)
-    comb_bytes = measure.kv_bytes_per_token(comb, budget.decode_context)
-    results["combined"] = {"context": budget.decode_context, "baseline_bytes_per_token": base_bytes,
-                           "combined_bytes_per_token": comb_bytes, "ratio": comb_bytes / base_bytes}
+def nan_to_none(x):
+    """JSON has no NaN: results keep None instead."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return x

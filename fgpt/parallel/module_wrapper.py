@@ -3,8 +3,8 @@
 `GPTModule` registers the tree's leaves as parameters under their HF dotted names
 (`h.0.attn.c_attn.weight`) and runs the same pure functions from `fgpt.model`. Each block is
 its own submodule whose `forward` is called, so FSDP2's per-module hooks gather it just
-before use. `AdapterStrategy` is what ddp and fsdp share: autograd on the module, AdamW on
-its parameters.
+before use. `WrappedModuleStrategy` is what ddp and fsdp share: autograd on the wrapped
+module, AdamW on its parameters.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from fgpt import tree
 from fgpt.config import GPTConfig
-from fgpt.model import block, embed, head, positions_for, rope_for, token_loss
-from fgpt.parallel.base import SavedOptimizer, load_per_parameter, parse_reduce_dtype, save_per_parameter
-from fgpt.parallel.dist import DistributedStrategy
-from fgpt.parallel.single import adamw_param_groups
+from fgpt.model import Positions, block, embed, head_loss
+from fgpt.parallel.base import adamw_param_groups, parse_reduce_dtype
+from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
+from fgpt.parallel.process_group import DistributedStrategy
 
 
 class ParamTree(nn.Module):
@@ -55,13 +55,13 @@ class Block(ParamTree):
         super().__init__(node)
         self.config, self.layer, self.compute_dtype = config, layer, compute_dtype
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         p = cast_to(self.tree(), self.compute_dtype)
-        return block(p, x, self.config, layer=self.layer, rope=rope, train=self.training)
+        return block(p, x, self.config, layer=self.layer, pos=pos, train=self.training)
 
 
 class GPTModule(nn.Module):
-    """tokens, targets -> mean loss, through fgpt.model's embed / block / head.
+    """tokens, targets -> mean loss, through fgpt.model's embed / block / head_loss.
     `compute_dtype` casts the parameters for compute (ddp's bf16); fsdp leaves it None
     because its MixedPrecisionPolicy gathers in bf16 already."""
 
@@ -75,12 +75,10 @@ class GPTModule(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         root = cast_to({k: getattr(self, k).tree() for k in self.root_keys}, self.compute_dtype)
-        positions, end = positions_for(tokens, self.config, None)
-        x = embed(root, tokens, self.config, positions, train=self.training)  # [B, T, d]
-        rope = rope_for(positions, end, self.config, x.dtype)
+        x, pos = embed(root, tokens, self.config, train=self.training)  # [B, T, d]
         for blk in self.h:
-            x = blk(x, rope)  # [B, T, d]
-        return token_loss(head(root, x, self.config), targets)
+            x = blk(x, pos)  # [B, T, d]
+        return head_loss(root, x, targets, self.config)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -88,14 +86,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class AdapterStrategy(DistributedStrategy):
+class WrappedModuleStrategy(DistributedStrategy):
     """Autograd on a wrapped GPTModule; subclasses choose the wrapper and how to skip sync."""
 
     def __init__(self, device="auto", reduce_dtype: str = "fp32", **kwargs):
         super().__init__(device, **kwargs)
         self.reduce_dtype = parse_reduce_dtype(reduce_dtype)
 
-    def wrap(self, params: dict, config: GPTConfig, precision: str) -> nn.Module:
+    def wrap(self, params: dict, precision: str) -> nn.Module:
+        """The GPTModule over `params` (of `self.config`), wrapped by torch."""
         raise NotImplementedError
 
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -104,7 +103,7 @@ class AdapterStrategy(DistributedStrategy):
     def setup(self, params, config, *, lr, weight_decay, betas, precision):
         self.config = config
         params = tree.tree_map(lambda x: x.detach().to(self.device, torch.float32).clone(), params)
-        self.model = self.wrap(params, config, precision)
+        self.model = self.wrap(params, precision)
         module = getattr(self.model, "module", self.model)  # DDP wraps; FSDP2 shards in place
         self.named = dict(module.named_parameters())  # HF dotted names
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay), lr=lr,
@@ -116,7 +115,7 @@ class AdapterStrategy(DistributedStrategy):
             (loss * scale).backward()
         return loss.detach()
 
-    def eval_loss(self, tokens, targets, config):
+    def eval_loss(self, tokens, targets):
         self.model.eval()  # dropout off
         try:
             with torch.no_grad():
@@ -140,18 +139,11 @@ class AdapterStrategy(DistributedStrategy):
     def full_params(self):
         return tree.unflatten({k: full_tensor(p).detach().cpu().clone() for k, p in self.named.items()})
 
-    def load_params(self, params):
-        with torch.no_grad():
-            for name, value in tree.flatten(params).items():
-                p = self.named[name]
-                value = value.to(self.device, torch.float32)
-                p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value)
-
     def _local_part(self, p: torch.Tensor) -> tuple[int, int, torch.Size]:
         """The flat range [lo, hi) of parameter `p` this rank holds, and its local shape: all
         of it (ddp), or the rows of its dim-0 shard (fsdp: torch.chunk's, the last ones short)."""
         if not isinstance(p, DTensor):
-            return 0, p.numel(), p.shape
+            return whole(p)
         return (*dim0_shard_range(tuple(p.shape), self.rank, self.world_size), p.to_local().shape)
 
     def optimizer_state(self):

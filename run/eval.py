@@ -1,0 +1,123 @@
+"""`python -m run.eval`: a checkpoint's strided perplexity on a text, or its multiple-choice accuracy.
+
+    python -m run.eval --checkpoint C --data book.txt [--n-ctx N] [--stride S]
+    python -m run.eval --checkpoint C --task mc --data hellaswag_val.jsonl
+
+The last line of stdout is one JSON object: {"loss", "ppl", "tokens", "bits_per_byte"} for
+perplexity, {"acc", "acc_norm", "n"} for multiple choice. Progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fgpt import tree
+from fgpt.checkpoint import latest_checkpoint, load_checkpoint
+from fgpt.errors import FgptError
+from fgpt.multiple_choice import accuracy, read_questions, score_endings
+from fgpt.perplexity import strided_nll
+from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
+from fgpt.train import resolve_device
+from run._cli import main_guard
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# single files that are corpora rather than one text: handed to the data module, which
+# evaluates their validation split (as training would)
+CORPUS_SUFFIXES = (".bin", ".jsonl", ".json", ".parquet")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m run.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="a .safetensors or pytorch_model.bin file, a directory or a hub "
+                    "name; default: the newest checkpoint under out/")
+    ap.add_argument("--task", choices=["ppl", "mc"], default="ppl",
+                    help="ppl: strided perplexity (default); mc: multiple choice (HellaSwag layout)")
+    ap.add_argument("--data", help="ppl: a text file (scored whole, as one stream) or anything "
+                    "run.train --data takes (its validation split; default: the built-in corpus's); "
+                    "mc: a JSONL file of {ctx, endings, label}")
+    ap.add_argument("--n-ctx", type=int, help="ppl: window length (default: the model's n_ctx)")
+    ap.add_argument("--stride", type=int, help="ppl: tokens between window starts (default: n_ctx // 2)")
+    ap.add_argument("--max-tokens", type=int, help="ppl: score only the first N tokens of the stream")
+    ap.add_argument("--limit", type=int, help="mc: score only the first N questions")
+    ap.add_argument("--batch-size", type=int, default=8, help="windows (ppl) or endings (mc) per forward")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    check_flags(args)
+    device = resolve_device(args.device)
+    path = args.checkpoint or latest_checkpoint()
+    config, params = load_checkpoint(path, dtype=DTYPES[args.dtype], device=device)
+    print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}, {device})", file=sys.stderr)
+    t0 = time.perf_counter()
+    if args.task == "mc":
+        questions = read_questions(args.data, limit=args.limit)
+        scores = score_endings(params, config, questions, batch_size=args.batch_size, device=device)
+        result = accuracy(questions, scores)
+        done = f"{result['n']} questions"
+    else:
+        tokens = load_tokens(args.data)
+        if args.max_tokens is not None:
+            tokens = tokens[:args.max_tokens]
+        total = strided_nll(params, config, tokens, n_ctx=args.n_ctx, stride=args.stride,
+                            batch_size=args.batch_size, byte_lengths=token_byte_lengths(), device=device)
+        result = {"loss": total.loss, "ppl": total.ppl, "tokens": total.tokens,
+                  "bits_per_byte": total.bits_per_byte}
+        done = f"{total.tokens:,} tokens"
+    elapsed = time.perf_counter() - t0
+    print(f"scored {done} in {elapsed:.1f}s", file=sys.stderr)
+    print(json.dumps(result))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags of the other task, and values that cannot work, fail before any loading."""
+    ppl_only = {"--n-ctx": args.n_ctx, "--stride": args.stride, "--max-tokens": args.max_tokens}
+    if args.task == "mc":
+        given = [flag for flag, value in ppl_only.items() if value is not None]
+        if given:
+            raise FgptError(f"{', '.join(given)}: only for --task ppl")
+        if not args.data:
+            raise FgptError("--task mc needs --data FILE.jsonl")
+        if args.limit is not None and args.limit < 1:
+            raise FgptError(f"--limit must be at least 1, got {args.limit}")
+    elif args.limit is not None:
+        raise FgptError("--limit applies to --task mc only (--max-tokens limits perplexity)")
+    if args.batch_size < 1:
+        raise FgptError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.n_ctx is not None and args.n_ctx < 2:
+        raise FgptError(f"--n-ctx must be at least 2, got {args.n_ctx}")
+    if args.stride is not None and args.stride < 1:
+        raise FgptError(f"--stride must be at least 1, got {args.stride}")
+    if args.stride is not None and args.n_ctx is not None and args.stride > args.n_ctx:
+        raise FgptError(f"--stride {args.stride} exceeds --n-ctx {args.n_ctx}: tokens between windows would go unscored")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise FgptError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+
+
+def load_tokens(spec: str | None):
+    """A text file -> its tokens as one stream (encode_ordinary: `<|endoftext|>` in the text
+    is text). Anything else -> the validation split of what run.train --data would load."""
+    if spec is not None and Path(spec).is_file() and Path(spec).suffix not in CORPUS_SUFFIXES:
+        try:
+            text = Path(spec).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise FgptError(f"--data {spec} is not UTF-8 text") from None
+        return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.int64)
+    from fgpt.data import load_corpus
+    return load_corpus(spec).val
+
+
+if __name__ == "__main__":
+    main_guard(main)
