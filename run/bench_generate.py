@@ -53,7 +53,7 @@ def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype, device: str = 
 def bytes_per_step(params: dict) -> int:
     """What one decode step must read: every block weight and the head (wte), all of it; of
     the position table only one row, so it is left out, as are the KV cache's few KB."""
-    return tree.nbytes({k: v for k, v in params.items() if k != "wpe"})
+    return sum(t.numel() * t.element_size() for t in tree.leaves({k: v for k, v in params.items() if k != "wpe"}))
 
 
 def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, repeats: int = 3,
