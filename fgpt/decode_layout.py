@@ -4,7 +4,7 @@ A decode step multiplies one row vector by every weight W [in, out] (the head: W
 The same W can be stored row-major as [in, out] or as [out, in] (its transpose's rows), and
 which of the two the matrix-vector kernels read faster depends on the dtype, the shape and
 the machine: MKL's fp32 product and torch's bf16 one disagree, and an AVX-512 CPU is not an
-AVX2 one. So the choice is measured, once per (device, dtype, shape, threads) per process,
+AVX2 one. So the choice is measured, once per (device, dtype, shape) per process,
 on enough copies of a matrix of that shape that they outgrow the caches as the model does.
 Only strides change: shapes and values stay, so `forward` runs on the result unchanged.
 `just bench generate` shows the decode rates the chosen layouts reach.
@@ -12,14 +12,14 @@ Only strides change: shapes and values stay, so `forward` runs on the result unc
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from fgpt.measure import best_time
 
 IN_OUT, OUT_IN = "in_out", "out_in"
 _MEASURE_BYTES = 64 << 20  # per layout: past a 32 MiB L3, as a model's weights are
 _MAX_COPIES = 64
-_chosen: dict[tuple, str] = {}  # (device, dtype, (in, out), threads) -> IN_OUT | OUT_IN
+_chosen: dict[tuple, str] = {}  # (device, dtype, (in, out)) -> IN_OUT | OUT_IN
 
 
 def _stored(w: torch.Tensor, layout: str) -> torch.Tensor:
@@ -28,20 +28,31 @@ def _stored(w: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str = "cpu",
-                   repeats: int = 3) -> str:
-    """IN_OUT or OUT_IN: whichever computes x [1, in] @ W [in, out] faster here."""
-    key = (str(device), dtype, tuple(shape), torch.get_num_threads())
+                   repeats: int = 4) -> str:
+    """IN_OUT or OUT_IN: whichever computes x [1, in] @ W [in, out] faster here. Measured on
+    one CPU thread: which layout a kernel reads fast is a property of the kernel, and with
+    one thread no product waits at a barrier for a thread that other work descheduled."""
+    key = (str(device), dtype, tuple(shape))
     if key not in _chosen:
-        _chosen[key] = _measure(tuple(shape), dtype, torch.device(device), repeats)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _chosen[key] = _measure(tuple(shape), dtype, torch.device(device), repeats)
+        finally:
+            torch.set_num_threads(threads)
     return _chosen[key]
 
 
 def measured() -> dict[tuple, str]:
-    """What this process has measured so far: (device, dtype, (in, out), threads) -> layout."""
+    """What this process has measured so far: (device, dtype, (in, out)) -> layout."""
     return dict(_chosen)
 
 
 def _measure(shape, dtype, device, repeats) -> str:
+    """The layout whose fastest single product is faster. Each product reads another copy,
+    as a decode step reads another weight, and the minimum over all of them is what a
+    product costs undisturbed: on cores shared with other work some calls wait for a
+    descheduled thread, and a whole pass rarely escapes that."""
     K, N = shape
     nbytes = K * N * torch.empty((), dtype=dtype).element_size()
     copies = max(1, min(_MAX_COPIES, _MEASURE_BYTES // nbytes))
@@ -51,14 +62,8 @@ def _measure(shape, dtype, device, repeats) -> str:
     best = dict.fromkeys(candidates, float("inf"))
     for _ in range(repeats + 1):  # round-robin, so drifting load hits both alike; the first warms up
         for layout, weights in candidates.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
             for w in weights:
-                x @ w
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[layout] = min(best[layout], time.perf_counter() - start)
+                best[layout] = min(best[layout], best_time(lambda: x @ w, 1, warmup=0, device=device))
     return min(best, key=best.get)
 
 

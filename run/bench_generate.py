@@ -115,6 +115,6 @@ def main(argv=None) -> None:
           f"{result['n_tokens']} positions")
     print(f"machine: {machine_line()}; copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s")
     layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
-                        for (_, dtype, (k, m), _), layout in measured().items())
+                        for (_, dtype, (k, m)), layout in measured().items())
     print(f"decode layouts measured for x @ W [in, out]: {layouts}")
     print("\n".join(table(result)))
