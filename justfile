@@ -14,7 +14,7 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | parallel | attention | eval
+# benchmarks: generate | train | parallel | attention | eval | data
 bench what *args:
     python -m run.bench "$@"
 
@@ -33,3 +33,7 @@ eval *args:
 # plot training and validation loss of runs: just plot out/a out/b --out runs.png
 plot *args:
     python -m run.plot "$@"
+
+# tokenise a corpus (text / JSONL / Parquet) into token shards: just prepare --data SRC --out DIR
+prepare *args:
+    python -m run.prepare "$@"

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from fgpt.errors import FgptError
 
-# Kernels for windowed layers: "band" (plain PyTorch, below) or "flex" (compiled
-# flex_attention, fgpt/flex_window.py). The choice is fgpt's one process-wide setting (for
+# Kernels for windowed layers: "band" (plain PyTorch, O(T·W), below), "flex" (compiled
+# flex_attention, fgpt/flex_window.py) or "dense" (the window as a mask over all T² scores:
+# more work, but one SDPA call, which is faster for short sequences on CPU — see
+# `just bench attention`). The choice is fgpt's one process-wide setting (for
 # every thread), read by `attention` at each call, as torch.nn.attention.sdpa_kernel sets
 # SDPA's backends: both kernels compute the same maths, so it says how, not what, and
 # belongs neither in the config (saved with checkpoints) nor in every strategy's signature.
-WINDOW_KERNELS = ("band", "flex")
+WINDOW_KERNELS = ("band", "flex", "dense")
 _window_kernel = "band"
 
 
@@ -48,10 +50,10 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return ok
 
 
-def dense_window_attention(q, k, v, window: int | None) -> torch.Tensor:
+def dense_window_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
     """The O(T²) reference: sliding window as a mask over full attention."""
     pos = torch.arange(q.shape[-2], device=q.device)
-    return masked_attention(q, k, v, window_mask(pos, pos, window))
+    return masked_attention(q, k, v, window_mask(pos, pos, window), dropout_p)
 
 
 def _band_mask(n_blocks: int, block: int, window: int, device) -> torch.Tensor:
@@ -126,4 +128,6 @@ def attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tens
     if _window_kernel == "flex":
         from fgpt.flex_window import flex_window_attention  # imports torch.compile's machinery
         return flex_window_attention(q, k, v, window, dropout_p)
+    if _window_kernel == "dense":
+        return dense_window_attention(q, k, v, window, dropout_p)
     return sliding_window_attention(q, k, v, window, dropout_p=dropout_p)

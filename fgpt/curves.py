@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fgpt.atomic import atomic_path
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, require_extra
 
 log = logging.getLogger("fgpt")
 METRICS_FILE = "metrics.jsonl"
@@ -96,10 +96,7 @@ def save_figure(fig, out: str | Path) -> Path:
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise FgptError("plotting needs matplotlib: pip install 'fgpt[plot]'") from None
+    matplotlib = require_extra("matplotlib", "plot", "plotting")
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
     return plt

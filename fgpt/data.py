@@ -1,198 +1,111 @@
-"""Corpora -> token shards (uint16 memmaps, cached) -> batches, rank-aware.
+"""Corpora -> token shards -> batches, rank-aware.
 
-    corpus = load_corpus(None)                         # the built-in corpus (Python's stdlib)
+    corpus = load_corpus(None)              # the built-in corpus (Python's stdlib source)
+    corpus = load_corpus("owt/*.jsonl.gz")  # text / JSONL / Parquet: prepared into the cache once
+    corpus = load_corpus("fineweb10B/")     # already tokenised: fgpt, nanoGPT or llm.c shards
     x, y = rank_batch(corpus.train, seq_len=256, batch_size=32, seed=0, step=s,
-                      rank=r, world_size=W)            # [B/W, T] int64 each
+                      rank=r, world_size=W)  # [B/W, T] int64 each
 
-A source is tokenised once, with <|endoftext|> between documents, into `train.bin` /
-`val.bin` under a cache directory named by a hash of the source's content, so the next run
-reuses it. The *global* batch of step s is a pure function of (seed, s): every rank draws the
-same window starts and keeps its contiguous slice, so any world size trains on the same
-batches, and resuming needs only the step number.
+A source that is not yet tokenised goes through the same streaming pipeline as
+`python -m run.prepare` (fgpt.prepare) into a cache directory named by a hash of its files'
+paths, sizes and modification times, so the next run reuses it. `corpus.train` / `corpus.val`
+are token streams over the shards (`len`, slicing): many shards read as one array, so the
+*global* batch of step s is a pure function of (seed, s) whatever the shard sizes — every rank
+draws the same window starts and keeps its contiguous slice, so any world size trains on the
+same batches, and resuming needs only the step number.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from fgpt.atomic import atomic_path
 from fgpt.errors import FgptError
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.prepare import VAL_FRACTION, is_val, prepare  # noqa: F401  (is_val: part of the API)
+from fgpt.shards import FORMAT, MANIFEST, TokenStream, layout, open_shards
+from fgpt.sources import SourceFile, list_files, stdlib_files
 
-VAL_PERCENT = 10  # share of documents (or, for one document, of tokens) held out for eval
-FORMAT = "fgpt-data-v1"  # part of the cache key: bump when the shard layout changes
 _TRAIN_STREAM, _VAL_STREAM = 0, 1  # separate random streams for train and eval windows
 EVAL_SEED = 0  # validation windows are drawn with this seed whatever the training seed
-
-
-@dataclass(frozen=True)
-class Document:
-    name: str  # path relative to the source root: the split is decided by its hash
-    text: str
+BUILTIN = "python stdlib"
 
 
 @dataclass(frozen=True)
 class Corpus:
-    train: np.ndarray  # uint16 token ids (a read-only memmap)
-    val: np.ndarray
-    cache_dir: Path | None
+    train: TokenStream | np.ndarray  # token ids: len() and [a:b] -> np.ndarray
+    val: TokenStream | np.ndarray
+    cache_dir: Path | None  # the directory of shards the tokens are read from
     description: str
     ignore_id: int | None = None  # targets equal to this id are left out of the loss (-1)
 
 
-# --- sources ---------------------------------------------------------------------------
-
-def stdlib_documents() -> list[Document]:
-    """The built-in corpus: every UTF-8 .py file of this Python's standard library (not
-    site-packages), in sorted path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if {"site-packages", "dist-packages"} & set(rel.parts):
-            continue
-        try:
-            docs.append(Document(rel.as_posix(), path.read_bytes().decode("utf-8")))
-        except (UnicodeDecodeError, OSError):
-            continue  # a few stdlib test files are deliberately not UTF-8
-    return docs
-
-
-def user_documents(spec: str) -> list[Document]:
-    """Text files named by `spec`: a file, a directory (all files below it) or a glob."""
-    if any(ch in spec for ch in "*?["):
-        paths, root = [Path(p) for p in glob.glob(spec, recursive=True)], None
-        paths = [p for p in paths if p.is_file()]
-    elif Path(spec).is_dir():
-        root = Path(spec)
-        paths = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    elif Path(spec).is_file():
-        paths, root = [Path(spec)], Path(spec).parent
-    else:
-        raise FgptError(f"--data {spec}: no such file or directory")
-    if not paths:
-        raise FgptError(f"--data {spec}: matches no files")
-    docs = []
-    for path in sorted(paths):
-        raw = path.read_bytes()
-        if b"\0" in raw:
-            raise FgptError(f"--data: {path} is a binary file, not text")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FgptError(f"--data: {path} is not UTF-8 text") from None
-        name = path.relative_to(root).as_posix() if root else path.as_posix()
-        docs.append(Document(name, text))
-    if not any(d.text.strip() for d in docs):
-        raise FgptError(f"--data {spec}: the files hold no text")
-    return docs
-
-
-def is_val(name: str) -> bool:
-    """Stable across machines and runs: a hash of the document's relative path."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % 100 < VAL_PERCENT
-
-
-# --- tokenising and caching -------------------------------------------------------------
+# --- sources and the cache ---------------------------------------------------------------
 
 def cache_root() -> Path:
     return Path(os.environ.get("FGPT_CACHE", Path.home() / ".cache" / "fgpt")) / "data"
 
 
-def content_key(docs: list[Document]) -> str:
-    h = hashlib.sha256(f"{FORMAT}:{VAL_PERCENT}".encode())
-    for d in docs:
-        h.update(hashlib.sha256(d.name.encode()).digest())
-        h.update(hashlib.sha256(d.text.encode()).digest())
+def source_files(data: str | None) -> list[SourceFile]:
+    """The files of a source (None = the built-in corpus); a bad path raises FgptError."""
+    return stdlib_files() if data is None else list_files(data)
+
+
+def cache_key(files: list[SourceFile], *, text_field: str = "text", val_fraction: float = VAL_FRACTION) -> str:
+    """Names the cache directory: the shard format, the split and every file's path, size and
+    modification time (a stat, not a read, so opening a cached corpus costs no pass over it)."""
+    h = hashlib.sha256(json.dumps([FORMAT, "gpt2", text_field, val_fraction]).encode())
+    for f in files:
+        h.update(f"{f.name}\0{f.size}\0{f.mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
-def _join(token_lists: list[list[int]]) -> np.ndarray:
-    """Documents separated by <|endoftext|>: doc0 EOT doc1 EOT ... docN."""
-    out = []
-    for i, toks in enumerate(token_lists):
-        if i:
-            out.append(EOT)
-        out.extend(toks)
-    return np.asarray(out, dtype=np.uint16)
+def is_prepared(data: str | None) -> bool:
+    """Whether `data` is a directory of token shards (fgpt, nanoGPT or llm.c) to read as is."""
+    return data is not None and layout(Path(data)) is not None
 
 
-def tokenise(docs: list[Document], *, progress: bool = True, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) token arrays. Documents go to val by the hash of their name; if that
-    leaves one side empty (e.g. a single file), the last VAL_PERCENT% of tokens is val."""
-    enc = gpt2_encoding()
-    tokens: list[list[int]] = []
-    with tqdm(total=sum(len(d.text) for d in docs), unit="char", unit_scale=True,
-              desc="tokenising", disable=not progress) as bar:
-        for i in range(0, len(docs), chunk):
-            batch = [d.text for d in docs[i:i + chunk]]
-            tokens += enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1)
-            bar.update(sum(map(len, batch)))
-    val_mask = [is_val(d.name) for d in docs]
-    if all(val_mask) or not any(val_mask):
-        stream = _join(tokens)
-        cut = len(stream) - len(stream) * VAL_PERCENT // 100
-        return stream[:cut], stream[cut:]
-    train = _join([t for t, v in zip(tokens, val_mask) if not v])
-    val = _join([t for t, v in zip(tokens, val_mask) if v])
-    return train, val
-
-
-def _write_shards(directory: Path, train: np.ndarray, val: np.ndarray, description: str) -> None:
-    """Write into a temp directory, then rename it into place: readers never see half a cache."""
-    try:
-        with atomic_path(directory, directory=True) as tmp:
-            train.tofile(tmp / "train.bin")
-            val.tofile(tmp / "val.bin")
-            meta = {"format": FORMAT, "source": description, "train_tokens": len(train), "val_tokens": len(val)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    except OSError:
-        if not (directory / "meta.json").exists():  # lost a race to another writer: fine
-            raise
-
-
-def _memmap(path: Path) -> np.ndarray:
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-def documents(data: str | None) -> list[Document]:
-    """The documents of `data` (None = the built-in corpus); bad input raises FgptError."""
-    return stdlib_documents() if data is None else user_documents(data)
-
-
-def cache_dir_for(docs: list[Document]) -> Path:
-    return cache_root() / content_key(docs)
-
-
-def build_cache(docs: list[Document], description: str, *, progress: bool = True) -> Path:
-    """Tokenise into the cache unless an earlier run already did."""
-    directory = cache_dir_for(docs)
-    if not (directory / "meta.json").exists():
-        train, val = tokenise(docs, progress=progress)
-        _write_shards(directory, train, val, description)
+def build_cache(data: str | None, *, progress: bool = True, workers: int | None = None) -> Path:
+    """The prepared directory for `data`: the directory itself when it already holds token
+    shards, else its cache directory, tokenised now unless an earlier run did."""
+    if is_prepared(data):
+        return Path(data)
+    files = source_files(data)
+    directory = cache_root() / cache_key(files)
+    if not (directory / MANIFEST).is_file():
+        try:
+            prepare(files, directory, lenient=data is None, progress=progress, workers=workers,
+                    description=BUILTIN if data is None else str(data), force=directory.exists())
+        except OSError:
+            if not (directory / MANIFEST).is_file():  # else: lost a race to another writer
+                raise
     return directory
 
 
-def open_corpus(directory: Path, description: str) -> Corpus:
-    return Corpus(_memmap(directory / "train.bin"), _memmap(directory / "val.bin"), directory, description)
+def open_corpus(directory: Path, description: str | None = None) -> Corpus:
+    train, val, info = open_shards(Path(directory))
+    return Corpus(train, val, Path(directory), description or info["source"])
 
 
 def load_corpus(data: str | None = None, *, progress: bool = True) -> Corpus:
-    """Tokenise `data` (None = the built-in corpus) into cached shards, or reuse them."""
-    description = "python stdlib" if data is None else str(data)
-    return open_corpus(build_cache(documents(data), description, progress=progress), description)
+    """The corpus of `data` (None = the built-in corpus): token shards are opened as they
+    are; text, JSONL and Parquet sources are tokenised into the cache first (once)."""
+    description = BUILTIN if data is None else str(data)
+    return open_corpus(build_cache(data, progress=progress), description)
+
+
+def check_vocab(corpus: Corpus, vocab_size: int) -> None:
+    """One-line error for a token id the model has no embedding for (one max per split,
+    recorded in an fgpt manifest, else a single scan)."""
+    for split, tokens in (("train", corpus.train), ("val", corpus.val)):
+        if len(tokens) and (top := int(tokens.max())) >= vocab_size:
+            raise FgptError(f"--data {corpus.description}: the {split} split holds token id {top}, but "
+                            f"the model's vocabulary has {vocab_size} ids (0..{vocab_size - 1})")
 
 
 # --- batches --------------------------------------------------------------------------

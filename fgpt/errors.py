@@ -7,3 +7,15 @@ input never surfaces as a traceback from deep inside torch.
 
 class FgptError(ValueError):
     """A problem with the user's input: config, checkpoint, data or command-line flags."""
+
+
+def require_extra(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or raise FgptError naming the extra that installs it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.partition(".")[0]:
+            raise
+        raise FgptError(f"{purpose} needs {module}, which a plain install leaves out: "
+                        f"pip install 'fgpt[{extra}]'") from None

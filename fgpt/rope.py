@@ -14,11 +14,12 @@ import torch
 
 @functools.lru_cache(maxsize=32)
 def _table(length: int, head_dim: int, base: float, dtype: torch.dtype, device: str):
-    # Computed in fp32 (fp64 would be exact but slow on GPU) once per (length, dtype, device).
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    # Built once per (length, dtype, device), in float64 on the CPU: an fp32 angle at position
+    # p is off by ~p * 6e-8 rad, which at long positions is larger than bf16's rounding.
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # [length, hd]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
 
 def rope_tables(length: int, head_dim: int, base: float, dtype: torch.dtype, device) -> tuple:

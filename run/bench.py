@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("generate", "train", "parallel", "attention", "eval")
+BENCHES = ("generate", "train", "parallel", "attention", "eval", "data")
 
 
 def main() -> None:

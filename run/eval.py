@@ -31,7 +31,7 @@ from run._cli import main_guard
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # single files that are corpora rather than one text: handed to the data module, which
 # evaluates their validation split (as training would)
-CORPUS_SUFFIXES = (".bin", ".jsonl", ".json", ".parquet")
+CORPUS_SUFFIXES = (".bin", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +109,7 @@ def check_flags(args: argparse.Namespace) -> None:
 def load_tokens(spec: str | None):
     """A text file -> its tokens as one stream (encode_ordinary: `<|endoftext|>` in the text
     is text). Anything else -> the validation split of what run.train --data would load."""
-    if spec is not None and Path(spec).is_file() and Path(spec).suffix not in CORPUS_SUFFIXES:
+    if spec is not None and Path(spec).is_file() and not Path(spec).name.endswith(CORPUS_SUFFIXES):
         try:
             text = Path(spec).read_bytes().decode("utf-8")
         except UnicodeDecodeError:

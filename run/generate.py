@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--allow-past-ctx", action="store_true",
                     help="rotary models: generate past n_ctx (an extrapolation experiment)")
     ap.add_argument("--window-kernel", choices=WINDOW_KERNELS, default="band",
-                    help="prefill of windowed layers: band (plain) or flex (compiled flex_attention)")
+                    help="prefill of windowed layers: band (plain, O(T·W)), flex (compiled flex_attention) or dense (a T² mask)")
     return ap.parse_args(argv)
 
 

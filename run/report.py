@@ -14,11 +14,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, require_extra
 from fgpt.measure import machine, machine_line
 from fgpt.report.budget import FULL, QUICK
 from fgpt.report.claims import derive
-from fgpt.report.plots import write_plots
 from fgpt.report.study import run_study
 from fgpt.report.writer import write_report
 from run._cli import main_guard
@@ -35,6 +34,8 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    require_extra("matplotlib", "plot", "the report's plots")  # before hours of training, not after
+    from fgpt.report.plots import write_plots
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -12,16 +12,15 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import torch
-
+from fgpt import precision, run_dir
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
-from fgpt.precision import PRECISIONS
-from fgpt.train import STATE_FILE, TrainConfig, default_out_dir, saved_run_config, train
-from run._cli import main_guard
+from fgpt.parallel import STRATEGIES
+from fgpt.run_config import DEVICES, PRECISIONS, SCHEDULES
+from fgpt.train import TrainConfig, check_launch, train
+from run._cli import ArgumentParser, main_guard
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx", "n_kv_head", "pos_emb", "window")
 
@@ -41,9 +40,8 @@ def window_arg(text: str):
 
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m run.train", description=__doc__.split("\n")[0],
-                                argument_default=None)
-    p.add_argument("--strategy", help="single | ddp | fsdp | custom-fsdp (also strategy=NAME)")
+    p = ArgumentParser(prog="python -m run.train", description=__doc__.split("\n")[0], argument_default=None)
+    p.add_argument("--strategy", choices=list(STRATEGIES), help="also strategy=NAME (default single)")
     p.add_argument("--nproc", type=int, help="processes (also nproc=N; default 1 for single, 2 otherwise)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts every rank after a failure, resuming from the last checkpoint")
@@ -57,22 +55,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--pos-emb", choices=["learned", "rope"])
     g.add_argument("--window", type=window_arg, help="sliding window: N, none, or a per-layer list")
     g = p.add_argument_group("training")
-    g.add_argument("--data", help="text file, directory or glob (default: Python's stdlib)")
+    g.add_argument("--data", help="text / JSONL / Parquet file, directory or glob, or a directory of token "
+                   "shards: fgpt (run.prepare), nanoGPT, llm.c (default: Python's stdlib)")
     g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
     g.add_argument("--batch-size", type=int, help=f"global sequences per step (default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr", type=float, help="cosine floor (default lr/10)")
     g.add_argument("--warmup", type=int, help="warmup steps (default min(100, steps/10))")
-    g.add_argument("--schedule", choices=["cosine", "wsd"],
+    g.add_argument("--schedule", choices=SCHEDULES,
                    help="after warmup: half a cosine to --min-lr (default), or constant then a linear cooldown")
     g.add_argument("--cooldown", type=float, help="wsd: final fraction of the steps that decays (default 0.2)")
     g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, help=f"global-norm clip, 0 = off (default {d.grad_clip})")
     g.add_argument("--seed", type=int)
-    g.add_argument("--precision", choices=PRECISIONS,
+    g.add_argument("--precision", choices=precision.PRECISIONS,
                    help="auto (default): bf16 where this device's bf16 matmul is measurably faster")
-    g.add_argument("--reduce-dtype", choices=["fp32", "bf16"], help="dtype gradients cross ranks in (default fp32)")
+    g.add_argument("--reduce-dtype", choices=PRECISIONS, help="dtype gradients cross ranks in (default fp32)")
     g.add_argument("--eval-interval", type=int, help=f"0 = off (default {d.eval_interval})")
     g.add_argument("--eval-iters", type=int, help=f"val batches per eval (default {d.eval_iters})")
     g.add_argument("--checkpoint-interval", type=int, help="0 = final checkpoint only")
@@ -80,10 +79,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     g.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (resume later)")
     g.add_argument("--init-from", help="fine-tune from a checkpoint (file or directory)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", choices=DEVICES)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
     g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
-                   help="windowed layers: band (plain, default) or flex (compiled flex_attention; CUDA only)")
+                   help="windowed layers: band (plain O(T·W), default), flex (compiled flex_attention; CUDA only) or dense (a T² mask)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     return p
 
@@ -116,8 +115,8 @@ def build_config(args) -> TrainConfig:
     if args.resume:
         if args.init_from:
             raise FgptError("--resume and --init-from exclude each other")
-        saved = saved_run_config(args.out)
-        model = model_config(args, saved.model)
+        saved, saved_model = run_dir.saved_run(args.out)
+        model = model_config(args, saved_model)
         return dataclasses.replace(saved, **given, **({"model": model} if model else {}))
     return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, None))
 
@@ -148,32 +147,10 @@ def relaunch(argv: list[str], nproc: int, max_restarts: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def torchrun_job_id() -> str | None:
-    """torchrun's rendezvous id: one per job, kept across its restarts. `--standalone` makes
-    a fresh one; a multi-node job without `--rdzv-id` gets "none", which names nothing."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    return None if run_id in (None, "none") else run_id
-
-
-def train_state_in(out: str | None) -> dict:
-    """The checkpoint record of the run in `out` ({} if none)."""
-    path = Path(out or "") / STATE_FILE
-    return torch.load(path, weights_only=True, map_location="cpu") if out and path.exists() else {}
-
-
-def saved_by_this_job(out: str) -> dict | None:
-    """The train state in `out` if this very torchrun job wrote it: a restart (--max-restarts)
-    resumes it. A checkpoint of any other run is resumed only when asked (--resume). (Not
-    the restart count: every node's agent keeps its own.)"""
-    job = torchrun_job_id()
-    state = train_state_in(out) if job else {}
-    return state if state and state.get("torchrun_run_id") == job else None
-
-
-def main() -> int:
-    argv = expand_launcher_tokens(sys.argv[1:])
-    args = parser().parse_args(argv)
-    saved = train_state_in(args.out) if args.resume else {}
+def choose_ranks(args, under_torchrun: bool) -> None:
+    """Fill in strategy and nproc (as given; else as the resumed run had them; else single,
+    or two ranks of another strategy), checking the launcher's own flags."""
+    saved = run_dir.train_state(args.out) if args.resume else None
     if saved and args.strategy in (None, saved["strategy"]):  # as the run was, unless told otherwise
         args.strategy = saved["strategy"]
         if args.nproc is None:
@@ -191,19 +168,24 @@ def main() -> int:
         raise FgptError("--max-restarts restarts torchrun's ranks: use ddp, fsdp or custom-fsdp")
     if args.resume and not args.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
-    under_torchrun = "RANK" in os.environ
     if under_torchrun and args.max_restarts:
         raise FgptError("--max-restarts is torchrun's own option when you start torchrun yourself: "
                         "give it before `-m run.train`")
+
+
+def main() -> int:
+    argv = expand_launcher_tokens(sys.argv[1:])
+    args = parser().parse_args(argv)
+    under_torchrun = "RANK" in os.environ
+    choose_ranks(args, under_torchrun)
     if args.out is None:  # one name for every rank and every restart
-        if under_torchrun and torchrun_job_id() is None:
+        job = run_dir.torchrun_job_id()
+        if under_torchrun and job is None:
             raise FgptError("under torchrun without --rdzv-id, pass --out DIR: the ranks need one "
                             "run directory")
-        args.out = f"out/train-{torchrun_job_id()}" if under_torchrun else default_out_dir()
+        args.out = f"out/train-{job}" if under_torchrun else run_dir.default_out_dir()
         argv += ["--out", args.out]
-    if args.strategy != "single" and not under_torchrun:
-        return relaunch(argv, args.nproc, args.max_restarts)
-    mine = saved_by_this_job(args.out)
+    mine = run_dir.saved_by_this_job(args.out) if under_torchrun else None
     if mine is not None and not args.resume:  # torchrun restarted this job after a failure
         args.resume, args.init_from = True, None  # the checkpoint supersedes --init-from
         if int(os.environ["RANK"]) == 0:
@@ -212,12 +194,15 @@ def main() -> int:
         if mine["step"] >= (args.steps or mine["run_config"]["steps"]):
             return 0  # it had finished: a rank died after the final checkpoint
 
-    cfg = build_config(args)
-    result = train(cfg)
+    run = build_config(args)
+    if args.strategy != "single" and not under_torchrun:
+        check_launch(run, nproc=args.nproc)  # bad input: one error here, before any rank starts
+        return relaunch(argv, args.nproc, args.max_restarts)
+    result = train(run)
     if int(os.environ.get("RANK", 0)) == 0:
         last = result.metrics[-1] if result.metrics else {}
         summary = f"step {result.step}" + (f", loss {last['loss']:.4f}" if last else "")
-        summary += f" ({saved_run_config(result.out_dir).precision})"  # what --precision auto chose
+        summary += f" ({run_dir.saved_run(result.out_dir)[0].precision})"  # what --precision auto chose
         if result.interrupted:
             print(f"stopped at {summary}; continue with: python -m run.train --resume --out {args.out}",
                   file=sys.stderr)
@@ -225,8 +210,8 @@ def main() -> int:
               f"(sample: python -m run.generate --checkpoint {result.out_dir})")
     # A signal ends with 130, as Ctrl-C does; --stop-after is a stop as asked: 0, which also
     # keeps torchrun from taking it for a failure (and restarting under --max-restarts).
-    code = 130 if result.interrupted and result.step != cfg.stop_after else 0
-    if "RANK" in os.environ:  # a torchrun worker: skip finalizers that can abort after gloo
+    code = 130 if result.interrupted and result.step != run.stop_after else 0
+    if under_torchrun:  # a torchrun worker: skip finalizers that can abort after gloo
         from fgpt.parallel.process_group import exit_without_finalizers
         exit_without_finalizers(code)
     return code

@@ -15,3 +15,24 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- training tests (test_train*.py; helpers in train_case.py) ------------------------------
+
+TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small corpus of code: the tiny model learns it within a few steps."""
+    path = tmp_path_factory.mktemp("data") / "code.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def data_cache(tmp_path_factory, monkeypatch):
+    # One cache for the whole session, shared with subprocesses through the environment.
+    cache = tmp_path_factory.getbasetemp() / "fgpt-cache"
+    monkeypatch.setenv("FGPT_CACHE", str(cache))
+    return cache

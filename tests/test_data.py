@@ -1,5 +1,5 @@
 """Data pipeline: splits, caching, document separators, and batches that do not depend on
-the world size."""
+the world size. (Formats and preparation: test_prepare.py; shard layouts: test_shards.py.)"""
 
 import numpy as np
 import pytest
@@ -27,15 +27,16 @@ def write_docs(root, n):
 def test_val_split_never_overlaps_train(tmp_path, cache):
     corpus = data.load_corpus(str(write_docs(tmp_path / "docs", 60)), progress=False)
     enc = gpt2_encoding()
-    train, val = enc.decode(corpus.train.tolist()), enc.decode(corpus.val.tolist())
+    train_ids, val_ids = np.asarray(corpus.train), np.asarray(corpus.val)
+    train, val = enc.decode(train_ids.tolist()), enc.decode(val_ids.tolist())
     in_val = {i for i in range(60) if f"marker{i}qz" in val}
     in_train = {i for i in range(60) if f"marker{i}qz" in train}
     assert in_val and in_train
     assert in_val.isdisjoint(in_train) and in_val | in_train == set(range(60))
     # The split follows each file's name, and documents are separated by <|endoftext|>.
     assert in_val == {i for i in range(60) if data.is_val(f"doc{i:03d}.txt")}
-    assert int((corpus.train == EOT).sum()) == len(in_train) - 1
-    assert int((corpus.val == EOT).sum()) == len(in_val) - 1
+    assert int((train_ids == EOT).sum()) == len(in_train) - 1
+    assert int((val_ids == EOT).sum()) == len(in_val) - 1
 
 
 def test_single_file_splits_by_position(tmp_path, cache):
@@ -43,11 +44,11 @@ def test_single_file_splits_by_position(tmp_path, cache):
     (tmp_path / "one.txt").write_text(text)
     corpus = data.load_corpus(str(tmp_path / "one.txt"), progress=False)
     assert len(corpus.val) > 0 and len(corpus.train) > 9 * len(corpus.val) - 10
-    assert np.array_equal(np.concatenate([corpus.train, corpus.val]), gpt2_encoding().encode_ordinary(text))
+    assert np.array_equal(np.concatenate([corpus.train[:], corpus.val[:]]), gpt2_encoding().encode_ordinary(text))
 
 
 def test_builtin_corpus_split_is_a_partition():
-    names = [d.name for d in data.stdlib_documents()]
+    names = [f.name for f in data.source_files(None)]
     assert names == sorted(names) and len(names) > 100
     val = [n for n in names if data.is_val(n)]
     assert 0.05 < len(val) / len(names) < 0.15
@@ -59,10 +60,10 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, cache, monkeypatch):
 
     def no_tokenising(*a, **k):
         raise AssertionError("tokenised again despite a cache")
-    monkeypatch.setattr(data, "tokenise", no_tokenising)
+    monkeypatch.setattr(data, "prepare", no_tokenising)
     again = data.load_corpus(str(docs), progress=False)
     assert again.cache_dir == first.cache_dir
-    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    assert np.array_equal(again.train[:], first.train[:]) and np.array_equal(again.val[:], first.val[:])
     (docs / "doc000.txt").write_text("changed content\n")
     with pytest.raises(AssertionError, match="tokenised again"):
         data.load_corpus(str(docs), progress=False)

@@ -7,7 +7,8 @@ import pytest
 
 from fgpt import GPTConfig, precision
 from fgpt.errors import FgptError
-from fgpt.train import TrainConfig, saved_run_config, train
+from fgpt.run_dir import saved_run
+from fgpt.train import TrainConfig, train
 
 TINY = GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, n_embd=32)
 TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(200))
@@ -37,7 +38,7 @@ def test_auto_records_the_choice_and_trains_as_that_precision_given_explicitly(s
     monkeypatch.setattr(precision, "measured_speedup", lambda device: speedup)
     chosen = precision.choose("cpu")
     auto = train(run(precision="auto", out=str(tmp_path / "auto")))
-    assert saved_run_config(tmp_path / "auto").precision == chosen
+    assert saved_run(tmp_path / "auto")[0].precision == chosen
     explicit = train(run(precision=chosen))
     assert [m["loss"] for m in auto.metrics] == [m["loss"] for m in explicit.metrics]
 
@@ -47,7 +48,7 @@ def test_a_resume_under_auto_keeps_the_runs_own_precision(run, tmp_path, monkeyp
     train(run(precision="bf16", out=out, stop_after=2))
     monkeypatch.setattr(precision, "measured_speedup", lambda device: 0.01)  # auto would say fp32 now
     resumed = train(run(precision="auto", out=out, resume=True))
-    assert saved_run_config(out).precision == "bf16" and resumed.step == 3
+    assert saved_run(out)[0].precision == "bf16" and resumed.step == 3
 
 
 def test_measured_speedup_is_a_ratio_of_two_positive_rates():

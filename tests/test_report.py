@@ -47,7 +47,7 @@ def quoted_by_results(token: str, values: list[float]) -> bool:
     """Is `token`, as printed, some value of the results rounded to the token's digits?"""
     digits = len(token.split(".")[1]) if "." in token else 0
     tol = 10 ** -digits / 2 + 1e-9
-    return any(math.isclose(round(v, digits), float(token), abs_tol=tol) for v in values)
+    return any(math.isclose(round(v, digits), float(token), rel_tol=0.0, abs_tol=tol) for v in values)
 
 
 def unquoted_numbers(markdown: str, results: dict) -> list[str]:

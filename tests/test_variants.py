@@ -213,3 +213,20 @@ def test_a_variant_trains_alike_under_every_strategy(tmp_path, monkeypatch):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference.metrics], rel=1e-5), name
         assert load_checkpoint(tmp_path / name)[0] == config
+
+
+@pytest.mark.parametrize("window", [3, (2, None, 5)])
+def test_dense_window_kernel_gives_the_band_kernels_loss_and_gradients(window):
+    from fgpt import tree
+    from fgpt.attention import use_window_kernel
+    config = GPTConfig(vocab_size=31, n_ctx=40, n_layer=3, n_head=4, n_embd=16, n_kv_head=2, pos_emb="rope",
+                       window=window)
+    params = init_params(config, seed=1)
+    x = torch.randint(0, 31, (2, 40), generator=torch.Generator().manual_seed(0))
+    grad = torch.func.grad_and_value(loss_fn)
+    band = grad(params, x[:, :-1], x[:, 1:], config)
+    with use_window_kernel("dense"):
+        dense = grad(params, x[:, :-1], x[:, 1:], config)
+    torch.testing.assert_close(dense[1], band[1], rtol=1e-5, atol=1e-6)
+    for (path, a), b in zip(tree.flatten(dense[0]).items(), tree.flatten(band[0]).values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=path)

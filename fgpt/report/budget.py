@@ -114,7 +114,8 @@ class Budget:
         return runs + 2 * len(self.seeds) * max(self.uptrain_percents) / 100
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"sweep_kv_heads": list(self.sweep_kv_heads)}
+        return asdict(self) | {"sweep_kv_heads": list(self.sweep_kv_heads), "warmup_percent": 100 * self.warmup_frac,
+                               "cooldown_percent": 100 * self.cooldown}
 
 
 # --- the pre-registered rules (printed in the report's Method section) ---------------------

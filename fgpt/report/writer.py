@@ -123,8 +123,8 @@ def setup(r: dict) -> str:
             "against the same shape with GPT-2's full vocabulary:\n\n"
             + table(["part", "params %", "FLOPs %", "params % (GPT-2 vocab)", "FLOPs % (GPT-2 vocab)"], share_rows)
             + f"\n\n**Training.** `fgpt.train`, single device, fp32, AdamW (peak lr {num(b['lr'], 4)}), batches of "
-            f"{num(b['batch_size'])} × {num(b['n_ctx'])} tokens, warmup {num(100 * b['warmup_frac'], 0)}% of the steps, "
-            f"then constant, then a linear cooldown over the last {num(100 * b['cooldown'], 0)}% (evaluations before "
+            f"{num(b['batch_size'])} × {num(b['n_ctx'])} tokens, warmup {num(b['warmup_percent'], 0)}% of the steps, "
+            f"then constant, then a linear cooldown over the last {num(b['cooldown_percent'], 0)}% (evaluations before "
             f"the cooldown compare arms at one learning rate). A pilot of {num(b['pilot_steps'])} steps measured "
             f"{num(min(p['tokens_per_s'].values()), 0)} tokens/s, so each run got {num(p['steps'])} steps "
             f"({num(p['tokens_per_run'])} tokens) to fit {num(b['train_minutes'], 0)} min of training. "
@@ -295,9 +295,10 @@ def generation(r: dict) -> str:
     parts.append(table(["arm", "greedy tokens equal to the text's", "repeated 4-grams (greedy)"], stats))
     best = max(g["arms"].items(), key=lambda kv: kv[1]["greedy_match"])
     loops = max(g["arms"].items(), key=lambda kv: kv[1]["greedy_repeat"] or 0)
-    parts.append(f"What differs: {best[0]}'s greedy text agrees most often with the text's own continuation "
-                 f"({num(best[1]['greedy_match'], 3)} of its tokens), and {loops[0]}'s greedy text repeats itself "
-                 f"most ({num(loops[1]['greedy_repeat'], 3)} of its 4-grams).")
+    repeats = (f"{loops[0]}'s greedy text repeats itself most ({num(loops[1]['greedy_repeat'], 3)} of its 4-grams)"
+               if loops[1]["greedy_repeat"] else "no arm's greedy text repeats a 4-gram")
+    parts.append(f"What differs: {best[0]}'s greedy tokens match the text's own continuation most often "
+                 f"({num(best[1]['greedy_match'], 3)} of them), and {repeats}.")
     for i, prompt in enumerate(g["prompts"]):
         rows = [["(the text)", _cell(g["truth"][i]), ""]]
         rows += [[arm, _cell(a["greedy"][i]), _cell(a["sampled"][i])] for arm, a in g["arms"].items()]

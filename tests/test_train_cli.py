@@ -1,0 +1,252 @@
+"""`python -m run.train` as a user runs it: flag parsing, one-line errors before any rank
+starts, signals, the torchrun re-launch, strategy changes on resume and restarts after a
+killed rank. (The loop itself: test_train.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgpt import GPTConfig, load_checkpoint, run_dir, tree
+from fgpt.train import TrainConfig, train
+from run import train as run_train
+from run._cli import main_guard
+from run.train import expand_launcher_tokens, window_arg
+from train_case import ROOT, TINY, tiny_run
+
+pytestmark = pytest.mark.usefixtures("data_cache")  # one tokenised-corpus cache per session
+
+
+def test_launcher_tokens_and_window_lists():
+    argv = ["--steps", "5", "strategy=custom-fsdp", "--lr", "1e-3", "nproc=2"]
+    assert expand_launcher_tokens(argv) == ["--steps", "5", "--strategy", "custom-fsdp", "--lr",
+                                            "1e-3", "--nproc", "2"]
+    assert window_arg("64") == 64 and window_arg("64,64,none,64") == (64, 64, None, 64)
+
+
+def run_cli_inprocess(args, capsys, monkeypatch) -> tuple[int, str]:
+    """The entry point exactly as `python -m run.train` runs it, minus the process start."""
+    monkeypatch.setattr(sys, "argv", ["run.train", "--no-progress", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(run_train.main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, stderr, msg):
+    assert code == 2, (msg, stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (msg, stderr)
+
+
+TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-ctx", "16", "--steps", "2"]
+
+
+def test_bad_input_is_one_line_error(text_file, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty.txt").write_text("")
+    trained = tmp_path / "trained"
+    train(tiny_run(text_file, out=str(trained), steps=1))
+    cases = {
+        "no such file": ["--data", str(tmp_path / "missing.txt")],
+        "hold no text": ["--data", str(tmp_path / "empty.txt")],
+        "too few for a context": ["--data", str(text_file), "--n-ctx", "100000"],
+        "too few to fill a batch": ["--data", str(text_file), "--batch-size", "4096"],
+        "does not split": ["--data", str(text_file), "--batch-size", "5", "--grad-accum", "2"],
+        "no training checkpoint": ["--resume", "--out", str(tmp_path / "nothing")],
+        "n_layer = 3 contradicts": ["--resume", "--out", str(trained), "--n-layer", "3"],
+    }
+    for i, (msg, args) in enumerate(cases.items()):
+        if "--out" not in args:
+            args = [*TINY_FLAGS, *args, "--out", str(tmp_path / f"out{i}")]
+        assert_one_line_error(*run_cli_inprocess(args, capsys, monkeypatch), msg)
+
+
+def test_bad_input_to_a_distributed_run_fails_before_any_rank_starts(text_file, tmp_path, capsys, monkeypatch):
+    """The launcher checks every flag, the run directory and the data itself: a bad one is
+    one line from it, not an error from each rank and torchrun's traceback."""
+    monkeypatch.setattr(run_train, "relaunch", lambda *a: pytest.fail("ranks were started"))
+    trained = tmp_path / "trained"
+    train(tiny_run(text_file, out=str(trained), steps=1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cases = {
+        "invalid choice: 'bogus'": ["strategy=bogus"],
+        "invalid int value: 'two'": ["strategy=ddp", "nproc=two"],
+        "nproc must be at least 1": ["strategy=ddp", "nproc=0"],
+        "on each of 2 ranks": ["strategy=ddp", "nproc=2", "--batch-size", "6", "--grad-accum", "2"],
+        "invalid choice: 'fp16'": ["strategy=custom-fsdp", "--precision", "fp16"],
+        "invalid choice: 'step'": ["strategy=fsdp", "--schedule", "step"],
+        "--cooldown must be": ["strategy=fsdp", "--schedule", "wsd", "--cooldown", "0"],
+        "strategy=single reduces no gradients": ["--reduce-dtype", "bf16"],
+        ("CUDA devices" if gpus else "no CUDA device"): ["strategy=ddp", f"nproc={gpus + 1}", "--device", "cuda"],
+        "n_embd (32) must be divisible by n_head (3)": ["strategy=ddp", "--n-head", "3"],
+        "no such file": ["strategy=ddp", "--data", str(tmp_path / "missing.txt")],
+        "too few for a context": ["strategy=ddp", "--n-ctx", "100000"],
+        "already holds a run": ["strategy=ddp", "--out", str(trained)],
+        "n_layer = 3 contradicts": ["strategy=ddp", "--resume", "--out", str(trained), "--n-layer", "3"],
+    }
+    for i, (msg, args) in enumerate(cases.items()):
+        flags = [*TINY_FLAGS, "--data", str(text_file), *args]
+        flags += [] if "--out" in args else ["--out", str(tmp_path / f"out{i}")]
+        assert_one_line_error(*run_cli_inprocess(flags, capsys, monkeypatch), msg)
+
+
+def test_bad_input_from_a_real_process(text_file, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    cases = {"binary": ["--data", str(tmp_path / "blob.bin")],
+             "--steps must be": ["--data", str(text_file), "--steps", "0"],
+             # as `just train strategy=bogus` runs it: refused before torchrun starts
+             "invalid choice: 'bogus'": ["strategy=bogus", "--data", str(text_file)],
+             "on each of 2 ranks": ["strategy=ddp", "--batch-size", "3", "--data", str(text_file)]}
+    procs = {msg: subprocess.Popen(
+        [sys.executable, "-m", "run.train", *TINY_FLAGS, *args, "--out", str(tmp_path / f"out{i}")], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        for i, (msg, args) in enumerate(cases.items())}
+    for msg, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert_one_line_error(proc.returncode, stderr, msg)
+
+
+def test_sigint_finishes_the_step_checkpoints_and_resumes(text_file, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "run.train", "--no-progress", *TINY_FLAGS, "--steps", "100000",
+            "--data", str(text_file), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    done = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert done == metrics.read_text().count("\n") >= 2
+    resumed = train(TrainConfig(out=str(out), resume=True, steps=100000, stop_after=done + 1,
+                                progress=False, data=str(text_file), model=TINY))
+    assert resumed.metrics[0]["step"] == done + 1
+
+
+def test_launcher_runs_a_distributed_strategy_end_to_end(text_file, tmp_path):
+    """`strategy=X nproc=N` as `just train` passes them: torchrun re-launch, checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "run.train", "strategy=custom-fsdp", *TINY_FLAGS, "nproc=2", "--steps", "2",
+         "--data", str(text_file), "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    config, _ = load_checkpoint(out)
+    assert config.n_layer == TINY.n_layer
+
+
+def test_resume_continues_with_the_saved_strategy_or_another(text_file, tmp_path):
+    """custom-fsdp on 2 ranks stops after step 2; `--resume` with no strategy continues it as
+    custom-fsdp on 2 ranks; then one process (strategy single) finishes it. Every loss equals
+    the uninterrupted single-device run's."""
+    out = tmp_path / "run"
+    settings = [*TINY_FLAGS, "--steps", "6", "--batch-size", "4", "--eval-interval", "0", "--data", str(text_file),
+                "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["strategy=custom-fsdp", "nproc=2", "--stop-after", "2"], ["--resume", "--stop-after", "4"]):
+        proc = subprocess.run([sys.executable, "-m", "run.train", *args, *settings], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        assert (state["strategy"], state["world_size"]) == ("custom-fsdp", 2)
+    run = dict(model=TINY, steps=6, batch_size=4, eval_interval=0, data=str(text_file), progress=False)
+    last = train(TrainConfig(**run, out=str(out), resume=True, strategy="single"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = train(TrainConfig(**run))
+    assert [r["step"] for r in rows] == list(range(1, 7)) and last.step == 6
+    assert [r["loss"] for r in rows] == pytest.approx([m["loss"] for m in reference.metrics], rel=1e-5)
+    for name, p in tree.flatten(reference.params).items():
+        torch.testing.assert_close(tree.flatten(last.params)[name], p, rtol=1e-4, atol=5e-5)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_max_restarts_resumes_a_killed_run_from_its_last_checkpoint(text_file, tmp_path):
+    """One rank SIGKILLed mid-run: torchrun restarts both, they resume from the last checkpoint,
+    and the run logs the same losses as one that was never interrupted."""
+    import signal
+    import time
+    out, steps = tmp_path / "run", 40
+    settings = ["--steps", str(steps), "--batch-size", "4", "--eval-interval", "0", "--data", str(text_file)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "run.train", "strategy=custom-fsdp", "nproc=2", "--max-restarts", "1",
+         *TINY_FLAGS, *settings, "--checkpoint-interval", "3", "--out", str(out), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 4) and time.time() < deadline:
+        time.sleep(0.01)
+    torchrun = children_of(proc.pid)
+    workers = [w for t in torchrun for w in children_of(t)]
+    assert len(workers) == 2, (torchrun, workers)
+    os.kill(workers[-1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "exitcode: -9" in stderr and "restart 1: resuming from step" in stderr, stderr[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    reference = train(TrainConfig(model=TINY, steps=steps, batch_size=4, eval_interval=0,
+                                  data=str(text_file), progress=False))
+    for row, ref in zip(rows, reference.metrics):
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["step"]
+
+
+def test_a_restart_resumes_only_a_checkpoint_of_its_own_torchrun_job(text_file, tmp_path, monkeypatch):
+    """--max-restarts auto-resume keys on torchrun's job id: a new job pointed at an old run's
+    directory is refused as before, never silently continued."""
+    out = str(tmp_path / "run")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    train(tiny_run(text_file, out=out, steps=2))
+    assert run_dir.saved_by_this_job(out)["step"] == 2
+    for other in ("job-2", "none"):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", other)
+        assert run_dir.saved_by_this_job(out) is None
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert run_dir.saved_by_this_job(out) is None
+
+
+def test_torchrun_launch_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert_one_line_error(*run_cli_inprocess(["--strategy", "ddp", "--max-restarts", "2"], capsys, monkeypatch),
+                          "torchrun's own option")
+    assert_one_line_error(*run_cli_inprocess(["--strategy", "ddp"], capsys, monkeypatch), "pass --out DIR")
+
+
+def test_cli_resume_of_a_run_with_the_default_model(text_file, tmp_path, capsys, monkeypatch):
+    """`just train`, Ctrl-C, `--resume`: the default model is recorded as 'none given'."""
+    out = str(tmp_path / "run")
+    common = ["--data", str(text_file), "--batch-size", "2", "--eval-interval", "0", "--no-progress",
+              "--out", out]
+    code, err = run_cli_inprocess(["--steps", "2", "--stop-after", "1", *common], capsys, monkeypatch)
+    assert code == 0 and "stopped at step 1" in err, err
+    assert_one_line_error(*run_cli_inprocess(["--resume", "--n-layer", "3", *common], capsys, monkeypatch),
+                          "n_layer = 3 contradicts the checkpoint's 4")
+    code, err = run_cli_inprocess(["--resume", *common], capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert load_checkpoint(out)[0] == GPTConfig.preset("tiny")
+
