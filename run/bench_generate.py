@@ -10,6 +10,7 @@ least (those bytes) / (the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 
@@ -31,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best counts")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kernels", action="store_true", help="instead: the products of one decode step, "
+                    "kernel by kernel (fp32, bf16, int8, and fbgemm's int8 x int8 for comparison)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on cores "
                     "shared with other work, 1 thread spares every op a barrier wait")
     return ap.parse_args(argv)
@@ -77,12 +80,13 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
     tokens = {key: run() for key, run in engines.items()}  # warm-up
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
-    best = dict.fromkeys(engines, float("inf"))
-    for _ in range(repeats):
+    best, bandwidth = dict.fromkeys(engines, float("inf")), 0.0
+    for _ in range(repeats):  # the bandwidth too, so that it sees the load the engines saw
         for key, run in engines.items():
             best[key] = min(best[key], best_time(run, 1, warmup=0, device=device))
+        bandwidth = max(bandwidth, copy_bandwidth(device=device, repeats=2))
     return {"rate": {key: new_tokens / seconds for key, seconds in best.items()}, "step_bytes": step_bytes,
-            "bandwidth": copy_bandwidth(device=device),
+            "bandwidth": bandwidth,
             "int8_same": sum(a == b for a, b in zip(tokens["fgpt", "int8"], tokens["fgpt", "float32"])),
             "n_tokens": len(tokens["fgpt", "int8"])}
 
@@ -104,10 +108,64 @@ def table(result: dict) -> list[str]:
     return lines
 
 
+def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float, int]]:
+    """One decode step's products (every block weight, then the head), per kernel: (seconds
+    for all of them, bytes they read). Best of `repeats`, kernels interleaved."""
+    from fgpt.decode_layout import _stored, fastest_layout
+    config = GPTConfig.preset(model)
+    params = init_params(config, seed=0)
+    weights = [p["weight"] for b in params["h"] for part in ("attn", "mlp") for p in b[part].values()]
+    weights.append(params["wte"]["weight"].T)  # the head: x @ wte.T
+    x = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
+    kernels = {}
+    for name, dtype in FLOAT_DTYPES.items():
+        stored = [_stored(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
+        xs = {k: v.to(dtype) for k, v in x.items()}
+        kernels[f"{name}, measured layouts"] = ([lambda w=w, xs=xs: xs[w.shape[0]] @ w for w in stored],
+                                                 sum(w.numel() * w.element_size() for w in stored))
+    q = [int8.quantize_rows(w.T) for w in weights]  # [out, in] rows, per-output-channel scales
+    for name, dtype in (("bf16 inputs (fgpt's int8)", int8.KERNEL_DTYPE), ("fp32 inputs", torch.float32)):
+        kernels[f"int8 _weight_int8pack_mm, {name}"] = (
+            [lambda w=w, s=s.to(dtype), x=x[w.shape[1]].to(dtype): torch._weight_int8pack_mm(x, w, s) for w, s in q],
+            sum(w.numel() for w, _ in q))
+    try:  # int8 activations too (not weight-only): what an int8 x int8 kernel reaches here
+        with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
+            warnings.simplefilter("ignore")
+            packed = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+                w, s.double(), torch.zeros(len(s), dtype=torch.long), 0), None) for w, s in q]
+        kernels["int8 x int8 (fbgemm dynamic, activations quantized too)"] = (
+            [lambda p=p, x=x[w.shape[1]]: torch.ops.quantized.linear_dynamic(x, p, True)
+             for p, (w, _) in zip(packed, q)], sum(w.numel() for w, _ in q))
+    except (RuntimeError, AttributeError):
+        pass
+    best = dict.fromkeys(kernels, float("inf"))
+    for _ in range(repeats + 1):
+        for name, (calls, _) in kernels.items():
+            best[name] = min(best[name], best_time(lambda calls=calls: [c() for c in calls], 1, warmup=0))
+    return {name: (best[name], nbytes) for name, (_, nbytes) in kernels.items()}
+
+
+def print_kernels(model: str) -> None:
+    from run.bench_train import matmul_ceiling
+    rates = kernel_rates(model)
+    bandwidth = copy_bandwidth()
+    print(f"one decode step's products, {model} shapes (blocks then head), best of 5; {machine_line()}")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matmul 1024^3: fp32 "
+          f"{matmul_ceiling('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
+          f"{matmul_ceiling('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
+    ref = rates["float32, measured layouts"][0]
+    print("| kernel | MB read | ms | GB/s read | of copy bandwidth | vs fp32 |\n|---|---:|---:|---:|---:|---:|")
+    for name, (seconds, nbytes) in rates.items():
+        print(f"| {name} | {nbytes / 1e6:.0f} | {seconds * 1e3:.1f} | {nbytes / seconds / 1e9:.1f} | "
+              f"{nbytes / seconds / bandwidth:.0%} | {ref / seconds:.2f}x |")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kernels:
+        return print_kernels(args.model)
     result = measure(args.model, args.new_tokens, args.prompt_len, args.repeats, args.device)
     print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens (prefill included), {args.device}, best of {args.repeats}; fp32 "

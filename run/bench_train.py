@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
+from fgpt.measure import best_time, machine_line
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
+from fgpt.train import flops_per_token
 
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
