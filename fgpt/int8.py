@@ -12,8 +12,9 @@ a step reads every weight once, and int8 reads a quarter of fp32's bytes.
 
 The matrix products run in torch's `_weight_int8pack_mm`, which converts int8 to float
 inside the kernel. On x86 it is vectorised for bf16 inputs only (fp32 inputs take a
-scalar loop ~10x slower), so inputs are cast to bf16 for the kernel and its output back;
-`just bench generate` measures the result against fp32 and transformers.
+scalar loop), so inputs are cast to bf16 for the kernel and its output back; `just bench
+generate --kernels` compares the two, and `just bench generate` the whole decode against
+fp32 and transformers.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`--precision auto`: train in bf16 only where this device's bf16 matmul is measurably
 faster than its fp32 one.
 
-CPU bf16 speed ranges from ~6x fp32 (AMX) to ~1/100 of it (AVX2 without avx512_bf16, where
-torch falls back to a plain loop), and CPU flags do not say which kernels torch will use, so
-the choice is measured: a square matmul in each dtype, best of a few. GPUs with bf16 are
+A CPU's bf16 matmul runs from several times fp32's speed (AMX) to a small fraction of it
+(AVX2 without avx512_bf16, where torch has no vectorised bf16 kernel; `just bench train`
+prints both ceilings), and CPU flags do not say which kernels torch will use, so the
+choice is measured: a square matmul in each dtype, best of a few. GPUs with bf16 are
 measured the same way (their tensor cores win by far). `just bench train` shows the
 training rates the choice leads to.
 """

@@ -18,9 +18,9 @@ def grads_and_value(fn):
 
     torch.func.grad_and_value runs its backward with create_graph=True (so that grad can
     nest), which makes the autograd engine record a graph of the backward and sum
-    gradients out of place: 0.4-0.7 s per step at 124M on CPU over torch.autograd.grad
-    (docs/performance.md). torch.func.vjp leaves that to its caller: its pullback, run in
-    no-grad mode, differentiates the same pure function without either."""
+    gradients out of place, a cost torch.autograd.grad does not pay (docs/performance.md,
+    "The torch.func overhead"). torch.func.vjp leaves that to its caller: its pullback, run
+    in no-grad mode, differentiates the same pure function without either."""
     def run(params, *args):
         value, pullback = vjp(lambda p: fn(p, *args), params)
         with torch.no_grad():
