@@ -22,6 +22,10 @@ bench what *args:
 report *args:
     python -m run.report "$@"
 
+# on a CUDA machine: CUDA tests, strategies on NCCL, 124M training and decode speed, one table
+gpu-check *args:
+    python -m run.gpu_check "$@"
+
 # evaluate a checkpoint: strided perplexity (--data TEXT) or multiple choice (--task mc --data FILE.jsonl)
 eval *args:
     python -m run.eval "$@"

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from fgpt.config import GPTConfig
+from fgpt.decode_layout import decode_layout  # noqa: F401  (re-exported: a decode step's layouts)
 from fgpt.errors import FgptError
 from fgpt.kv_cache import KVCache
 from fgpt.model import forward
@@ -58,25 +59,6 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def decode_layout(params: dict) -> dict:
-    """The same parameters in the memory layout that makes one-token steps fastest on CPU.
-
-    A step is a row vector times each weight. In fp32 MKL is fastest on weights stored
-    [in, out] row-major (the checkpoint layout); in bf16 on weights stored [out, in]. The
-    LM head is x @ wte.T, so wte wants the opposite. Only strides change: shapes and
-    values are the same, so `forward` runs on the result unchanged.
-    """
-    bf16 = params["wte"]["weight"].dtype == torch.bfloat16
-
-    def relayout(t: torch.Tensor, want_in_out_rows: bool) -> torch.Tensor:
-        return t.contiguous() if want_in_out_rows else t.T.contiguous().T
-
-    h = [{**b, "attn": {k: {**v, "weight": relayout(v["weight"], not bf16)} for k, v in b["attn"].items()},
-          "mlp": {k: {**v, "weight": relayout(v["weight"], not bf16)} for k, v in b["mlp"].items()}}
-         for b in params["h"]]
-    return {**params, "h": h, "wte": {"weight": relayout(params["wte"]["weight"], bf16)}}
 
 
 def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache) -> torch.Tensor:
@@ -125,11 +107,11 @@ def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], ma
     check_length(config, longest, max_new_tokens, allow_past_ctx)
     if max_new_tokens == 0:
         return
-    wte = params["wte"]["weight"]
-    device = wte.device
+    ln_f = params["ln_f"]["weight"]  # the activations' dtype, also where wte is int8
+    device = ln_f.device
     pad = torch.tensor([longest - len(r) for r in rows], device=device)  # [N]
     tokens = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=device)  # [N, T]
-    cache = KVCache.allocate(config, len(rows), longest + max_new_tokens, dtype=wte.dtype,
+    cache = KVCache.allocate(config, len(rows), longest + max_new_tokens, dtype=ln_f.dtype,
                              device=device, pad=pad)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stops = eos_id is not None and not ignore_eos

@@ -97,6 +97,15 @@ def peak_rss_growth(fn: Callable[[], object], device: str | torch.device | None 
 
 # --- the machine ------------------------------------------------------------------------
 
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Bytes per second that one tensor copy moves (read + written, as STREAM counts them)
+    over a buffer far larger than the caches: the memory system's rate, against which a
+    step that must read N bytes has a floor of N / bandwidth seconds."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / best_time(lambda: dst.copy_(src), repeats, device=device)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

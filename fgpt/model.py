@@ -41,7 +41,7 @@ from fgpt.attention import attention
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.kv_cache import KVCache
-from fgpt.layers import dropout, embedding, layer_norm, linear, mlp
+from fgpt.layers import dropout, embedding, layer_norm, linear, mlp, unembed
 from fgpt.rope import apply_rope, rope_angles
 from fgpt import tree
 
@@ -163,7 +163,7 @@ def block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, pos: Posit
 def head(params: dict, x: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     """Final layer norm and the LM head, tied to the token embedding: [B, T, d] -> [B, T, V]."""
     x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
-    return x @ params["wte"]["weight"].T
+    return unembed(params["wte"], x)
 
 
 def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTConfig) -> torch.Tensor:

@@ -1,25 +1,28 @@
 """`just bench generate`: greedy decode tokens/s, fgpt vs transformers, in one run.
 
 GPT-2 124M shapes with random weights, batch 1, a short prompt, 128 new tokens. fgpt runs
-in fp32 and bf16; transformers in fp32 (the reference) and bf16. In fp32 both must pick
-the same tokens, or the comparison is void.
+in fp32, bf16 and int8 (weight-only, fgpt/int8.py); transformers in fp32 (the reference)
+and bf16. In fp32 both must pick the same tokens, or the comparison is void. Each row also
+shows its bandwidth floor: a step reads every weight it multiplies by once, so it takes at
+least (those bytes) / (the measured copy bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
+import warnings
 
 import torch
 
-from fgpt import tree
+from fgpt import int8, tree
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
+from fgpt.decode_layout import measured
 from fgpt.generate import Sampling, decode_layout, generate
+from fgpt.measure import best_time, copy_bandwidth, machine_line
 from fgpt.model import init_params
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,55 +31,148 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best counts")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kernels", action="store_true", help="instead: the products of one decode step, "
+                    "kernel by kernel (fp32, bf16, int8, and fbgemm's int8 x int8 for comparison)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on cores "
+                    "shared with other work, 1 thread spares every op a barrier wait")
     return ap.parse_args(argv)
 
 
 def run_hf(hf, prompt: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        return hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0].tolist()
 
 
-def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype):
+def hf_model(params: dict, config: GPTConfig, dtype: torch.dtype, device: str = "cpu"):
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head))
     hf.transformer.load_state_dict(tree.flatten(params), strict=True)
-    return hf.eval().to(dtype)
+    return hf.eval().to(device, dtype)
+
+
+def bytes_per_step(params: dict) -> int:
+    """What one decode step must read: every block weight and the head (wte), all of it; of
+    the position table only one row, so it is left out, as are the KV cache's few KB."""
+    return sum(t.numel() * t.element_size() for t in tree.leaves({k: v for k, v in params.items() if k != "wpe"}))
+
+
+def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, repeats: int = 3,
+            device: str = "cpu") -> dict:
+    """Decode every engine round-robin, best of `repeats` each (a machine whose load drifts
+    hits every engine alike): tokens/s per (engine, weights), bytes per step, bandwidth."""
+    config = GPTConfig.preset(model)
+    params = init_params(config, seed=0, device=device)
+    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    trees = {name: tree.cast(params, dtype) for name, dtype in FLOAT_DTYPES.items()}
+    trees["int8"] = int8.quantize(params)
+    engines, step_bytes = {}, {}
+    for name, weights in trees.items():
+        fast = decode_layout(weights)
+        step_bytes[name] = bytes_per_step(fast)
+        engines["fgpt", name] = lambda fast=fast: generate(
+            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0]
+        if name in FLOAT_DTYPES:
+            hf = hf_model(params, config, FLOAT_DTYPES[name], device)
+            engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, new_tokens)
+    tokens = {key: run() for key, run in engines.items()}  # warm-up
+    if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
+        raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
+    best, bandwidth = dict.fromkeys(engines, float("inf")), 0.0
+    for _ in range(repeats):  # the bandwidth too, so that it sees the load the engines saw
+        for key, run in engines.items():
+            best[key] = min(best[key], best_time(run, 1, warmup=0, device=device))
+        bandwidth = max(bandwidth, copy_bandwidth(device=device, repeats=2))
+    return {"rate": {key: new_tokens / seconds for key, seconds in best.items()}, "step_bytes": step_bytes,
+            "bandwidth": bandwidth,
+            "int8_same": sum(a == b for a, b in zip(tokens["fgpt", "int8"], tokens["fgpt", "float32"])),
+            "n_tokens": len(tokens["fgpt", "int8"])}
+
+
+def table(result: dict) -> list[str]:
+    rate, step_bytes, bandwidth = result["rate"], result["step_bytes"], result["bandwidth"]
+    ref = rate["transformers", "float32"]
+    lines = ["| engine | weights | MB read / step | floor tokens/s | tokens/s | of floor "
+             "| vs transformers fp32 | vs transformers, same dtype |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in step_bytes:
+        floor = bandwidth / step_bytes[name]
+        for engine in ("transformers", "fgpt"):
+            if (engine, name) not in rate:
+                continue
+            r = rate[engine, name]
+            same_dtype = f"{r / rate['transformers', name]:.2f}x" if ("transformers", name) in rate else "-"
+            lines.append(f"| {engine} | {name} | {step_bytes[name] / 1e6:.0f} | {floor:.1f} | {r:.1f} | "
+                         f"{r / floor:.0%} | {r / ref:.2f}x | {same_dtype} |")
+    return lines
+
+
+def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float, int]]:
+    """One decode step's products (every block weight, then the head), per kernel: (seconds
+    for all of them, bytes they read). Best of `repeats`, kernels interleaved."""
+    from fgpt.decode_layout import _stored, fastest_layout
+    config = GPTConfig.preset(model)
+    params = init_params(config, seed=0)
+    weights = [p["weight"] for b in params["h"] for part in ("attn", "mlp") for p in b[part].values()]
+    weights.append(params["wte"]["weight"].T)  # the head: x @ wte.T
+    x = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
+    kernels = {}
+    for name, dtype in FLOAT_DTYPES.items():
+        stored = [_stored(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
+        xs = {k: v.to(dtype) for k, v in x.items()}
+        kernels[f"{name}, measured layouts"] = ([lambda w=w, xs=xs: xs[w.shape[0]] @ w for w in stored],
+                                                 sum(w.numel() * w.element_size() for w in stored))
+    q = [int8.quantize_rows(w.T) for w in weights]  # [out, in] rows, per-output-channel scales
+    for name, dtype in (("bf16 inputs (fgpt's int8)", int8.KERNEL_DTYPE), ("fp32 inputs", torch.float32)):
+        kernels[f"int8 _weight_int8pack_mm, {name}"] = (
+            [lambda w=w, s=s.to(dtype), x=x[w.shape[1]].to(dtype): torch._weight_int8pack_mm(x, w, s) for w, s in q],
+            sum(w.numel() for w, _ in q))
+    try:  # int8 activations too (not weight-only): what an int8 x int8 kernel reaches here
+        with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
+            warnings.simplefilter("ignore")
+            packed = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+                w, s.double(), torch.zeros(len(s), dtype=torch.long), 0), None) for w, s in q]
+        kernels["int8 x int8 (fbgemm dynamic, activations quantized too)"] = (
+            [lambda p=p, x=x[w.shape[1]]: torch.ops.quantized.linear_dynamic(x, p, True)
+             for p, (w, _) in zip(packed, q)], sum(w.numel() for w, _ in q))
+    except (RuntimeError, AttributeError):
+        pass
+    best = dict.fromkeys(kernels, float("inf"))
+    for _ in range(repeats + 1):
+        for name, (calls, _) in kernels.items():
+            best[name] = min(best[name], best_time(lambda calls=calls: [c() for c in calls], 1, warmup=0))
+    return {name: (best[name], nbytes) for name, (_, nbytes) in kernels.items()}
+
+
+def print_kernels(model: str) -> None:
+    from run.bench_train import matmul_ceiling
+    rates = kernel_rates(model)
+    bandwidth = copy_bandwidth()
+    print(f"one decode step's products, {model} shapes (blocks then head), best of 5; {machine_line()}")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matmul 1024^3: fp32 "
+          f"{matmul_ceiling('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
+          f"{matmul_ceiling('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
+    ref = rates["float32, measured layouts"][0]
+    print("| kernel | MB read | ms | GB/s read | of copy bandwidth | vs fp32 |\n|---|---:|---:|---:|---:|---:|")
+    for name, (seconds, nbytes) in rates.items():
+        print(f"| {name} | {nbytes / 1e6:.0f} | {seconds * 1e3:.1f} | {nbytes / seconds / 1e9:.1f} | "
+              f"{nbytes / seconds / bandwidth:.0%} | {ref / seconds:.2f}x |")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    config = GPTConfig.preset(args.model)
-    params = init_params(config, seed=0)
-    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-    n = args.new_tokens
-    engines = {}
-    for name, dtype in DTYPES.items():
-        fast = decode_layout(tree.cast(params, dtype))
-        engines["fgpt", name] = lambda fast=fast: generate(
-            fast, config, [prompt], n, sampling=Sampling(temperature=0), ignore_eos=True)[0]
-        engines["transformers", name] = lambda hf=hf_model(params, config, dtype): run_hf(hf, prompt, n)
-    # Round-robin, best of `repeats` each: a machine whose load drifts hits every engine alike.
-    tokens = {key: run() for key, run in engines.items()}  # warm-up
-    best = dict.fromkeys(engines, float("inf"))
-    for _ in range(args.repeats):
-        for key, run in engines.items():
-            t0 = time.perf_counter()
-            run()
-            best[key] = min(best[key], time.perf_counter() - t0)
-    rate = {key: n / seconds for key, seconds in best.items()}
-    load = os.getloadavg()[0]  # other processes on the same cores skew every number
-    if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
-        raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
-    ref = rate["transformers", "float32"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.kernels:
+        return print_kernels(args.model)
+    result = measure(args.model, args.new_tokens, args.prompt_len, args.repeats, args.device)
     print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
-          f"{n} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}; "
-          f"fp32 tokens identical in both: yes; load average {load:.1f}")
-    print("| engine | weights | tokens/s | vs transformers fp32 | vs transformers, same dtype |")
-    print("|---|---|---:|---:|---:|")
-    for name in DTYPES:
-        for engine in ("transformers", "fgpt"):
-            r = rate[engine, name]
-            print(f"| {engine} | {name} | {r:.1f} | {r / ref:.2f}x | {r / rate['transformers', name]:.2f}x |")
+          f"{args.new_tokens} new tokens (prefill included), {args.device}, best of {args.repeats}; fp32 "
+          f"tokens identical in fgpt and transformers; int8 picks fp32's token at {result['int8_same']} of "
+          f"{result['n_tokens']} positions")
+    print(f"machine: {machine_line()}; copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s")
+    layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
+                        for (_, dtype, (k, m)), layout in measured().items())
+    print(f"decode layouts measured for x @ W [in, out]: {layouts}")
+    print("\n".join(table(result)))

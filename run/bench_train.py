@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
+from fgpt.measure import best_time, machine_line
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
+from fgpt.train import flops_per_token
 
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
@@ -57,6 +59,13 @@ def hf_step(hf, *, autocast: bool, fused: bool, compile: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def matmul_ceiling(device: str, dtype: torch.dtype, n: int = 1024) -> float:
+    """FLOP/s of one n^3 matmul in `dtype`: the rate a step made only of matmuls could reach."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    slow = dtype == torch.bfloat16 and best_time(lambda: a[:64] @ b, 1, device=device) > 0.05
+    return 2 * n ** 3 / best_time(lambda: a @ b, 1 if slow else 3, device=device)  # one call where it takes seconds
 
 
 def main() -> None:
@@ -107,14 +116,21 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - start)
 
-    print(f"training step, {args.model} ({B} x {T} tokens), {dev}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} interleaved rounds")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    ceiling = {name: matmul_ceiling(dev, dtype) for name, dtype in dtypes.items()
+               if any(name in contender for contender in times)}
+    print(f"training step, {args.model} ({B} x {T} tokens), {dev}, median of {args.rounds} interleaved rounds; "
+          f"{machine_line()}")
+    print("matmul ceiling (one 1024^3 matmul): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceiling.items()))
     ref = statistics.median(times["transformers fp32"])
-    print(f"| {'contender':<30} | {'s/step':>7} | {'tokens/s':>9} | {'vs transformers fp32':>20} |")
-    print(f"|{'-' * 32}|{'-' * 9}|{'-' * 11}|{'-' * 22}|")
+    flops = flops_per_token(config, T) * B * T  # per step: 6N + attention (PaLM's count)
+    print(f"| {'contender':<30} | {'s/step':>7} | {'tokens/s':>9} | {'vs transformers fp32':>20} | "
+          f"{'of its matmul ceiling':>21} |")
+    print(f"|{'-' * 32}|{'-' * 9}|{'-' * 11}|{'-' * 22}|{'-' * 23}|")
     for name, ts in times.items():
         t = statistics.median(ts)
-        print(f"| {name:<30} | {t:7.3f} | {B * T / t:9.0f} | {ref / t:19.2f}x |")
+        of_ceiling = flops / t / ceiling["bf16" if "bf16" in name else "fp32"]
+        print(f"| {name:<30} | {t:7.3f} | {B * T / t:9.0f} | {ref / t:19.2f}x | {of_ceiling:20.0%} |")
     for name in steps:
         if "compiled" in name:
             print(f"{name}: first step (compiles) {first[name]:.1f} s, not in the table")

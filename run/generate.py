@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fgpt import tree
+from fgpt import int8, tree
 from fgpt.attention import WINDOW_KERNELS, use_window_kernel
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
 from fgpt.errors import FgptError
@@ -22,7 +22,8 @@ from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, genera
 from fgpt.tokenizer import EOT, gpt2_encoding
 from run._cli import main_guard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# int8: weight-only (fgpt/int8.py), loaded in fp32 then quantized; activations stay fp32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,8 +68,11 @@ def sample_and_print(args: argparse.Namespace) -> None:
     if config.vocab_size < enc.n_vocab:
         raise FgptError(f"{path}: vocabulary of {config.vocab_size} is smaller than GPT-2's {enc.n_vocab}")
     check_length(config, len(prompt), args.max_new_tokens, args.allow_past_ctx)
+    n_params = tree.count(params)
+    if args.dtype == "int8":
+        params = int8.quantize(params)
     params = decode_layout(params)
-    print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}) in "
+    print(f"loaded {path} ({n_params:,} parameters, {args.dtype}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     # a vocabulary padded past GPT-2's (50304 is common) must not sample ids it cannot decode

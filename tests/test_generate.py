@@ -305,3 +305,23 @@ def test_bf16_cached_decoding_follows_the_bf16_full_forward():
     steps += [forward(params, tokens[:, t: t + 1], config, cache=cache) for t in range(8, 20)]
     cached = torch.cat(steps, dim=1).float()
     assert cached.dtype == full.dtype and ((cached - full).abs().max() / full.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_decode_layout_changes_strides_to_the_measured_choice_and_nothing_else(dtype):
+    from fgpt import int8
+    from fgpt.decode_layout import IN_OUT, fastest_layout
+    config = GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=2, n_embd=32)
+    params = init_params(config, seed=0)
+    params = int8.quantize(params) if dtype == "int8" else tree.cast(params, getattr(torch, dtype))
+    fast = decode_layout(params)
+    assert tree.flatten(fast).keys() == tree.flatten(params).keys()
+    for path, t in tree.flatten(fast).items():
+        before = tree.flatten(params)[path]
+        assert t.dtype == before.dtype and torch.equal(t, before), path
+        if t.dim() == 2 and t.is_floating_point() and path != "wpe.weight":
+            used = t.T if path == "wte.weight" else t  # the head multiplies by wte.T
+            rows_in = used.stride(1) == 1  # memory rows run along `out`: stored [in, out]
+            assert rows_in == (fastest_layout(tuple(used.shape), t.dtype) == IN_OUT), path
+        elif t.dtype == torch.int8:
+            assert t.is_contiguous(), path  # [out, in] rows, as torch's int8 kernel reads them

@@ -79,14 +79,19 @@ def restart_store() -> dist.Store | None:
     a restarted group would read the dead group's addresses ("Gloo connectFullMesh failed
     ... Connection refused"; pytorch issue #135712). Keys under a per-attempt prefix keep
     the attempts apart. Only one node's agent counts its restarts, so across nodes the
-    count can disagree: there, torchrun must give each attempt a fresh store instead.
+    count can disagree (a node that counts 0 would reuse the dead group's keys and wait
+    for peers that never come): there, torchrun must give each attempt a fresh store, and
+    a job that may restart is refused at its first attempt, on every node alike, rather
+    than hanging at its first restart (tests/test_multinode.py).
     """
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ["WORLD_SIZE"]:
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    several_nodes = os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE")
+    if shared and several_nodes and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
         raise FgptError("automatic restarts across several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
                         "in torchrun's environment (a fresh rendezvous store per attempt)")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or not shared:
+        return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=COLLECTIVE_TIMEOUT)
     return dist.PrefixStore(f"fgpt/attempt-{attempt}", store)

@@ -1,9 +1,9 @@
-"""One process, one device: torch.func.grad_and_value of the pure loss, AdamW on the leaves."""
+"""One process, one device: torch.func's gradient of the pure loss, AdamW on the leaves."""
 
 from __future__ import annotations
 
 import torch
-from torch.func import grad_and_value
+from torch.func import vjp
 
 from fgpt import tree
 from fgpt.config import GPTConfig
@@ -11,6 +11,22 @@ from fgpt.model import loss_fn
 from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
+
+
+def grads_and_value(fn):
+    """fn(params, *args) -> scalar  ==>  (d fn / d params, fn(params, *args)), functionally.
+
+    torch.func.grad_and_value runs its backward with create_graph=True (so that grad can
+    nest), which makes the autograd engine record a graph of the backward and sum
+    gradients out of place, a cost torch.autograd.grad does not pay (docs/performance.md,
+    "The torch.func overhead"). torch.func.vjp leaves that to its caller: its pullback, run
+    in no-grad mode, differentiates the same pure function without either."""
+    def run(params, *args):
+        value, pullback = vjp(lambda p: fn(p, *args), params)
+        with torch.no_grad():
+            (grads,) = pullback(torch.ones_like(value), retain_graph=False)
+        return grads, value
+    return run
 
 
 class SingleDevice(Strategy):
@@ -33,7 +49,7 @@ class SingleDevice(Strategy):
         # train` shows the gap: "transformers fp32" against "transformers fp32 fused AdamW").
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay),
                                            lr=lr, betas=betas, fused=True)
-        self._grad_and_loss = grad_and_value(self._loss)
+        self._grad_and_loss = grads_and_value(self._loss)
         if self.compile:
             self._grad_and_loss = torch.compile(self._grad_and_loss)
         self._compute_tree = None

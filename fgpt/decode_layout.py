@@ -1,0 +1,86 @@
+"""The memory layout of each weight that makes one-token decode steps fastest on this machine.
+
+A decode step multiplies one row vector by every weight W [in, out] (the head: W = wte.T).
+The same W can be stored row-major as [in, out] or as [out, in] (its transpose's rows), and
+which of the two the matrix-vector kernels read faster depends on the dtype, the shape and
+the machine: MKL's fp32 product and torch's bf16 one disagree, and an AVX-512 CPU is not an
+AVX2 one. So the choice is measured, once per (device, dtype, shape) per process,
+on enough copies of a matrix of that shape that they outgrow the caches as the model does.
+Only strides change: shapes and values stay, so `forward` runs on the result unchanged.
+`just bench generate` shows the decode rates the chosen layouts reach.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fgpt.measure import best_time
+
+IN_OUT, OUT_IN = "in_out", "out_in"
+_MEASURE_BYTES = 64 << 20  # per layout: past a 32 MiB L3, as a model's weights are
+_MAX_COPIES = 64
+_chosen: dict[tuple, str] = {}  # (device, dtype, (in, out)) -> IN_OUT | OUT_IN
+
+
+def _stored(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """W [in, out] with the same values, its memory rows along `layout`."""
+    return w.contiguous() if layout == IN_OUT else w.T.contiguous().T
+
+
+def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str = "cpu",
+                   repeats: int = 4) -> str:
+    """IN_OUT or OUT_IN: whichever computes x [1, in] @ W [in, out] faster here. Measured on
+    one CPU thread: which layout a kernel reads fast is a property of the kernel, and with
+    one thread no product waits at a barrier for a thread that other work descheduled."""
+    key = (str(device), dtype, tuple(shape))
+    if key not in _chosen:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _chosen[key] = _measure(tuple(shape), dtype, torch.device(device), repeats)
+        finally:
+            torch.set_num_threads(threads)
+    return _chosen[key]
+
+
+def measured() -> dict[tuple, str]:
+    """What this process has measured so far: (device, dtype, (in, out)) -> layout."""
+    return dict(_chosen)
+
+
+def _measure(shape, dtype, device, repeats) -> str:
+    """The layout whose fastest single product is faster. Each product reads another copy,
+    as a decode step reads another weight, and the minimum over all of them is what a
+    product costs undisturbed: on cores shared with other work some calls wait for a
+    descheduled thread, and a whole pass rarely escapes that."""
+    K, N = shape
+    nbytes = K * N * torch.empty((), dtype=dtype).element_size()
+    copies = max(1, min(_MAX_COPIES, _MEASURE_BYTES // nbytes))
+    x = torch.full((1, K), 0.5, dtype=dtype, device=device)
+    candidates = {layout: [_stored(torch.full(shape, 0.01, dtype=dtype, device=device), layout)
+                           for _ in range(copies)] for layout in (IN_OUT, OUT_IN)}
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeats + 1):  # round-robin, so drifting load hits both alike; the first warms up
+        for layout, weights in candidates.items():
+            for w in weights:
+                best[layout] = min(best[layout], best_time(lambda: x @ w, 1, warmup=0, device=device))
+    return min(best, key=best.get)
+
+
+def decode_layout(params: dict) -> dict:
+    """The same parameters with every float matrix of a decode step (block linears and the
+    tied head) stored in its measured fastest layout. Integer (int8) weights keep the layout
+    their kernel reads (fgpt/int8.py)."""
+
+    def relayout(w: torch.Tensor) -> torch.Tensor:  # w used as x @ w, [in, out]
+        if not w.is_floating_point():
+            return w
+        return _stored(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
+
+    def block(b: dict) -> dict:
+        return {**b, **{part: {k: {**v, "weight": relayout(v["weight"])} for k, v in b[part].items()}
+                        for part in ("attn", "mlp")}}
+
+    wte = params["wte"]["weight"]
+    head = wte if not wte.is_floating_point() else relayout(wte.T).T  # the head computes x @ wte.T
+    return {**params, "h": [block(b) for b in params["h"]], "wte": {**params["wte"], "weight": head}}

@@ -1,0 +1,184 @@
+"""`just gpu-check`: what fgpt can only check on a GPU, in one command (about 8 minutes on
+one GPU), ending in one table.
+
+1. the suite's CUDA tests (tests/test_cuda.py: transformers parity of logits, gradients and
+   greedy text on CUDA, int8 and bf16 decoding, training against the CPU run, the flex
+   window kernel's backward);
+2. every strategy on NCCL over all the GPUs here, against the single-device run (fp32
+   losses step for step);
+3. GPT-2 124M bf16 training tokens/s and MFU, fgpt and transformers, eager and compiled,
+   and a windowed 124M with the band and the flex kernels;
+4. greedy decode tokens/s per dtype against transformers (`just bench generate`'s rows).
+
+On a machine without CUDA it says so in one line and exits 0. A check that fails is a
+FAIL row (the script then exits 1); a check the time budget no longer allows is "skipped".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("ddp", "fsdp", "custom-fsdp")
+TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(3000))
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def run_tests(budget: Budget) -> list[tuple[str, str, str]]:
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(240, budget.left() - 300)))
+    last = (out.stdout.strip().splitlines() or ["no output"])[-1]
+    return [("CUDA tests (tests/test_cuda.py)", "ok" if out.returncode == 0 else "FAIL", last)]
+
+
+def train_losses(out: Path, data: Path, strategy: str, nproc: int, batch: int, timeout: float) -> list[float]:
+    args = ["-m", "run.train", "--model", "tiny", "--n-ctx", "64", "--steps", "6", "--batch-size", str(batch),
+            "--lr", "3e-3", "--precision", "fp32", "--eval-interval", "0", "--data", str(data),
+            "--out", str(out), "--no-progress"]
+    if strategy == "single":
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               *args, "--strategy", strategy]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FGPT_CACHE": str(out.parent / "cache")}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1])
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_strategies(budget: Budget) -> list[tuple[str, str, str]]:
+    gpus = torch.cuda.device_count()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "code.txt"
+        data.write_text(TEXT)
+        batch = 4 * gpus  # the single-device reference trains the same global batch
+        ref = train_losses(Path(tmp) / "single", data, "single", 1, batch, 120)
+        for strategy in STRATEGIES:
+            if budget.left() < 240:
+                rows.append((f"{strategy} on NCCL x{gpus}", "skipped", "time budget"))
+                continue
+            try:
+                losses = train_losses(Path(tmp) / strategy, data, strategy, gpus, batch, 120)
+                diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+                ok = len(losses) == len(ref) and diff < 1e-3  # TF32 may be on: 1e-3, not fp32's 1e-6
+                rows.append((f"{strategy} on NCCL x{gpus} vs single", "ok" if ok else "FAIL",
+                             f"{len(losses)} steps, largest relative loss difference {diff:.1e}"))
+            except Exception as e:  # noqa: BLE001 -- a row, not a crash
+                rows.append((f"{strategy} on NCCL x{gpus}", "FAIL", str(e)[:120]))
+    return rows
+
+
+def with_window_kernel(step, kernel: str):
+    from fgpt.attention import use_window_kernel
+
+    def run(x, y):
+        with use_window_kernel(kernel):
+            step(x, y)
+    return run
+
+
+def run_training_speed(budget: Budget, compile: bool) -> list[tuple[str, str, str]]:
+    from fgpt import GPTConfig
+    from fgpt.train import flops_per_token, peak_flops
+    from run.bench_train import fgpt_step, hf_model, hf_step
+
+    config, B, T = GPTConfig.preset("gpt2"), 8, 1024
+    peak = peak_flops("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, config.vocab_size, (B, T), generator=gen).cuda() for _ in range(2)]
+    hf = hf_model(config, "cuda")
+    contenders = {"transformers bf16 autocast": lambda: hf_step(hf, autocast=True, fused=True),
+                  "fgpt bf16": lambda: fgpt_step(config, "bf16", "cuda")}
+    if compile:
+        contenders["transformers bf16 autocast, compiled"] = lambda: hf_step(hf, autocast=True, fused=True,
+                                                                             compile=True)
+        contenders["fgpt bf16, compiled"] = lambda: fgpt_step(config, "bf16", "cuda", compile=True)
+    windowed = config.replace(window=256)
+    for kernel in ("band", "flex"):
+        contenders[f"fgpt bf16, window 256, {kernel} kernel"] = (
+            lambda kernel=kernel: with_window_kernel(fgpt_step(windowed, "bf16", "cuda"), kernel))
+    rows, rate = [], {}
+    for name, build in contenders.items():
+        label = f"train 124M bf16 {B}x{T}: {name}"
+        if budget.left() < 90:
+            rows.append((label, "skipped", "time budget"))
+            continue
+        try:
+            step = build()
+            for _ in range(3):  # warm-up: allocator, autotuning, compilation
+                step(*batch)
+            torch.cuda.synchronize()
+            start, n = time.perf_counter(), 10
+            for _ in range(n):
+                step(*batch)
+            torch.cuda.synchronize()
+            rate[name] = tok_s = n * B * T / (time.perf_counter() - start)
+            if "window" in name:  # fewer attention FLOPs than the full model: no MFU
+                detail = f"{tok_s:,.0f} tokens/s"
+                if "flex" in name and "fgpt bf16, window 256, band kernel" in rate:
+                    detail += f", {tok_s / rate['fgpt bf16, window 256, band kernel']:.2f}x the band kernel"
+            else:
+                mfu = flops_per_token(config, T) * tok_s / peak
+                detail = (f"{tok_s:,.0f} tokens/s, MFU {mfu:.1%} of the measured bf16 matmul peak "
+                          f"{peak / 1e12:.0f} TFLOP/s, {tok_s / rate['transformers bf16 autocast']:.2f}x "
+                          "transformers eager")
+            rows.append((label, "ok", detail))
+        except Exception as e:  # noqa: BLE001
+            rows.append((label, "FAIL", str(e)[:120]))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_decode(budget: Budget) -> list[tuple[str, str, str]]:
+    from run import bench_generate
+    if budget.left() < 60:
+        return [("decode 124M", "skipped", "time budget")]
+    result = bench_generate.measure("gpt2", new_tokens=128, repeats=2, device="cuda")
+    ref = result["rate"]["transformers", "float32"]
+    return [(f"decode 124M batch 1: {engine} {dtype}", "ok", f"{r:.0f} tokens/s, {r / ref:.2f}x transformers fp32")
+            for (engine, dtype), r in result["rate"].items()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="just gpu-check", description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting checks after this long")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to check")
+        return 0
+    from fgpt.measure import machine_line
+    budget = Budget(args.budget_s)
+    rows: list[tuple[str, str, str]] = []
+    for check in (run_tests, run_strategies, lambda b: run_training_speed(b, not args.no_compile), run_decode):
+        try:
+            rows += check(budget)
+        except Exception as e:  # noqa: BLE001 -- one table whatever breaks
+            rows.append((getattr(check, "__name__", "check"), "FAIL", str(e)[:120]))
+    print(f"gpu-check {time.strftime('%Y-%m-%d')}: {machine_line()}, {torch.cuda.device_count()} GPU(s)")
+    print("| check | result | detail |\n|---|---|---|")
+    for name, status, detail in rows:
+        print(f"| {name} | {status} | {detail} |")
+    return 1 if any(status == "FAIL" for _, status, _ in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
