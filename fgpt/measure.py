@@ -149,9 +149,3 @@ def machine_line() -> str:
     return (f"{m['cpu']} ({isa}), {m['cores']} cores, {m['threads']} torch threads{gpu}; "
             f"torch {m['torch']}, Python {m['python']}{load}")
 
-
-def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Bytes per second this machine streams from memory: a sum over a tensor far larger
-    than the caches (the floor of a memory-bound decode step is bytes read / this)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / min(repeat_times(lambda: x.sum(), repeats))

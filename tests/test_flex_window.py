@@ -80,8 +80,8 @@ def test_use_window_kernel_selects_flex_and_restores_the_previous_kernel():
             raise RuntimeError("boom")
         assert set_window_kernel("flex") == "flex"  # back to flex after the inner block's error
     assert set_window_kernel("band") == "band"
-    with pytest.raises(FgptError, match="unknown window kernel 'dense'"):
-        set_window_kernel("dense")
+    with pytest.raises(FgptError, match="unknown window kernel 'sparse'"):
+        set_window_kernel("sparse")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_training_with_flex_on_cpu_is_a_one_line_error_before_any_work(tmp_path)
         train(cfg)
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):
-        run.train.parser().parse_args(["--window-kernel", "dense"])
+        run.train.parser().parse_args(["--window-kernel", "sparse"])
 
 
 def test_run_generate_with_the_flex_prefill_prints_what_the_band_prints(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ from fgpt import data
 from fgpt.checkpoint import save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.convert import to_gqa
-from fgpt.measure import machine, read_bandwidth
+from fgpt.measure import copy_bandwidth, machine
 from fgpt.model import count_params
 from fgpt.report import efficiency, probes, relay
 from fgpt.report.budget import RULES, Budget
@@ -310,12 +310,12 @@ def efficiency_measurements(budget: Budget, arms: dict, progress: Progress) -> d
                                "mib": efficiency.kv_cache_bytes(c, T) / efficiency.MiB,
                                "formula": efficiency.kv_cache_formula(c, T)} for T in budget.kv_contexts]
                        for name, c in kv_configs.items()}
-    out["read_bandwidth"] = read_bandwidth()
-    out["read_gb_per_s"] = out["read_bandwidth"] / 1e9
+    out["bandwidth"] = copy_bandwidth()
+    out["bandwidth_gb_per_s"] = out["bandwidth"] / 1e9
     variants = decode_variants(budget)
     out["decode_model"] = config_dict(variants["MHA"]) | {"head_dim": variants["MHA"].head_dim}
     out["decode"] = {name: [efficiency.decode_row(c, context=T, batch=B, new_tokens=budget.decode_tokens,
-                                                  runs=budget.decode_runs, bandwidth=out["read_bandwidth"])
+                                                  runs=budget.decode_runs, bandwidth=out["bandwidth"])
                             for T in budget.decode_contexts for B in budget.decode_batches]
                      for name, c in variants.items()}
     progress.log("measured KV-cache bytes and decode speed")

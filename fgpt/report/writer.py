@@ -265,7 +265,8 @@ def efficiency(r: dict, plot_dir: str) -> str:
             f"layers, rotary positions and the study's vocabulary, "
             f"{num(r['budget']['decode_runs'])} runs of {num(r['budget']['decode_tokens'])} tokens each: median "
             f"(min–max). The floor is the bytes a step must read (every weight once, each row's cached K and V) over "
-            f"this machine's read bandwidth, {num(e['read_gb_per_s'], 1)} GB/s.\n\n"
+            f"this machine's copy bandwidth (bytes read + written per second by one large tensor copy), "
+            f"{num(e['bandwidth_gb_per_s'], 1)} GB/s.\n\n"
             + table(["variant", "context", "batch", "tokens/s", "vs MHA", "MiB read / step", "floor tokens/s",
                      "share of floor"], dec_rows)
             + "\n\n" + figure(plot_dir, "decode", "decode speed")
