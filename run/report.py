@@ -4,6 +4,8 @@ Trains every arm on its seeds, probes the trained models (context use, length, c
 generation), runs the relay probe and the efficiency measurements, and writes
 DIR/report.md, DIR/report/*.png and DIR/report/results.json (every number the text
 quotes). DIR defaults to docs/. `--quick` runs the same code with tiny budgets (the test).
+The measurements are saved before anything is derived from them, so `--render` can rebuild
+the claims, plots and text from a results.json without measuring again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fgpt.atomic import atomic_write_text
 from fgpt.errors import FgptError, require_extra
 from fgpt.measure import machine, machine_line
 from fgpt.report.budget import FULL, QUICK
@@ -28,7 +31,24 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute): the test's mode")
     p.add_argument("--out", default="docs", help="output directory (default: docs)")
     p.add_argument("--data", help="corpus: text file, directory or glob (default: Python's stdlib)")
+    p.add_argument("--render", metavar="RESULTS_JSON",
+                   help="measure nothing: derive the claims, plots and text again from this results.json")
     return p.parse_args(argv)
+
+
+def read_results(path: str) -> dict:
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise FgptError(f"--render {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(results, dict) or "budget" not in results or "runs" not in results:
+        raise FgptError(f"--render {path}: not a results.json written by just report")
+    return results
+
+
+def save_results(asset_dir: Path, results: dict) -> None:
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(asset_dir / "results.json", json.dumps(results, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,16 +61,21 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FgptError(f"--out {out}: {e.strerror}") from None
-    budget = QUICK if args.quick else FULL
-    results = run_study(budget, data_spec=args.data)
-    results["meta"] = {"command": "python -m run.report" + "".join(" " + shlex.quote(a) for a in argv),
-                       "machine": machine(), "machine_line": machine_line()}
-    results["budget"] = budget.to_dict()
-    derive(results, budget)
     asset_dir = out / "report"
+    if args.render:
+        results = read_results(args.render)
+        budget = {b.name: b for b in (FULL, QUICK)}[results["budget"]["name"]]
+    else:
+        budget = QUICK if args.quick else FULL
+        results = run_study(budget, data_spec=args.data)
+        results["meta"] = {"command": "python -m run.report" + "".join(" " + shlex.quote(a) for a in argv),
+                           "machine": machine(), "machine_line": machine_line()}
+        results["budget"] = budget.to_dict()
+        save_results(asset_dir, results)  # the measurements are safe before any derivation runs
+    derive(results, budget)
     write_plots(results, asset_dir)
-    (asset_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "report.md").write_text(write_report(results, plot_dir="report"))
+    save_results(asset_dir, results)
+    atomic_write_text(out / "report.md", write_report(results, plot_dir="report"))
     print(f"wrote {out / 'report.md'}, {asset_dir}/results.json and plots", file=sys.stderr)
 
 

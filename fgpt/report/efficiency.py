@@ -22,6 +22,7 @@ from fgpt.kv_cache import KVCache
 from fgpt.measure import peak_rss_growth, release_freed_memory, repeat_times, spread
 from fgpt.model import count_params, forward, init_params
 from fgpt.parallel import make_strategy
+from fgpt.train import optimizer_step
 
 MiB = 2 ** 20
 
@@ -88,7 +89,7 @@ def decode_row(config: GPTConfig, *, context: int, batch: int, new_tokens: int, 
     step_bytes = decode_bytes_per_step(config, context, batch)
     return {"context": context, "batch": batch, "tokens_per_s": spread(speeds), "runs": speeds,
             "bytes_per_step": step_bytes, "mib_per_step": step_bytes / MiB,
-            "floor_tokens_per_s": batch * bandwidth / step_bytes}
+            "bound_tokens_per_s": batch * bandwidth / step_bytes}
 
 
 # --- attention kernels against sequence length (run in a child process) ------------------------
@@ -149,9 +150,7 @@ def step_scaling(configs: dict[str, dict], lengths: list[int], repeats: int) -> 
             x = torch.randint(0, config.vocab_size, (1, T))
 
             def step():
-                strategy.forward_backward(x, x, scale=1.0, sync=True)
-                strategy.clip_grad_norm(1.0)
-                strategy.step()
+                optimizer_step(strategy, [(x, x)], lr=1e-4, grad_clip=1.0, step=0, out_dir=None)
 
             times = repeat_times(step, repeats)
             out[name].append({"seq_len": T, "step_s": spread(times), "times": times,

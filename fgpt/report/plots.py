@@ -147,9 +147,9 @@ def decode(r: dict, path: Path) -> None:
             pts = [row for row in rows if row["batch"] == B]
             T = [row["context"] for row in pts]
             line, = ax.plot(T, [row["tokens_per_s"]["median"] for row in pts], marker="o", label=name)
-            ax.plot(T, [row["floor_tokens_per_s"] for row in pts], ls=":", color=line.get_color())
+            ax.plot(T, [row["bound_tokens_per_s"] for row in pts], ls=":", color=line.get_color())
         ax.set(xscale="log", yscale="log", xlabel="cached tokens", ylabel="tokens/s",
-               title=f"Decode, batch {B} (dotted: bandwidth floor)")
+               title=f"Decode, batch {B} (dotted: bandwidth bound)")
         ax.legend(fontsize=8)
     _save(fig, path)
 

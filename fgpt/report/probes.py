@@ -104,12 +104,12 @@ def sliding_losses(params: dict, config: GPTConfig, inputs: torch.Tensor, target
     n = config.n_ctx
     out = np.full((N, L), np.nan)
     out[:, :n] = token_losses(params, config, inputs[:, :n], targets[:, :n], ignore_id)
-    for end in range(n + stride, L + stride, stride):
-        end = min(end, L)
-        start = end - n
-        scored = end - max(n, end - stride)  # positions not scored before
-        losses = token_losses(params, config, inputs[:, start:end], targets[:, start:end], ignore_id)
-        out[:, end - scored:end] = losses[:, n - scored:]
+    scored_to = n
+    while scored_to < L:
+        end = min(scored_to + stride, L)  # the last window may score fewer than `stride`
+        losses = token_losses(params, config, inputs[:, end - n:end], targets[:, end - n:end], ignore_id)
+        out[:, scored_to:end] = losses[:, n - (end - scored_to):]
+        scored_to = end
     return out
 
 

@@ -22,7 +22,7 @@ from fgpt.attention import use_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.model import forward, init_params
 from fgpt.parallel import make_strategy
-from fgpt.train import lr_at
+from fgpt.train import lr_at, optimizer_step
 
 
 EDGE_ACCURACY = 0.5  # the measured edge: accuracy stays at least this up to it
@@ -101,10 +101,8 @@ def train_relay(task: RelayTask, config: GPTConfig, *, steps: int, batch_size: i
     with use_window_kernel(KERNEL):
         for step in range(steps):
             tokens, targets, _ = task.batch(batch_size, gen, max_distance=cap)
-            strategy.forward_backward(tokens, targets, scale=1.0, sync=True)
-            strategy.clip_grad_norm(1.0)
-            strategy.set_lr(lr_at(step, lr=lr, min_lr=lr / 10, warmup=warmup, total=steps))
-            strategy.step()
+            optimizer_step(strategy, [(tokens, targets)], lr=lr_at(step, lr=lr, min_lr=lr / 10, warmup=warmup,
+                                                                    total=steps), grad_clip=1.0, step=step, out_dir=None)
     return strategy.full_params()
 
 

@@ -28,11 +28,9 @@ VERDICTS = (SUPPORTED, NOT_DETECTED, INCONCLUSIVE, CONTRADICTED, NOT_TESTABLE)
 
 
 def t975(df: int) -> float:
-    """t_{0.975, df}, from the table (conservatively the next smaller df); 1.96 past 30."""
+    """t_{0.975, df}, from the table (conservatively the next smaller df; df 30's past 30)."""
     if df < 1:
         raise ValueError("a t-interval needs at least two values")
-    if df > 30:
-        return 1.96
     return _T975[max(k for k in _T975 if k <= df)]
 
 

@@ -253,7 +253,8 @@ def generation_probe(budget: Budget, corpus: data.Corpus, arms: dict, params: di
             continue
         gen = probes.continuations(params[name, seed], config, prompts, budget.new_tokens, eos_id=vocab.eot,
                                    vocab_limit=vocab.unk)
-        match = [statistics.fmean(a == b for a, b in zip(g, t)) if g else 0.0 for g, t in zip(gen["greedy"], truth)]
+        # over the text's own tokens: a continuation that stops early (EOT) scores its missing tokens as misses
+        match = [sum(a == b for a, b in zip(g, t)) / len(t) for g, t in zip(gen["greedy"], truth)]
         reps = [r for r in (probes.repeated_ngram_share(g) for g in gen["greedy"]) if r is not None]
         out["arms"][name] = {"greedy": [vocab.decode(g) for g in gen["greedy"]],
                              "sampled": [vocab.decode(g) for g in gen["sampled"]],
@@ -278,7 +279,6 @@ def relay_probe(budget: Budget, progress: Progress) -> dict:
         mean = [None if any(a[i] is None for a in per_seed) else statistics.fmean(a[i] for a in per_seed)
                 for i in range(task.seq_len - 1)]
         edge = relay.receptive_field(n_layer, window, task.seq_len)
-        beyond_from = edge + (window or 0) + 1
         out["models"].append({
             "n_layer": n_layer, "window": window, "predicted_edge": edge, "accuracy": mean,
             "accuracy_per_seed": per_seed, "reads_per_distance_min": int(min(counts)),
@@ -286,7 +286,7 @@ def relay_probe(budget: Budget, progress: Progress) -> dict:
             "within_single_window": relay.mean_over(mean, 1, (window or task.seq_len) - 1),
             "within_edge": relay.mean_over(mean, 1, edge),
             "between_window_and_edge": relay.mean_over(mean, (window or task.seq_len), edge) if window else None,
-            "beyond_edge": relay.mean_over(mean, beyond_from, task.seq_len - 1) if window else None})
+            "beyond_edge": relay.mean_over(mean, edge + 1, edge + window) if window else None})
         progress.log(f"relay probe: {n_layer} layers, window {window}")
     return out
 
@@ -327,7 +327,7 @@ def efficiency_measurements(budget: Budget, arms: dict, progress: Progress) -> d
     step_arms = {"rope": arms["rope"], f"rope+swa-{budget.window}": arms[f"rope+swa-{budget.window}"],
                  f"rope+gqa-{budget.main_kv_head}": arms["rope"].replace(n_kv_head=budget.main_kv_head)}
     out["steps"] = efficiency.in_child("step_scaling", {name: _fields(c) for name, c in step_arms.items()},
-                                       list(budget.step_lengths), 3)
+                                       list(budget.step_lengths), budget.step_repeats)
     progress.log("measured training step time and memory at long sequence lengths")
     return out
 

@@ -1,7 +1,8 @@
 """A restricted vocabulary: the corpus's most frequent GPT-2 ids, every other id one UNK.
 
-With the full 50257-id vocabulary the tied embedding of a small GPT-2 is ~95% of its
-parameters and FLOPs, and attention variants change almost nothing the model spends on.
+With the full 50257-id vocabulary the tied embedding of a small GPT-2 holds most of its
+parameters and FLOPs (the report's Setup table gives the shares), and attention variants
+change little of what the model spends on.
 Keeping the `size - 1` most frequent training ids (new ids in order of frequency) and
 mapping the rest to UNK = size - 1 leaves real text whose prediction needs context; UNK
 targets are left out of the loss (`Corpus.ignore_id`), so no model gains by predicting UNK.

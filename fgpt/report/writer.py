@@ -36,6 +36,8 @@ def interval(iv: dict | None, digits: int = 3) -> str:
         return "n/a"
     if iv.get("lo") is None:
         return num(iv["mean"], digits)
+    if iv.get("range"):
+        return f"{num(iv['mean'], digits)} [range {num(iv['lo'], digits)}, {num(iv['hi'], digits)}]"
     return f"{num(iv['mean'], digits)} [{num(iv['lo'], digits)}, {num(iv['hi'], digits)}]"
 
 
@@ -75,7 +77,8 @@ def rules(r: dict) -> str:
             f"loss are paired differences (same seed: same batches, same initial tensors wherever shapes agree) "
             f"with {num(ru['confidence_percent'])}% t-intervals over seeds; probe effects have "
             f"{num(ru['confidence_percent'])}% bootstrap intervals over sequences or targets. The margin is "
-            f"±{num(ru['margin_nats'])} nats.\n\n"
+            f"±{num(ru['margin_nats'])} nats on losses and ±{num(ru['ratio_margin'])} on speed ratios (ratio − 1); "
+            "where a row says *range*, its bracket is the slowest against the fastest run, not an interval.\n\n"
             "- a claim that an effect is **negative** (lower loss, less penalty): *supported* if the interval lies "
             "below 0; *contradicted* if it lies above 0; *not detected* if it lies inside (−margin, +margin); "
             "*inconclusive* otherwise. A claim that an effect is **positive** is the mirror image.\n"
@@ -85,10 +88,13 @@ def rules(r: dict) -> str:
             f"where the models gain less than {num(ru['context_use_nats'])} nats (interval above 0) from that "
             "context.\n"
             f"- cost against length: linear if the log-log slope is at most {num(ru['linear_slope_max'], 1)}, "
-            f"provided the flash causal reference shows at least {num(ru['quadratic_slope_min'], 1)}.\n"
-            f"- relay probe: *learned* when accuracy inside the predicted edge is at least "
-            f"{num(ru['relay_learned'], 1)}; past the edge (plus one window) accuracy more than "
-            f"{num(ru['relay_beyond_above_chance'], 1)} above chance would contradict the masks.\n\n"
+            f"provided the flash causal reference shows at least {num(ru['quadratic_slope_min'], 1)} (both fit from "
+            f"T = {num(ru['slope_from_len'])} up).\n"
+            f"- relay probe: a model *reaches the edge* when its measured edge is at least the predicted edge "
+            f"minus {num(ru['relay_edge_slack'])}; accuracy over the W distances just past the edge more than "
+            f"{num(ru['relay_beyond_above_chance'], 1)} above chance would contradict the masks. *Supported* if "
+            "every windowed model reaches its edge and full attention learns the task; *contradicted* by a leak, "
+            "or if no windowed model relays past one window while full attention learns the task.\n\n"
             f"Verdict words: {', '.join(VERDICTS)}. No other word is used for a result.")
 
 
@@ -103,7 +109,7 @@ def claims_table(r: dict) -> str:
                      f"{value} {per_seed}".strip(), verdict])
     pct = num(r["rules"]["confidence_percent"])
     return ("## Claims\n\n" + table(["variant: aspect", "claim", "source; its setting", "our effect",
-                                     f"value [{pct}% interval] (per seed)", "verdict"], rows))
+                                     f"value [{pct}% interval or range] (per seed)", "verdict"], rows))
 
 
 def setup(r: dict) -> str:
@@ -206,7 +212,7 @@ def relay(r: dict, plot_dir: str) -> str:
             f"{', '.join(num(s) for s in rel['seeds'])} (accuracy averaged). Predicted edge: L·(W−1). Measured edge: "
             f"the largest distance up to which accuracy stays at least {num(rel['edge_accuracy'], 1)} at every distance.\n\n"
             + table(["layers", "window", "predicted edge", "measured edge", "accuracy within W−1",
-                     "accuracy from W to the edge", "accuracy past edge + W", "status"], rows)
+                     "accuracy from W to the edge", "accuracy edge+1..edge+W", "status"], rows)
             + "\n\n" + figure(plot_dir, "relay", "relay accuracy by distance"))
 
 
@@ -226,7 +232,7 @@ def gqa(r: dict, plot_dir: str) -> str:
               "same steps the same way. Gap = converted − control on one fixed validation batch (paired over seeds):\n\n"
             + table(["uptraining, % of pre-training", f"gap [{num(r['rules']['confidence_percent'])}%]"], ladder)
             + f"\n\nAfter the full ladder, on the evaluation set: converted {num(d['uptrain']['final']['converted'])}, "
-              f"control {num(d['uptrain']['final']['control'])}; converted minus the {r['budget']['main_kv_head']}-KV-head "
+              f"control {num(d['uptrain']['final']['control'])}; converted minus the {num(r['budget']['main_kv_head'])}-KV-head "
               f"model trained from scratch: {interval(d['uptrain']['vs_scratch'])}.\n\n"
             + "KV-cache bytes per sequence (fp32, measured on fgpt's allocation; "
             + ("equal to the shape formula in every case" if d["kv_exact"] else "NOT equal to the shape formula")
@@ -247,16 +253,14 @@ def efficiency(r: dict, plot_dir: str) -> str:
             dec_rows.append([name, num(row["context"]), num(row["batch"]),
                              f"{num(t['median'], 1)} ({num(t['min'], 1)}–{num(t['max'], 1)})",
                              num(rel["ratio"], 2), num(row["mib_per_step"], 1),
-                             num(row["floor_tokens_per_s"], 1), num(rel["of_floor"], 2)])
+                             num(row["bound_tokens_per_s"], 1), num(rel["of_bound"], 2)])
     k = e["kernels"]
     names = list(k["rows"][0]["kernels"])
     krows = [[num(row["seq_len"])] + [num(row["kernels"][n]["fwd_ms"], 1) if n in row["kernels"] else "-" for n in names]
              + [num(row["kernels"][n]["fwd_bwd_ms"], 1) if n in row["kernels"] else "-" for n in names]
              + [num(row["kernels"][n]["fwd_bwd_mib"], 1) if n in row["kernels"] else "-" for n in names]
              for row in k["rows"]]
-    srows = [[n] + [num(s["fwd_ms"], 2) for s in [d["slopes"][n]]] + [num(d["slopes"][n]["fwd_bwd_ms"], 2),
-                                                                      num(d["slopes"][n]["fwd_bwd_mib"], 2)]
-             for n in names]
+    srows = [[n] + [num(d["slopes"][n][key], 2) for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_mib")] for n in names]
     step_rows = [[name] + [f"{num(x['step_s']['median'], 3)} s, {num(x['mib'], 0)} MiB" for x in rows]
                  for name, rows in e["steps"].items()]
     return ("## Efficiency\n\n"
@@ -264,11 +268,11 @@ def efficiency(r: dict, plot_dir: str) -> str:
             f"({num(dm['n_embd'])}, {num(dm['n_head'])} heads of {num(dm['head_dim'])}) with {num(dm['n_layer'])} "
             f"layers, rotary positions and the study's vocabulary, "
             f"{num(r['budget']['decode_runs'])} runs of {num(r['budget']['decode_tokens'])} tokens each: median "
-            f"(min–max). The floor is the bytes a step must read (every weight once, each row's cached K and V) over "
+            f"(min–max). The bandwidth bound is the most tokens/s a step could reach: the bytes it must read (every weight once, each row's cached K and V) over "
             f"this machine's copy bandwidth (bytes read + written per second by one large tensor copy), "
             f"{num(e['bandwidth_gb_per_s'], 1)} GB/s.\n\n"
-            + table(["variant", "context", "batch", "tokens/s", "vs MHA", "MiB read / step", "floor tokens/s",
-                     "share of floor"], dec_rows)
+            + table(["variant", "context", "batch", "tokens/s", "vs MHA", "MiB read / step", "bound tokens/s",
+                     "share of bound"], dec_rows)
             + "\n\n" + figure(plot_dir, "decode", "decode speed")
             + f"\n\n**Attention kernels against length** (one call, {num(k['heads'])} heads of {num(k['head_dim'])}, "
               f"W = {num(k['window'])}; median of {num(r['budget']['kernel_repeats'])} timings; memory is the peak "
@@ -279,7 +283,7 @@ def efficiency(r: dict, plot_dir: str) -> str:
             + table(["kernel", "fwd time", "fwd+bwd time", "fwd+bwd memory"], srows)
             + "\n\n" + figure(plot_dir, "kernels", "attention scaling")
             + "\n\n**Training step at long sequence length** (the study's model family, batch 1, forward + backward + "
-              "AdamW; median of 3 steps; peak memory growth of one step):\n\n"
+              f"AdamW; median of {num(r['budget']['step_repeats'])} steps; peak memory growth of one step):\n\n"
             + table(["model"] + [f"T = {num(x['seq_len'])}" for x in next(iter(e["steps"].values()))], step_rows)
             + "\n\nAt the longest T, full attention's step time over each model's: "
             + ", ".join(f"{name} {num(v['time_ratio'], 2)}× ({num(v['time_ratio_lo'], 2)}–{num(v['time_ratio_hi'], 2)})"
