@@ -102,8 +102,15 @@ class KVCache:
 
 
 def _cached_attention(q, keys, values, mask) -> torch.Tensor:
-    """masked_attention, except one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA
-    is several times slower for it in bf16 (measured once; no `just bench` row isolates it)."""
+    """masked_attention, with two decode-step rewrites of the same maths:
+    - grouped heads, one query: each KV head's group of query heads becomes its query axis,
+      so SDPA runs plain MHA over the n_kv_head cached heads (its enable_gqa path ran at under
+      half MHA's bytes/s at 16k cached tokens; `just bench attention` table 6, docs/report.md);
+    - one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA is several times slower for
+      it in bf16 (measured once; no `just bench` row isolates it)."""
+    B, H, T, hd = q.shape
+    if T == 1 and keys.shape[1] != H:  # the mask ([B, 1, 1, S] or None) is the same for every query
+        return _cached_attention(q.view(B, keys.shape[1], H // keys.shape[1], hd), keys, values, mask).view(q.shape)
     if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return masked_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return masked_attention(q, keys, values, mask)
