@@ -5,18 +5,27 @@ half-written: build it under a temporary name beside the target, then rename it 
         save_file(tensors, tmp)
 
 A rename within one directory is atomic on POSIX filesystems, so the target is either the
-old file or the complete new one. On any error the temporary file or directory is removed
-and the target is left as it was.
+old file or the complete new one. A file's bytes are flushed to disk (fsync) before the
+rename and the directory after it, so this holds across a power loss too, not only a
+crash of the process. On any error the temporary file or directory is removed and the
+target is left as it was. The result gets the permissions any new file would get (the
+umask's), not mkstemp's private ones. The temporary's name carries its writer's pid, so
+the next write to the same target removes what a killed writer left (a half checkpoint, a
+half-prepared corpus) and nothing of a writer still alive.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+UMASK = os.umask(0o022)  # read once at import (setting it is process-wide, so never later,
+os.umask(UMASK)          # when other threads may be creating files)
 
 
 @contextmanager
@@ -28,7 +37,8 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
     the rename then raises FileExistsError / OSError, which callers treat as a lost race."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}."
+    remove_stale_temporaries(target)
+    prefix = f".{target.name}.{os.getpid()}."
     if directory:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".tmp"))
     else:
@@ -37,12 +47,47 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
         tmp = Path(name)
     try:
         yield tmp
+        if tmp.is_dir():
+            os.chmod(tmp, 0o777 & ~UMASK)
+        else:
+            os.chmod(tmp, 0o666 & ~UMASK)
+            _fsync(tmp)
         os.replace(tmp, target)
+        _fsync(target.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries beside `target` whose writer process no longer exists."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

@@ -188,7 +188,6 @@ def prepare(files: list[SourceFile], out: Path, *, val_files: list[SourceFile] |
                                  val_fraction=None if val_files is not None else val_fraction,
                                  text_field=text_field, split_by=split_by)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; a corpus is as shareable as any directory
             if out.exists():  # --force: set the old directory aside only now that the new one is whole
                 old = out.with_name(f".{out.name}.replaced")
                 shutil.rmtree(old, ignore_errors=True)
@@ -220,12 +219,6 @@ def _tokenise(jobs: list, writers: dict, *, text_field: str, lenient: bool, work
                 bar.set_postfix_str(f"{_count(sum(w.tokens for w in writers.values()))} tokens", refresh=False)
             if not has_text:
                 raise FgptError(f"{what}: the files hold no text")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _count(n: int) -> str:

@@ -10,11 +10,16 @@ from fgpt.errors import FgptError
 
 
 def main_guard(main: Callable[[], int | None]) -> None:
-    """Run `main`; turn FgptError (bad input) into `error: ...` on stderr and exit 2."""
+    """Run `main`; turn FgptError (bad input) and OSError (a full disk, an unwritable
+    directory: the file system's answer, not a bug) into `error: ...` on stderr and exit 2."""
     try:
         code = main()
     except FgptError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
