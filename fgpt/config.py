@@ -150,9 +150,6 @@ class GPTConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise FgptError(f"cannot read config {path}: {e}") from None
 
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=256, n_ctx=256),

@@ -20,7 +20,7 @@ from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 
 SCHEDULES = ("cosine", "wsd")
-PRECISIONS = ("fp32", "bf16")
+REDUCE_DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
@@ -106,11 +106,8 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError("--batch-size and --grad-accum must be at least 1")
     check_batch_split(run, world_size)
     precision.check(run.precision)
-    if run.reduce_dtype not in PRECISIONS:
+    if run.reduce_dtype not in REDUCE_DTYPES:
         raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {run.reduce_dtype!r}")
-    if run.reduce_dtype != "fp32" and run.strategy == "single":
-        raise FgptError(f"--reduce-dtype {run.reduce_dtype}: strategy=single reduces no gradients "
-                        "across ranks; use it with ddp, fsdp or custom-fsdp")
     if run.schedule not in SCHEDULES:
         raise FgptError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {run.schedule!r}")
     if not 0 < run.cooldown <= 1:
@@ -155,6 +152,8 @@ def resumed(run: TrainConfig, saved: TrainConfig, saved_model: GPTConfig) -> Tra
         if f.name in RESUMABLE_CHANGES or f.name == "init_from":
             continue
         mine, theirs = getattr(run, f.name), getattr(saved, f.name)
+        if f.name == "precision" and mine == "auto":
+            continue  # auto resumes with what it chose the first time
         if f.name == "model" and mine is not None:
             for m in dataclasses.fields(GPTConfig):
                 if getattr(mine, m.name) != getattr(saved_model, m.name):

@@ -14,10 +14,9 @@ from fgpt import init_params, load_checkpoint, loss_fn, tree
 from fgpt.checkpoint import latest_checkpoint
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt.train import lr_at, peak_flops, train
+from fgpt.train import TrainConfig, lr_at, peak_flops, train
 from train_case import TINY, tiny_run
 
-pytestmark = pytest.mark.usefixtures("data_cache")  # one tokenised-corpus cache per session
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_loss_falls(text_file, precision):
@@ -228,3 +227,11 @@ def test_wsd_schedule_is_constant_then_decays_linearly_to_the_floor(warmup, stab
     assert rates[-1] == pytest.approx(lr / 10)
     tail = rates[max(start, warmup):]
     assert all(a >= b for a, b in zip(tail, tail[1:]))
+
+
+def test_resume_with_precision_auto_keeps_the_saved_choice():
+    from fgpt.run_config import resumed
+    saved = TrainConfig(model=TINY, precision="bf16", steps=6)
+    assert resumed(TrainConfig(precision="auto", steps=6), saved, TINY).precision == "bf16"
+    with pytest.raises(FgptError, match="precision = 'fp32' contradicts"):
+        resumed(TrainConfig(precision="fp32", steps=6), saved, TINY)
