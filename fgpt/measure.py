@@ -57,6 +57,16 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def matmul_flops(device: str, dtype: torch.dtype, n: int = 1024) -> float:
+    """FLOP/s of an n x n by n x n matmul in `dtype`: the best of three, or one call where a
+    call takes seconds (bf16 on a CPU without bf16 units). The operands come from a private
+    generator, so the global RNG (dropout's) is left alone."""
+    gen = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, generator=gen).to(dtype) for _ in range(2))
+    slow = best_time(lambda: a[:64] @ b, 1, device=device) > 0.05
+    return 2 * n ** 3 / best_time(lambda: a @ b, 1 if slow else 3, device=device)
+
+
 # --- memory -----------------------------------------------------------------------------
 
 def _status_bytes(field: str) -> int:

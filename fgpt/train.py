@@ -31,6 +31,7 @@ from fgpt.attention import use_window_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
+from fgpt.measure import matmul_flops
 from fgpt.model import count_params, init_params
 from fgpt.parallel import Strategy, make_strategy
 from fgpt.run_config import TrainConfig, check_batch_split, resolve_device, validate
@@ -75,20 +76,8 @@ def flops_per_token(model_config: GPTConfig, seq_len: int) -> float:
 
 @functools.cache
 def peak_flops(device: str, dtype: torch.dtype) -> float:
-    """This device's measured matmul FLOP/s in `dtype`: the yardstick for the MFU estimate.
-    Its operands come from a private generator: the global RNG (dropout's) is left alone."""
-    n = 4096 if device == "cuda" else 1024
-    gen = torch.Generator(device).manual_seed(0)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start, reps = time.perf_counter(), 4
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    """This device's measured matmul FLOP/s in `dtype`: the yardstick for the MFU estimate."""
+    return matmul_flops(device, dtype, 4096 if device == "cuda" else 1024)
 
 
 # --- before the first step --------------------------------------------------------------

@@ -16,7 +16,7 @@ apart ("flex compile s": measured 9 s for the first length and 2-3 s for each ne
 inductor's disk cache empty, 0.1-3 s with it warm)
 and excluded from "flex ms". --no-flex skips it. On CPU it has no backward (torch 2.13),
 so every flex column is forward only.
-Peak memory is the resident-set growth during the call, sampled every millisecond, with
+Peak memory is the resident-set growth during the call (its high-water mark, VmHWM), with
 glibc told to return every large block to the OS on free (so the resident set tracks live
 tensors instead of the allocator's cache).
 """
@@ -24,9 +24,7 @@ tensors instead of the allocator's cache).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import threading
 import time
 
 import torch
@@ -36,53 +34,16 @@ from fgpt import GPTConfig, forward, init_params
 from fgpt.attention import (causal_attention, dense_window_attention, sliding_window_attention,
                             use_window_kernel)
 from fgpt.flex_window import flex_window_attention
+from fgpt import measure
 from fgpt.kv_cache import KVCache
+from fgpt.measure import peak_rss_growth, release_freed_memory
 
 W = 256
 HD = 64
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def best_time(fn, reps: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def _release_freed_memory() -> None:
-    """mallopt(M_MMAP_THRESHOLD, 64 KiB): large blocks are mmapped and unmapped on free."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
-    except OSError:  # not glibc: memory columns then show the allocator's growth only
-        pass
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def peak_memory(fn) -> int:
-    """Bytes the resident set grew by, at most, while `fn` ran."""
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss() - base)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak[0], _rss() - base)
+def best_time(fn, reps: int = 5) -> float:  # five timings by default here, not three
+    return measure.best_time(fn, reps)
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -116,12 +77,12 @@ def kernels(lengths, flex: bool) -> None:
         q, k, v = qkv(T)
         with torch.no_grad():
             t_full = best_time(lambda: causal_attention(q, k, v))
-            m_full = peak_memory(lambda: causal_attention(q, k, v))
+            m_full = peak_rss_growth(lambda: causal_attention(q, k, v))
             t_swa = best_time(lambda: sliding_window_attention(q, k, v, W), 10)
-            m_swa = peak_memory(lambda: sliding_window_attention(q, k, v, W))
+            m_swa = peak_rss_growth(lambda: sliding_window_attention(q, k, v, W))
             if T <= dense_limit:
                 t_dense = best_time(lambda: dense_window_attention(q, k, v, W))
-                m_dense = peak_memory(lambda: dense_window_attention(q, k, v, W))
+                m_dense = peak_rss_growth(lambda: dense_window_attention(q, k, v, W))
                 dense = [t_dense * 1e3, m_dense / 2**20, t_dense / t_swa]
             else:
                 dense = ["skipped", "(T² mask)", "-"]
@@ -131,7 +92,7 @@ def kernels(lengths, flex: bool) -> None:
                 flex_window_attention(q, k, v, W)  # compiles for this length
                 compile_s = time.perf_counter() - t0
                 t_flex = best_time(lambda: flex_window_attention(q, k, v, W), 10)
-                m_flex = peak_memory(lambda: flex_window_attention(q, k, v, W))
+                m_flex = peak_rss_growth(lambda: flex_window_attention(q, k, v, W))
                 row += [t_flex * 1e3, m_flex / 2**20, t_swa / t_flex, compile_s]
         rows.append(row)
     header = ["T", "causal ms", "causal MiB", "dense-SWA ms", "dense-SWA MiB", "dense/fgpt",
@@ -283,7 +244,7 @@ def main() -> None:
                     help="skip the compiled flex_attention kernel")
     ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")
     args = ap.parse_args()
-    _release_freed_memory()
+    release_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]

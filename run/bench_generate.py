@@ -146,13 +146,13 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float
 
 
 def print_kernels(model: str) -> None:
-    from run.bench_train import matmul_ceiling
+    from fgpt.measure import matmul_flops
     rates = kernel_rates(model)
     bandwidth = copy_bandwidth()
     print(f"one decode step's products, {model} shapes (blocks then head), best of 5; {machine_line()}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matmul 1024^3: fp32 "
-          f"{matmul_ceiling('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
-          f"{matmul_ceiling('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
+          f"{matmul_flops('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
+          f"{matmul_flops('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
     ref = rates["float32, measured layouts"][0]
     print("| kernel | MB read | ms | GB/s read | of copy bandwidth | vs fp32 |\n|---|---:|---:|---:|---:|---:|")
     for name, (seconds, nbytes) in rates.items():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
-from fgpt.measure import best_time, machine_line
+from fgpt.measure import machine_line, matmul_flops
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
 from fgpt.train import flops_per_token
@@ -59,13 +59,6 @@ def hf_step(hf, *, autocast: bool, fused: bool, compile: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def matmul_ceiling(device: str, dtype: torch.dtype, n: int = 1024) -> float:
-    """FLOP/s of one n^3 matmul in `dtype`: the rate a step made only of matmuls could reach."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    slow = dtype == torch.bfloat16 and best_time(lambda: a[:64] @ b, 1, device=device) > 0.05
-    return 2 * n ** 3 / best_time(lambda: a @ b, 1 if slow else 3, device=device)  # one call where it takes seconds
 
 
 def main() -> None:
@@ -117,7 +110,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    ceiling = {name: matmul_ceiling(dev, dtype) for name, dtype in dtypes.items()
+    ceiling = {name: matmul_flops(dev, dtype) for name, dtype in dtypes.items()
                if any(name in contender for contender in times)}
     print(f"training step, {args.model} ({B} x {T} tokens), {dev}, median of {args.rounds} interleaved rounds; "
           f"{machine_line()}")
