@@ -30,9 +30,15 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def data_cache(tmp_path_factory, monkeypatch):
-    # One cache for the whole session, shared with subprocesses through the environment.
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """One tokenised-corpus cache for the whole session, never the user's ~/.cache; shared
+    with subprocesses through the environment."""
     cache = tmp_path_factory.getbasetemp() / "fgpt-cache"
-    monkeypatch.setenv("FGPT_CACHE", str(cache))
-    return cache
+    before = os.environ.get("FGPT_CACHE")
+    os.environ["FGPT_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("FGPT_CACHE", None)
+    else:
+        os.environ["FGPT_CACHE"] = before

@@ -5,6 +5,7 @@ repeated K/V heads), and an exact tree comparison. transformers' reference: hf_r
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from einops import repeat
@@ -70,3 +71,16 @@ def assert_same_tree(a: dict, b: dict) -> None:
     assert fa.keys() == fb.keys()
     for k in fa:
         assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape and torch.equal(fa[k], fb[k]), k
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids

@@ -15,12 +15,12 @@ from fgpt import GPTConfig, forward, init_params, int8, load_checkpoint, loss_fn
 from fgpt.attention import use_window_kernel
 from fgpt.generate import Sampling, decode_layout, generate
 from fgpt.train import TrainConfig, train
+from helpers import greedy_by_recomputation
 from hf_reference import hf_model, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 SHAPE = (101, 64, 3, 4, 64)  # vocab, n_ctx, n_layer, n_head, n_embd
-TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
 
 
 @pytest.fixture(autouse=True)
@@ -86,13 +86,14 @@ def test_int8_decoding_on_cuda_equals_int8_on_cpu(hf_and_ours):
     logits_cuda = forward(int8.quantize(params), x.to(CUDA), config).cpu()
     assert rel_err(logits_cuda, logits_cpu) < 2e-2  # CPU's kernel rounds its inputs to bf16
     assert rel_err(logits_cuda, forward(cpu, x, config)) < 5e-2  # int8 against fp32 itself
-    assert len(on_cuda[0]) == len(prompt) + 30
+    # the cached decode against recomputing every step with the same int8 tree on CUDA
+    ref, _ = greedy_by_recomputation(int8.quantize(params), config, torch.tensor([prompt], device=CUDA), 30)
+    assert on_cuda == ref.tolist()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_on_cuda_follows_the_cpu_run(precision, tmp_path):
-    (tmp_path / "code.txt").write_text(TEXT)
-    cfg = dict(model=GPTConfig(n_ctx=32, n_layer=2, n_head=2, n_embd=64), data=str(tmp_path / "code.txt"),
+def test_training_on_cuda_follows_the_cpu_run(precision, text_file):
+    cfg = dict(model=GPTConfig(n_ctx=32, n_layer=2, n_head=2, n_embd=64), data=str(text_file),
                steps=8, batch_size=4, lr=3e-3, warmup=2, eval_interval=0, checkpoint_interval=0,
                progress=False, precision=precision)
     gpu = [m["loss"] for m in train(TrainConfig(**cfg, device="cuda")).metrics]

@@ -19,19 +19,12 @@ import pytest
 
 from fgpt import GPTConfig
 from fgpt.train import TrainConfig, train
+from helpers import children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)
 STEPS = 8
-TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "code.txt"
-    path.write_text(TEXT)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +58,25 @@ def start_nodes(text_file, out: Path, *, max_restarts: int = 0, fresh_store: boo
 
 def finish(nodes: list[subprocess.Popen]) -> list[tuple[int, str]]:
     """(exit code, stderr) of each node's agent, once both have ended."""
-    errs = [n.communicate(timeout=300)[1] for n in nodes]
+    try:
+        errs = [n.communicate(timeout=300)[1] for n in nodes]
+    finally:
+        stop(nodes)
     return [(n.returncode, err) for n, err in zip(nodes, errs)]
+
+
+def stop(nodes: list[subprocess.Popen]) -> None:
+    """Kill what is still running of the agents and their workers (after a failed test)."""
+    for n in nodes:
+        if n.poll() is None:
+            for pid in children_of(n.pid):
+                os.kill(pid, signal.SIGKILL)
+            n.kill()
+            n.wait()
 
 
 def logged_losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def kill_a_worker_after(nodes, out: Path, steps_done: int) -> None:
@@ -111,7 +110,11 @@ def test_restarts_across_nodes_without_a_fresh_store_are_the_documented_error_on
 def test_a_restart_across_nodes_with_a_fresh_store_resumes_to_the_same_losses(text_file, single_losses, tmp_path):
     out = tmp_path / "fresh-store"
     nodes = start_nodes(text_file, out, max_restarts=1, fresh_store=True)
-    kill_a_worker_after(nodes, out, 3)
+    try:
+        kill_a_worker_after(nodes, out, 3)
+    except BaseException:
+        stop(nodes)
+        raise
     results = finish(nodes)
     assert all(code == 0 for code, _ in results), [err[-2000:] for _, err in results]
     assert any("resuming from step" in err for _, err in results)

@@ -16,9 +16,9 @@ from fgpt.train import TrainConfig, train
 from run import train as run_train
 from run._cli import main_guard
 from run.train import expand_launcher_tokens, window_arg
+from helpers import children_of
 from train_case import ROOT, TINY, tiny_run
 
-pytestmark = pytest.mark.usefixtures("data_cache")  # one tokenised-corpus cache per session
 
 
 def test_launcher_tokens_and_window_lists():
@@ -169,20 +169,6 @@ def test_resume_continues_with_the_saved_strategy_or_another(text_file, tmp_path
         torch.testing.assert_close(tree.flatten(last.params)[name], p, rtol=1e-4, atol=5e-5)
 
 
-def children_of(pid: int) -> list[int]:
-    """Live child processes of `pid`, from /proc."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except (OSError, ValueError):
-            continue
-        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry.name))
-    return kids
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
 def test_max_restarts_resumes_a_killed_run_from_its_last_checkpoint(text_file, tmp_path):
     """One rank SIGKILLed mid-run: torchrun restarts both, they resume from the last checkpoint,
     and the run logs the same losses as one that was never interrupted."""
