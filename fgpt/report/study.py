@@ -197,17 +197,17 @@ def length_probe(budget: Budget, corpus: data.Corpus, arms: dict, params: dict) 
         runs = [probes.length_penalty(params[arm, s], config, inputs, targets, budget.length_stride,
                                       corpus.ignore_id, eval_config=eval_config) for s in budget.seeds]
         penalty = np.stack([r["penalty"] for r in runs], axis=1)  # [seqs, seeds, positions]
+        sliding = np.stack([r["sliding"] for r in runs])
         out["models"][label] = {
             "inside_max_abs": float(np.nanmax(np.abs(penalty[:, :, :n]))),
             "bins": [bootstrap_interval(penalty[:, :, a:b], resamples=budget.bootstrap) for a, b in bins],
             "curve": _binned(penalty, 16),
-            "sliding_loss_bins": [float(np.nanmean(np.stack([r["sliding"] for r in runs])[..., a:b]))
-                                  for a, b in bins]}
+            "sliding_loss_bins": [float(np.nanmean(sliding[..., a:b])) for a, b in bins]}
     # learned positions: no embedding past n_ctx, so only the sliding evaluation exists
-    base_sliding = [probes.sliding_losses(params["baseline", s], arms["baseline"], inputs, targets,
-                                          budget.length_stride, corpus.ignore_id) for s in budget.seeds]
-    out["learned_sliding_loss_bins"] = [float(np.nanmean(np.stack(base_sliding)[..., a:b])) for a, b in bins]
-    out["learned_inside_loss"] = float(np.nanmean(np.stack(base_sliding)[..., :n]))
+    base_sliding = np.stack([probes.sliding_losses(params["baseline", s], arms["baseline"], inputs, targets,
+                                                   budget.length_stride, corpus.ignore_id) for s in budget.seeds])
+    out["learned_sliding_loss_bins"] = [float(np.nanmean(base_sliding[..., a:b])) for a, b in bins]
+    out["learned_inside_loss"] = float(np.nanmean(base_sliding[..., :n]))
     return out
 
 
