@@ -156,16 +156,21 @@ def read_chunks(files: list[SourceFile], *, text_field: str = "text", lenient: b
         yield batch
 
 
-def _whole_text(f: SourceFile, lenient: bool) -> str | None:
-    raw = _read_bytes(f.path)
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8 text; FgptError for a binary (a NUL byte) or non-UTF-8 file."""
+    raw = _read_bytes(path)
+    if b"\0" in raw:
+        hint = " (for token shards, give the directory that holds them)" if path.suffix == ".bin" else ""
+        raise FgptError(f"{path} is a binary file, not text{hint}")
     try:
-        if b"\0" in raw:
-            hint = " (for token shards, give the directory that holds them)" if f.path.suffix == ".bin" else ""
-            raise FgptError(f"{f.path} is a binary file, not text{hint}")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise FgptError(f"{f.path} is not UTF-8 text (byte {e.start})") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FgptError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _whole_text(f: SourceFile, lenient: bool) -> str | None:
+    try:
+        return read_text(f.path)
     except FgptError:
         if lenient:
             return None

@@ -24,14 +24,15 @@ from fgpt.checkpoint import latest_checkpoint, load_checkpoint
 from fgpt.errors import FgptError
 from fgpt.multiple_choice import accuracy, read_questions, score_endings
 from fgpt.perplexity import strided_nll
+from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.train import resolve_device
 from run._cli import main_guard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# single files that are corpora rather than one text: handed to the data module, which
-# evaluates their validation split (as training would)
-CORPUS_SUFFIXES = (".bin", ".jsonl", ".jsonl.gz", ".json", ".parquet")
+# single files that are corpora rather than one text (the formats fgpt.sources reads as
+# records): handed to the data module, which evaluates their validation split as training would
+CORPUS_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,10 +111,7 @@ def load_tokens(spec: str | None):
     """A text file -> its tokens as one stream (encode_ordinary: `<|endoftext|>` in the text
     is text). Anything else -> the validation split of what run.train --data would load."""
     if spec is not None and Path(spec).is_file() and not Path(spec).name.endswith(CORPUS_SUFFIXES):
-        try:
-            text = Path(spec).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise FgptError(f"--data {spec} is not UTF-8 text") from None
+        text = read_text(Path(spec))  # a lone token shard (.bin) is refused here, naming its directory
         return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.int64)
     from fgpt.data import load_corpus
     return load_corpus(spec).val
