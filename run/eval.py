@@ -21,9 +21,9 @@ import torch
 
 from fgpt import tree
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, check_at_least
 from fgpt.multiple_choice import accuracy, read_questions, score_endings
-from fgpt.perplexity import strided_nll
+from fgpt.perplexity import check_window_flags, strided_nll
 from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.train import resolve_device
@@ -91,20 +91,12 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FgptError(f"{', '.join(given)}: only for --task ppl")
         if not args.data:
             raise FgptError("--task mc needs --data FILE.jsonl")
-        if args.limit is not None and args.limit < 1:
-            raise FgptError(f"--limit must be at least 1, got {args.limit}")
+        check_at_least("--limit", args.limit, 1)
     elif args.limit is not None:
         raise FgptError("--limit applies to --task mc only (--max-tokens limits perplexity)")
-    if args.batch_size < 1:
-        raise FgptError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.n_ctx is not None and args.n_ctx < 2:
-        raise FgptError(f"--n-ctx must be at least 2, got {args.n_ctx}")
-    if args.stride is not None and args.stride < 1:
-        raise FgptError(f"--stride must be at least 1, got {args.stride}")
-    if args.stride is not None and args.n_ctx is not None and args.stride > args.n_ctx:
-        raise FgptError(f"--stride {args.stride} exceeds --n-ctx {args.n_ctx}: tokens between windows would go unscored")
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise FgptError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_window_flags(args.n_ctx, args.stride)  # the rest once the model's n_ctx is known
+    check_at_least("--max-tokens", args.max_tokens, 2)
 
 
 def load_tokens(spec: str | None):

@@ -133,9 +133,9 @@ def test_multiple_choice_from_the_command_line(gpt2_vocab_model, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--stride", "0"], "--stride must be at least 1"),
-    (["--stride", "-4"], "--stride must be at least 1"),
-    (["--n-ctx", "16", "--stride", "17"], "--stride 17 exceeds --n-ctx 16"),
+    (["--stride", "0"], "--stride must be between 1 and --n-ctx, got 0"),
+    (["--stride", "-4"], "--stride must be between 1 and --n-ctx, got -4"),
+    (["--n-ctx", "16", "--stride", "17"], r"--stride must be between 1 and --n-ctx \(16\), got 17"),
     (["--stride", "33"], r"--stride must be between 1 and --n-ctx \(32\)"),  # the model's n_ctx
     (["--n-ctx", "1"], "--n-ctx must be at least 2"),
     (["--n-ctx", "64"], "exceeds the model's n_ctx=32"),
