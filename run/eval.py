@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fgpt import tree
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
@@ -27,9 +26,9 @@ from fgpt.perplexity import check_window_flags, strided_nll
 from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.train import resolve_device
+from fgpt.tree import FLOAT_DTYPES
 from run._cli import main_guard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # single files that are corpora rather than one text (the formats fgpt.sources reads as
 # records): handed to the data module, which evaluates their validation split as training would
 CORPUS_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
@@ -49,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, help="ppl: score only the first N tokens of the stream")
     ap.add_argument("--limit", type=int, help="mc: score only the first N questions")
     ap.add_argument("--batch-size", type=int, default=8, help="windows (ppl) or endings (mc) per forward")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return ap.parse_args(argv)
 
@@ -60,7 +59,7 @@ def main(argv=None) -> None:
     check_flags(args)
     device = resolve_device(args.device)
     path = args.checkpoint or latest_checkpoint()
-    config, params = load_checkpoint(path, dtype=DTYPES[args.dtype], device=device)
+    config, params = load_checkpoint(path, dtype=FLOAT_DTYPES[args.dtype], device=device)
     print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}, {device})", file=sys.stderr)
     t0 = time.perf_counter()
     if args.task == "mc":
