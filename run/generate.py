@@ -21,12 +21,12 @@ from fgpt.errors import FgptError
 from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
 from fgpt.tokenizer import EOT, gpt2_encoding
 from fgpt.tree import FLOAT_DTYPES
-from run._cli import main_guard
+from run._cli import ArgumentParser, main_guard
 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m run.generate", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a .safetensors file, a directory (HF layout or a training "
                     "output) or a hub name like gpt2; default: the newest checkpoint under out/")
     ap.add_argument("--prompt", required=True)
