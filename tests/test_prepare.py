@@ -270,8 +270,12 @@ def test_force_replaces_the_output_only_once_the_new_one_is_complete(tmp_path):
     assert (out / "manifest.json").read_text() == before
     stale = tmp_path / ".out.killed.tmp"  # what a killed run leaves: a hidden temporary
     stale.mkdir()
-    prepare(list_files(str(write_jsonl(tmp_path / "other.jsonl", DOCS[:3]))), out, force=True, progress=False)
-    assert json.loads((out / "manifest.json").read_text())["documents"] == 3
+    (stale / "train_000000.bin").write_bytes(b"\xff" * 10)
+    prepare(list_files(str(write_jsonl(tmp_path / "other.jsonl", DOCS[:3]))), out, force=True,
+            val_fraction=0.0, progress=False)
+    np.testing.assert_array_equal(open_shards(out)[0], reference(DOCS[:3]))
+    # the new run neither used the stale temporary nor removed it (it may be a live run's)
+    assert (stale / "train_000000.bin").read_bytes() == b"\xff" * 10
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
