@@ -13,9 +13,9 @@ from pathlib import Path
 
 from fgpt.atomic import atomic_path
 from fgpt.errors import FgptError, require_extra
+from fgpt.run_dir import METRICS_FILE
 
 log = logging.getLogger("fgpt")
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass

@@ -9,6 +9,12 @@ class FgptError(ValueError):
     """A problem with the user's input: config, checkpoint, data or command-line flags."""
 
 
+def check_at_least(flag: str, value: int | None, minimum: int) -> None:
+    """The one wording for a count flag below its minimum (None: not given, nothing to check)."""
+    if value is not None and value < minimum:
+        raise FgptError(f"{flag} must be at least {minimum}, got {value}")
+
+
 def require_extra(module: str, extra: str, purpose: str):
     """Import an optional dependency, or raise FgptError naming the extra that installs it."""
     import importlib

@@ -69,11 +69,14 @@ def matmul_flops(device: str, dtype: torch.dtype, n: int = 1024) -> float:
 
 # --- memory -----------------------------------------------------------------------------
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A size field (VmRSS, VmHWM, ...) of /proc/<pid>/status in bytes; OSError where the
+    process is gone or has no such field (an exited child's zombie has none)."""
+    path = Path(f"/proc/{pid}/status")
+    for line in path.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
+    raise OSError(f"{path} has no {field}")
 
 
 def release_freed_memory() -> None:
@@ -100,9 +103,9 @@ def peak_rss_growth(fn: Callable[[], object], device: str | torch.device | None 
         torch.cuda.synchronize()
         return max(0, torch.cuda.max_memory_allocated() - before)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident size
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     fn()
-    return max(0, _status_bytes("VmHWM") - before)
+    return max(0, status_bytes("VmHWM") - before)
 
 
 # --- the machine ------------------------------------------------------------------------

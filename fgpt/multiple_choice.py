@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fgpt.config import GPTConfig
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, check_at_least
 from fgpt.model import forward
 from fgpt.tokenizer import gpt2_encoding
 
@@ -133,8 +133,7 @@ def score_endings(params: dict, config: GPTConfig, questions: list[Question], *,
                   device: torch.device | str = "cpu", progress: bool = True) -> list[list[tuple[float, int]]]:
     """(summed log-probability, token count) of every ending of every question. Rows run in
     batches of similar length (longest first), so little of a batch is padding."""
-    if batch_size < 1:
-        raise FgptError(f"--batch-size must be at least 1, got {batch_size}")
+    check_at_least("--batch-size", batch_size, 1)
     bad = [t for q in questions for t in q.context + sum(q.endings, ()) if not 0 <= t < config.vocab_size]
     if bad:
         raise FgptError(f"token id {bad[0]} is outside the model's vocabulary of {config.vocab_size}")

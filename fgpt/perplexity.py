@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fgpt.config import GPTConfig
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, check_at_least
 from fgpt.model import forward
 
 
@@ -57,11 +57,18 @@ class Total:
         return self.nll / math.log(2) / self.n_bytes if self.n_bytes else None
 
 
-def check_windows(n_tokens: int, n_ctx: int, stride: int) -> None:
-    if n_ctx < 2:
+def check_window_flags(n_ctx: int | None, stride: int | None) -> None:
+    """--n-ctx and --stride as far as they are known (None: not given yet), so run.eval can
+    refuse them before loading a checkpoint with the words check_windows uses after."""
+    if n_ctx is not None and n_ctx < 2:
         raise FgptError(f"--n-ctx must be at least 2 (one token of context, one to score), got {n_ctx}")
-    if not 1 <= stride <= n_ctx:
-        raise FgptError(f"--stride must be between 1 and --n-ctx ({n_ctx}), got {stride}")
+    if stride is not None and (stride < 1 or (n_ctx is not None and stride > n_ctx)):
+        bound = "--n-ctx" if n_ctx is None else f"--n-ctx ({n_ctx})"
+        raise FgptError(f"--stride must be between 1 and {bound}, got {stride}")
+
+
+def check_windows(n_tokens: int, n_ctx: int, stride: int) -> None:
+    check_window_flags(n_ctx, stride)
     if n_tokens < 2:
         raise FgptError(f"the text has {n_tokens} token(s): perplexity needs at least 2")
 
@@ -124,8 +131,7 @@ def strided_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndar
     `byte_lengths[id]`: the UTF-8 bytes of each token id, to count the scored text's bytes."""
     n_ctx = config.n_ctx if n_ctx is None else n_ctx
     stride = n_ctx // 2 if stride is None else stride
-    if batch_size < 1:
-        raise FgptError(f"--batch-size must be at least 1, got {batch_size}")
+    check_at_least("--batch-size", batch_size, 1)
     if n_ctx > config.n_ctx and config.pos_emb == "learned":
         raise FgptError(f"--n-ctx {n_ctx} exceeds the model's n_ctx={config.n_ctx} (learned positions stop there)")
     windows = plan_windows(len(tokens), n_ctx, stride)

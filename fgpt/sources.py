@@ -5,7 +5,8 @@
         ...                                         # a Chunk: texts, or raw JSONL lines
 
 A text file is one document; a JSONL line or a Parquet row is one document. Every document
-has a stable name — a text file's path relative to the source, `<path without suffix>#<index>`
+has a stable name — a text file's path relative to the source (for a glob, to its leading
+directory without glob characters), `<path without suffix>#<index>`
 for a record (its 0-based line or row number) — and the train/val split is a hash of that
 name, so it is the same on every machine, whatever the number of workers, and the same for
 one corpus stored as .jsonl, .jsonl.gz or .parquet.
@@ -82,8 +83,8 @@ class Chunk:
 def list_files(spec: str) -> list[SourceFile]:
     """The files named by `spec`: a file, a directory (every file below it, except hidden
     ones and those in hidden directories such as .git) or a glob, sorted by path."""
-    if any(ch in spec for ch in "*?["):
-        paths, root = [Path(p) for p in glob.glob(spec, recursive=True)], None
+    if glob.has_magic(spec):
+        paths, root = [Path(p) for p in glob.glob(spec, recursive=True)], _glob_root(spec)
         paths = [p for p in paths if p.is_file()]
     elif Path(spec).is_dir():
         root = Path(spec)
@@ -95,7 +96,16 @@ def list_files(spec: str) -> list[SourceFile]:
         raise FgptError(f"--data {spec}: no such file or directory")
     if not paths:
         raise FgptError(f"--data {spec}: matches no files")
-    return [_source_file(p, p.relative_to(root).as_posix() if root else p.as_posix()) for p in sorted(paths)]
+    return [_source_file(p, p.relative_to(root).as_posix()) for p in sorted(paths)]
+
+
+def _glob_root(spec: str) -> Path:
+    """The directory a glob's matches are named relative to: its leading components without
+    glob characters, so `owt/*.jsonl`, `./owt/*.jsonl` and `/abs/owt/*.jsonl` name (and
+    split) the same files alike."""
+    parts = Path(spec).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return Path(*parts[:fixed])
 
 
 def stdlib_files() -> list[SourceFile]:
@@ -146,16 +156,21 @@ def read_chunks(files: list[SourceFile], *, text_field: str = "text", lenient: b
         yield batch
 
 
-def _whole_text(f: SourceFile, lenient: bool) -> str | None:
-    raw = _read_bytes(f.path)
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8 text; FgptError for a binary (a NUL byte) or non-UTF-8 file."""
+    raw = _read_bytes(path)
+    if b"\0" in raw:
+        hint = " (for token shards, give the directory that holds them)" if path.suffix == ".bin" else ""
+        raise FgptError(f"{path} is a binary file, not text{hint}")
     try:
-        if b"\0" in raw:
-            hint = " (for token shards, give the directory that holds them)" if f.path.suffix == ".bin" else ""
-            raise FgptError(f"{f.path} is a binary file, not text{hint}")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise FgptError(f"{f.path} is not UTF-8 text (byte {e.start})") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FgptError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _whole_text(f: SourceFile, lenient: bool) -> str | None:
+    try:
+        return read_text(f.path)
     except FgptError:
         if lenient:
             return None

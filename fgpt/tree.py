@@ -12,6 +12,7 @@ import optree
 import torch
 
 Tree = Any  # nested dict / list of tensors
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the --dtype names of the run/ tools
 
 
 def _key(path: tuple) -> str:

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from fgpt import data
-from fgpt.measure import machine_line, peak_rss_growth, release_freed_memory
+from fgpt.measure import machine_line, peak_rss_growth, release_freed_memory, status_bytes
 from fgpt.prepare import SHARD_TOKENS, default_workers
-from fgpt.shards import FORMAT, MANIFEST, TokenStream, shard_name
+from fgpt.shards import FORMAT, MANIFEST, ShardWriter, TokenStream, dtype_for, shard_entries
 from fgpt.tokenizer import EOT, gpt2_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def run_child(argv: list[str], sample=None) -> tuple[float, int]:
 
     def loop():
         while not done.wait(0.2):
-            peak[0] = max(peak[0], status_bytes(proc.pid, "VmHWM"))
+            peak[0] = max(peak[0], child_bytes(proc.pid, "VmHWM"))
             if sample:
                 sample(proc.pid)
     sampler = threading.Thread(target=loop, daemon=True)
@@ -131,25 +131,20 @@ def prepare_child(src: Path, out: Path, workers: int) -> tuple[float, int, int]:
 # --- a billion tokens --------------------------------------------------------------------
 
 def synthetic_prepared(directory: Path, tokens: int) -> None:
-    """A prepared directory of random GPT-2 ids, written block by block."""
+    """A prepared directory of random GPT-2 ids, written block by block by prepare's writer."""
     directory.mkdir()
     rng = np.random.default_rng(0)
-    splits = {"train": tokens, "val": 1_000_000}
-    for split, n in splits.items():
-        for i, start in enumerate(range(0, n, SHARD_TOKENS)):
-            with open(directory / shard_name(split, i), "wb") as f:
-                for a in range(start, min(n, start + SHARD_TOKENS), 1 << 24):
-                    rng.integers(0, EOT + 1, min(1 << 24, n - a, start + SHARD_TOKENS - a), dtype=np.uint16).tofile(f)
-    manifest = {"format": FORMAT, "tokenizer": "gpt2", "vocab_size": EOT + 1, "eot": EOT, "dtype": "uint16",
-                "max_token": EOT, "source": "synthetic", "documents": 0,
-                "splits": {s: {"tokens": n, "shards": [{k: v for k, v in e.items() if k != "sha256"}
-                                                       for e in _entries(directory, s)]}
-                           for s, n in splits.items()}}
+    dtype, splits, top = dtype_for(EOT + 1), {}, -1
+    for split, n in {"train": tokens, "val": 1_000_000}.items():
+        writer = ShardWriter(directory, split, dtype, shard_tokens=SHARD_TOKENS)
+        for a in range(0, n, 1 << 24):
+            writer.add(rng.integers(0, EOT + 1, min(1 << 24, n - a), dtype=dtype), 0, starts_with_separator=False)
+        writer.close()
+        splits[split] = {"tokens": writer.tokens, "shards": shard_entries(directory, split, dtype)}
+        top = max(top, writer.max_token)
+    manifest = {"format": FORMAT, "tokenizer": "gpt2", "vocab_size": EOT + 1, "eot": EOT, "dtype": dtype.name,
+                "max_token": top, "source": "synthetic", "documents": 0, "splits": splits}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def _entries(directory: Path, split: str) -> list[dict]:
-    return [{"file": p.name, "tokens": p.stat().st_size // 2} for p in sorted(directory.glob(f"{split}_*.bin"))]
 
 
 class MemmapShards:
@@ -175,14 +170,12 @@ def draw_batches(tokens, n: int, seq_len: int = 1024, batch: int = 8) -> None:
         data.rank_batch(tokens, seq_len=seq_len, batch_size=batch, seed=1, step=s)
 
 
-def status_bytes(pid: int, field: str) -> int:
+def child_bytes(pid: int, field: str) -> int:
+    """`status_bytes` of a child that may have exited meanwhile (then 0)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+        return status_bytes(field, pid)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 # --- the report --------------------------------------------------------------------------
@@ -247,7 +240,7 @@ def train_table(args, work: Path) -> None:
     def sample(pid):
         metrics = out / "metrics.jsonl"
         steps = metrics.read_text().count("\n") if metrics.exists() else 0
-        samples.append((status_bytes(pid, "VmRSS"), steps))
+        samples.append((child_bytes(pid, "VmRSS"), steps))
     flags = ["--data", str(corpus_dir), "--model", "tiny", "--n-layer", "1", "--n-embd", "64", "--n-head", "2",
              "--n-ctx", "64", "--batch-size", "4", "--steps", str(args.train_steps), "--eval-interval", "0",
              "--checkpoint-interval", "0", "--device", "cpu", "--out", str(out)]

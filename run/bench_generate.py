@@ -21,8 +21,7 @@ from fgpt.decode_layout import measured
 from fgpt.generate import Sampling, decode_layout, generate
 from fgpt.measure import best_time, copy_bandwidth, machine_line
 from fgpt.model import init_params
-
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from fgpt.tree import FLOAT_DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,13 +11,13 @@ import sys
 
 from fgpt.checkpoint import load_checkpoint, save_checkpoint
 from fgpt.convert import to_gqa
-from run._cli import main_guard
+from run._cli import ArgumentParser, main_guard
 
 log = logging.getLogger("run.convert")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m run.convert", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.convert", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True,
                     help="a .safetensors or pytorch_model.bin file, or a directory holding one")
     what = ap.add_mutually_exclusive_group(required=True)

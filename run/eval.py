@@ -17,25 +17,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fgpt import tree
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, check_at_least
 from fgpt.multiple_choice import accuracy, read_questions, score_endings
-from fgpt.perplexity import strided_nll
+from fgpt.perplexity import check_window_flags, strided_nll
+from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.train import resolve_device
-from run._cli import main_guard
+from fgpt.tree import FLOAT_DTYPES
+from run._cli import ArgumentParser, main_guard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# single files that are corpora rather than one text: handed to the data module, which
-# evaluates their validation split (as training would)
-CORPUS_SUFFIXES = (".bin", ".jsonl", ".jsonl.gz", ".json", ".parquet")
+# single files that are corpora rather than one text (the formats fgpt.sources reads as
+# records): handed to the data module, which evaluates their validation split as training would
+CORPUS_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m run.eval", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a .safetensors or pytorch_model.bin file, a directory or a hub "
                     "name; default: the newest checkpoint under out/")
     ap.add_argument("--task", choices=["ppl", "mc"], default="ppl",
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, help="ppl: score only the first N tokens of the stream")
     ap.add_argument("--limit", type=int, help="mc: score only the first N questions")
     ap.add_argument("--batch-size", type=int, default=8, help="windows (ppl) or endings (mc) per forward")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return ap.parse_args(argv)
 
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     check_flags(args)
     device = resolve_device(args.device)
     path = args.checkpoint or latest_checkpoint()
-    config, params = load_checkpoint(path, dtype=DTYPES[args.dtype], device=device)
+    config, params = load_checkpoint(path, dtype=FLOAT_DTYPES[args.dtype], device=device)
     print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}, {device})", file=sys.stderr)
     t0 = time.perf_counter()
     if args.task == "mc":
@@ -90,30 +90,19 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FgptError(f"{', '.join(given)}: only for --task ppl")
         if not args.data:
             raise FgptError("--task mc needs --data FILE.jsonl")
-        if args.limit is not None and args.limit < 1:
-            raise FgptError(f"--limit must be at least 1, got {args.limit}")
+        check_at_least("--limit", args.limit, 1)
     elif args.limit is not None:
         raise FgptError("--limit applies to --task mc only (--max-tokens limits perplexity)")
-    if args.batch_size < 1:
-        raise FgptError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.n_ctx is not None and args.n_ctx < 2:
-        raise FgptError(f"--n-ctx must be at least 2, got {args.n_ctx}")
-    if args.stride is not None and args.stride < 1:
-        raise FgptError(f"--stride must be at least 1, got {args.stride}")
-    if args.stride is not None and args.n_ctx is not None and args.stride > args.n_ctx:
-        raise FgptError(f"--stride {args.stride} exceeds --n-ctx {args.n_ctx}: tokens between windows would go unscored")
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise FgptError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_window_flags(args.n_ctx, args.stride)  # the rest once the model's n_ctx is known
+    check_at_least("--max-tokens", args.max_tokens, 2)
 
 
 def load_tokens(spec: str | None):
     """A text file -> its tokens as one stream (encode_ordinary: `<|endoftext|>` in the text
     is text). Anything else -> the validation split of what run.train --data would load."""
     if spec is not None and Path(spec).is_file() and not Path(spec).name.endswith(CORPUS_SUFFIXES):
-        try:
-            text = Path(spec).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise FgptError(f"--data {spec} is not UTF-8 text") from None
+        text = read_text(Path(spec))  # a lone token shard (.bin) is refused here, naming its directory
         return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.int64)
     from fgpt.data import load_corpus
     return load_corpus(spec).val

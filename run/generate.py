@@ -20,14 +20,13 @@ from fgpt.checkpoint import latest_checkpoint, load_checkpoint
 from fgpt.errors import FgptError
 from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
 from fgpt.tokenizer import EOT, gpt2_encoding
-from run._cli import main_guard
+from fgpt.tree import FLOAT_DTYPES
+from run._cli import ArgumentParser, main_guard
 
-# int8: weight-only (fgpt/int8.py), loaded in fp32 then quantized; activations stay fp32
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m run.generate", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a .safetensors file, a directory (HF layout or a training "
                     "output) or a hub name like gpt2; default: the newest checkpoint under out/")
     ap.add_argument("--prompt", required=True)
@@ -39,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     ap.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--dtype", choices=[*FLOAT_DTYPES, "int8"], default="float32")
     ap.add_argument("--allow-past-ctx", action="store_true",
                     help="rotary models: generate past n_ctx (an extrapolation experiment)")
     ap.add_argument("--window-kernel", choices=WINDOW_KERNELS, default="band",
@@ -64,7 +63,8 @@ def sample_and_print(args: argparse.Namespace) -> None:
         raise FgptError("empty prompt: give at least one token")
     path = args.checkpoint or latest_checkpoint()
     t0 = time.perf_counter()
-    config, params = load_checkpoint(path, dtype=DTYPES[args.dtype])
+    # int8: weight-only (fgpt/int8.py), loaded in fp32 then quantized; activations stay fp32
+    config, params = load_checkpoint(path, dtype=FLOAT_DTYPES.get(args.dtype, torch.float32))
     if config.vocab_size < enc.n_vocab:
         raise FgptError(f"{path}: vocabulary of {config.vocab_size} is smaller than GPT-2's {enc.n_vocab}")
     check_length(config, len(prompt), args.max_new_tokens, args.allow_past_ctx)

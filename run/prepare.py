@@ -14,14 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from fgpt.errors import FgptError
+from fgpt.errors import check_at_least
 from fgpt.prepare import SHARD_TOKENS, VAL_FRACTION, default_workers, prepare
 from fgpt.sources import list_files
-from run._cli import main_guard
+from run._cli import ArgumentParser, main_guard
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m run.prepare", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.prepare", description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="text / JSONL / Parquet file, directory or glob")
     ap.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
     ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (text)")
@@ -38,9 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    for flag, value in (("--shard-tokens", args.shard_tokens), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            raise FgptError(f"{flag} must be at least 1, got {value}")
+    check_at_least("--shard-tokens", args.shard_tokens, 1)
+    check_at_least("--workers", args.workers, 1)
     start = time.perf_counter()
     files = list_files(args.data)
     val_files = list_files(args.val) if args.val else None

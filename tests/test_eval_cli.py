@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fgpt.tokenizer import gpt2_encoding
@@ -92,6 +93,23 @@ def test_a_corpus_is_scored_on_its_validation_split(gpt2_vocab_model, tmp_path, 
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / text_bytes, rel=1e-4)
 
 
+def test_a_single_file_is_a_corpus_only_in_a_record_format(tmp_path, monkeypatch):
+    from fgpt.data import VAL_FRACTION, is_val
+    monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
+    docs = [f"Document {i}. " + TEXT[:40 + 7 * i] for i in range(30)]
+    records = tmp_path / "docs.jsonl"
+    records.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    # a .jsonl file: its validation documents (named docs#<line>), joined by <|endoftext|>
+    enc = gpt2_encoding()
+    val = [d for i, d in enumerate(docs) if is_val(f"docs#{i}", VAL_FRACTION)]
+    assert val
+    expected = sum(([enc.eot_token] * bool(i) + enc.encode_ordinary(d) for i, d in enumerate(val)), [])
+    assert np.asarray(eval_cli.load_tokens(str(records))).tolist() == expected
+    as_text = tmp_path / "docs.json"  # not a record format: one text, scored whole
+    as_text.write_text(records.read_text())
+    assert np.asarray(eval_cli.load_tokens(str(as_text))).tolist() == enc.encode_ordinary(records.read_text())
+
+
 def test_multiple_choice_from_the_command_line(gpt2_vocab_model, tmp_path, capsys):
     model, ckpt = gpt2_vocab_model
     rows = [{"ctx": "A man is sitting on a roof. He", "endings": ["is using wrap to wrap a pair of skis.",
@@ -115,9 +133,9 @@ def test_multiple_choice_from_the_command_line(gpt2_vocab_model, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--stride", "0"], "--stride must be at least 1"),
-    (["--stride", "-4"], "--stride must be at least 1"),
-    (["--n-ctx", "16", "--stride", "17"], "--stride 17 exceeds --n-ctx 16"),
+    (["--stride", "0"], "--stride must be between 1 and --n-ctx, got 0"),
+    (["--stride", "-4"], "--stride must be between 1 and --n-ctx, got -4"),
+    (["--n-ctx", "16", "--stride", "17"], r"--stride must be between 1 and --n-ctx \(16\), got 17"),
     (["--stride", "33"], r"--stride must be between 1 and --n-ctx \(32\)"),  # the model's n_ctx
     (["--n-ctx", "1"], "--n-ctx must be at least 2"),
     (["--n-ctx", "64"], "exceeds the model's n_ctx=32"),
@@ -133,17 +151,18 @@ def test_bad_flags_are_one_line_errors(args, message, gpt2_vocab_model, text_fil
     assert_one_line_error(code, err, message)
 
 
-@pytest.mark.parametrize("content, task, message", [
-    (b"", "ppl", "the text has 0 token"),
-    (b"a", "ppl", "the text has 1 token"),
-    (b"\xff\xfe not utf-8", "ppl", "is not UTF-8 text"),
-    (b"", "mc", "holds no questions"),
-    (b'{"ctx": "c", "endings": ["a", "b"], "label": 5}\n', "mc", "label 5 is out of range"),
-    (b'{"ctx": "c", "label": 0}\n', "mc", "missing field endings"),
+@pytest.mark.parametrize("content, task, name, message", [
+    (b"", "ppl", "data.txt", "the text has 0 token"),
+    (b"a", "ppl", "data.txt", "the text has 1 token"),
+    (b"\xff\xfe not utf-8", "ppl", "data.txt", "is not UTF-8 text"),
+    (np.arange(300, dtype=np.uint16).tobytes(), "ppl", "train_000000.bin", "give the directory that holds them"),
+    (b"", "mc", "data.jsonl", "holds no questions"),
+    (b'{"ctx": "c", "endings": ["a", "b"], "label": 5}\n', "mc", "data.jsonl", "label 5 is out of range"),
+    (b'{"ctx": "c", "label": 0}\n', "mc", "data.jsonl", "missing field endings"),
 ])
-def test_bad_data_is_a_one_line_error(content, task, message, gpt2_vocab_model, tmp_path, capsys):
+def test_bad_data_is_a_one_line_error(content, task, name, message, gpt2_vocab_model, tmp_path, capsys):
     _, ckpt = gpt2_vocab_model
-    path = tmp_path / ("data.jsonl" if task == "mc" else "data.txt")
+    path = tmp_path / name
     path.write_bytes(content)
     code, _, err = run_inprocess(["--checkpoint", str(ckpt), "--task", task, "--data", str(path)], capsys)
     assert_one_line_error(code, err, message)

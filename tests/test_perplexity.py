@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint
 from fgpt.perplexity import batches, plan_windows, scored_bytes, strided_nll
+from fgpt.tokenizer import EOT, gpt2_encoding, token_byte_lengths
 from hf_reference import hf_model
 from run.bench_eval import hf_guide_nll  # transformers' loss over the guide's loop
 
@@ -72,14 +73,22 @@ def test_every_token_but_the_first_is_scored_once(n_tokens, n_ctx, data):
     assert all(len({w.length for w in g}) == 1 for g in groups)
 
 
-def test_scored_bytes_leave_out_unscored_tokens():
-    byte_lengths = np.array([1, 2, 3, 0])  # id 3 stands for no text, as <|endoftext|> does
-    tokens = np.array([2, 1, 3, 0, 1, 2, 2])
-    overlapping = plan_windows(len(tokens), 4, 2)
-    assert scored_bytes(tokens, overlapping, byte_lengths) == 2 + 0 + 1 + 2 + 3 + 3
-    tiled = plan_windows(len(tokens), 3, 3)  # tokens 0, 3, 6 start windows and go unscored
-    assert scored_bytes(tokens, tiled, byte_lengths) == 2 + 0 + 2 + 3
-    assert scored_bytes(np.array([0, 9]), plan_windows(2, 2, 1), byte_lengths) is None  # unknown id
+def test_scored_bytes_are_the_texts_bytes_less_those_of_unscored_tokens():
+    """Against the text itself: its UTF-8 bytes (a separator <|endoftext|> is no text), less
+    the bytes tiktoken decodes the unscored tokens to (only the first with overlapping
+    windows; with stride = n_ctx every window's first)."""
+    enc = gpt2_encoding()
+    docs = ["caf\u00e9 \u4e2d\u6587, an emoji \U0001f415 and na\u00efve text", "a second, plain document", "x"]
+    tokens = np.array(sum(([EOT] * bool(i) + enc.encode_ordinary(d) for i, d in enumerate(docs)), []))
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    lengths = token_byte_lengths()
+
+    def unscored_bytes(positions):
+        return len(b"".join(enc.decode_single_token_bytes(int(tokens[i])) for i in positions if tokens[i] != EOT))
+    assert scored_bytes(tokens, plan_windows(len(tokens), 8, 3), lengths) == text_bytes - unscored_bytes([0])
+    tiled = range(0, len(tokens), 5)
+    assert scored_bytes(tokens, plan_windows(len(tokens), 5, 5), lengths) == text_bytes - unscored_bytes(tiled)
+    assert scored_bytes(np.array([0, enc.n_vocab]), plan_windows(2, 2, 1), lengths) is None  # not a GPT-2 id
 
 
 @pytest.mark.parametrize("n_ctx, stride, n_tokens, message", [

@@ -4,6 +4,7 @@ the run config, trains exactly as that precision given explicitly, and a resume 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fgpt import GPTConfig, precision
 from fgpt.errors import FgptError
@@ -51,10 +52,35 @@ def test_a_resume_under_auto_keeps_the_runs_own_precision(run, tmp_path, monkeyp
     assert saved_run(out)[0].precision == "bf16" and resumed.step == 3
 
 
-def test_measured_speedup_is_a_ratio_of_two_positive_rates():
+# Synthetic matmul times (x a base time), warm-up first: each dtype's best round is neither
+# its first nor (for fp32) its last, as on a machine whose load comes and goes.
+R = precision._ROUNDS
+FP32_FACTORS = [10.0, 1.5, 1.0] + [1.5] * (R - 2)
+BF16_FACTORS = [10.0] + [1.2] * (R - 1) + [1.0]
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, rounds", [(2.0, 1.0, R), (1.0, 1.5, R), (1.0, 1.1, R),
+                                                     (1.0, 4.0, 1)])  # bf16 > 3x slower: one round only
+def test_measured_speedup_is_the_ratio_of_the_best_times(fp32_s, bf16_s, rounds, monkeypatch):
+    calls = {torch.float32: 0, torch.bfloat16: 0}
+
+    def timer(device, dtype, n):
+        def seconds():
+            calls[dtype] += 1
+            if dtype == torch.float32:
+                return fp32_s * FP32_FACTORS[calls[dtype] - 1]
+            return bf16_s * BF16_FACTORS[calls[dtype] - 1]
+        return seconds
+    monkeypatch.setattr(precision, "_matmul_seconds", timer)
     precision.measured_speedup.cache_clear()
-    assert precision.measured_speedup("cpu") > 0
-    assert precision.choose("cpu") in ("fp32", "bf16")
+    try:
+        speedup, chosen = precision.measured_speedup("cpu"), precision.choose("cpu")
+    finally:
+        precision.measured_speedup.cache_clear()  # later callers measure for real
+    expected = fp32_s * min(FP32_FACTORS[1:rounds + 1]) / (bf16_s * min(BF16_FACTORS[1:rounds + 1]))
+    assert speedup == pytest.approx(expected)
+    assert calls == {torch.float32: 1 + rounds, torch.bfloat16: 1 + rounds}
+    assert chosen == ("bf16" if expected >= precision.FASTER else "fp32")
 
 
 def test_unknown_precision_is_refused():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fgpt import prepare as pipeline, shards, sources
+from fgpt import data, prepare as pipeline, shards, sources
 from fgpt.errors import FgptError
 from fgpt.prepare import is_val, prepare
 from fgpt.shards import open_shards
@@ -155,6 +155,24 @@ def test_hidden_files_and_directories_are_not_documents(tmp_path):
     np.testing.assert_array_equal(train, reference(DOCS[:4]))
 
 
+def test_a_glob_names_documents_as_its_directory_does_however_it_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "owt" / "part").mkdir(parents=True)
+    write_jsonl(tmp_path / "owt" / "a.jsonl", DOCS[:20])
+    write_jsonl(tmp_path / "owt" / "part" / "b.jsonl", DOCS[20:])
+    monkeypatch.chdir(tmp_path)
+    # the reference: the directory source, whose names are paths relative to it
+    by_dir = list_files("owt")
+    base_train, base_val, _ = prepared("owt", tmp_path / "out-dir", val_fraction=0.3)
+    assert len(base_val) and len(base_train)
+    for i, spec in enumerate(["owt/**/*.jsonl", "./owt/**/*.jsonl", f"{tmp_path}/owt/**/*.jsonl"]):
+        files = list_files(spec)
+        assert [f.name for f in files] == [f.name for f in by_dir] == ["a.jsonl", "part/b.jsonl"], spec
+        assert data.cache_key(files) == data.cache_key(by_dir), spec
+        train, val, _ = prepared(spec, tmp_path / f"out-{i}", val_fraction=0.3)
+        np.testing.assert_array_equal(train, base_train)
+        np.testing.assert_array_equal(val, base_val)
+
+
 def test_val_from_another_source(tmp_path):
     src = write_text_files(tmp_path / "train", DOCS[:5])
     held_out = write_text_files(tmp_path / "held", DOCS[5:8])
@@ -252,8 +270,12 @@ def test_force_replaces_the_output_only_once_the_new_one_is_complete(tmp_path):
     assert (out / "manifest.json").read_text() == before
     stale = tmp_path / ".out.killed.tmp"  # what a killed run leaves: a hidden temporary
     stale.mkdir()
-    prepare(list_files(str(write_jsonl(tmp_path / "other.jsonl", DOCS[:3]))), out, force=True, progress=False)
-    assert json.loads((out / "manifest.json").read_text())["documents"] == 3
+    (stale / "train_000000.bin").write_bytes(b"\xff" * 10)
+    prepare(list_files(str(write_jsonl(tmp_path / "other.jsonl", DOCS[:3]))), out, force=True,
+            val_fraction=0.0, progress=False)
+    np.testing.assert_array_equal(open_shards(out)[0], reference(DOCS[:3]))
+    # the new run neither used the stale temporary nor removed it (it may be a live run's)
+    assert (stale / "train_000000.bin").read_bytes() == b"\xff" * 10
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):

@@ -1,0 +1,19 @@
+"""The entry points' shared plumbing (run/_cli.py): a usage error is one `error:` line and
+exit code 2, like every other bad input, in each tool that parses flags."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("tool", ["eval", "prepare", "plot", "convert", "generate"])
+def test_a_usage_error_is_one_line_with_exit_code_2(tool, capsys):
+    module = importlib.import_module(f"run.{tool}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--no-such-flag"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert f"(see python -m run.{tool} --help)" in lines[0], lines
