@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy
 from fgpt.parallel.optimizer_state import SavedOptimizer
 from fgpt.run_config import TrainConfig, resumed
+from fgpt.shards import file_sha256
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -133,7 +133,7 @@ def save_train_checkpoint(out_dir: Path, strategy: Strategy, run: TrainConfig, m
                             "strategy": strategy.name, "world_size": strategy.world_size,
                             "checkpoint": step_dir.relative_to(out_dir).as_posix(),
                             "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
-                            "model_sha256": _file_digest(step_dir / MODEL_FILE)},
+                            "model_sha256": file_sha256(step_dir / MODEL_FILE)},
                            out_dir / STATE_FILE)
         for name in (MODEL_FILE, CONFIG_FILE):
             _replace_with_link(step_dir / name, out_dir / name)
@@ -159,7 +159,7 @@ def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[GPTConfig,
     state = _committed(out_dir)
     step_dir = _step_dir(out_dir, state)
     torn = FgptError(f"--resume: the checkpoint in {step_dir} is damaged (changed after it was saved)")
-    if _file_digest(step_dir / MODEL_FILE) != state["model_sha256"]:
+    if file_sha256(step_dir / MODEL_FILE) != state["model_sha256"]:
         raise torn
 
     @functools.cache
@@ -190,14 +190,6 @@ def _rank_file(step_dir: Path, rank: int) -> Path:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _replace_with_link(source: Path, target: Path) -> None:

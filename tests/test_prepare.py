@@ -4,6 +4,7 @@ output appears only when complete, and bad input is one line naming the file."""
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -268,14 +269,19 @@ def test_force_replaces_the_output_only_once_the_new_one_is_complete(tmp_path):
     with pytest.raises(FgptError, match="line 2"):
         prepare(list_files(str(bad)), out, force=True, progress=False)
     assert (out / "manifest.json").read_text() == before
-    stale = tmp_path / ".out.killed.tmp"  # what a killed run leaves: a hidden temporary
-    stale.mkdir()
-    (stale / "train_000000.bin").write_bytes(b"\xff" * 10)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".out.{dead}.x.tmp"  # what a killed run leaves: a hidden temporary with its pid
+    live = tmp_path / f".out.{os.getpid()}.y.tmp"  # a run still at work
+    for tmp in (stale, live):
+        tmp.mkdir()
+        (tmp / "train_000000.bin").write_bytes(b"\xff" * 10)
     prepare(list_files(str(write_jsonl(tmp_path / "other.jsonl", DOCS[:3]))), out, force=True,
             val_fraction=0.0, progress=False)
     np.testing.assert_array_equal(open_shards(out)[0], reference(DOCS[:3]))
-    # the new run neither used the stale temporary nor removed it (it may be a live run's)
-    assert (stale / "train_000000.bin").read_bytes() == b"\xff" * 10
+    # the new run used neither temporary; it removed the dead run's and left the live one's
+    assert not stale.exists()
+    assert (live / "train_000000.bin").read_bytes() == b"\xff" * 10
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
