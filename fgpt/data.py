@@ -81,11 +81,9 @@ def build_cache(data: str | None, *, progress: bool = True, workers: int | None 
         try:
             prepare(files, directory, lenient=data is None, progress=progress, workers=workers,
                     description=BUILTIN if data is None else str(data), force=directory.exists())
-        except OSError as e:
+        except OSError:
             if not (directory / MANIFEST).is_file():  # else: lost a race to another writer
-                in_cache = str(e.filename or directory).startswith(str(directory.parent))
-                hint = " (FGPT_CACHE names another directory for the token cache)" if in_cache else ""
-                raise FgptError(f"{e.filename or directory}: {e.strerror or e}{hint}") from None
+                raise  # the entry points' main_guard makes it one line
     return directory
 
 

@@ -110,8 +110,9 @@ def _cached_attention(q, keys, values, mask) -> torch.Tensor:
     - one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA is several times slower for
       it in bf16 (measured once; no `just bench` row isolates it)."""
     B, H, T, hd = q.shape
-    if T == 1 and keys.shape[1] != H:  # the mask ([B, 1, 1, S] or None) is the same for every query
-        return _cached_attention(q.view(B, keys.shape[1], H // keys.shape[1], hd), keys, values, mask).view(q.shape)
-    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    Hkv = keys.shape[1]
+    if T == 1 and Hkv != H:  # the mask ([B, 1, 1, S] or None) is the same for every query
+        return _cached_attention(q.view(B, Hkv, H // Hkv, hd), keys, values, mask).view(q.shape)
+    if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return masked_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return masked_attention(q, keys, values, mask)
