@@ -12,6 +12,8 @@ Only strides change: shapes and values stay, so `forward` runs on the result unc
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fgpt.measure import best_time
@@ -34,13 +36,17 @@ def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
     one thread no product waits at a barrier for a thread that other work descheduled."""
     key = (str(device), dtype, tuple(shape))
     if key not in _chosen:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _chosen[key] = _measure(tuple(shape), dtype, torch.device(device), repeats)
-        finally:
-            torch.set_num_threads(threads)
+        _chosen[key] = on_one_thread(lambda: _measure(tuple(shape), dtype, torch.device(device), repeats))
     return _chosen[key]
+
+
+def on_one_thread(fn: Callable[[], str]) -> str:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measured() -> dict[tuple, str]:
@@ -48,23 +54,33 @@ def measured() -> dict[tuple, str]:
     return dict(_chosen)
 
 
-def _measure(shape, dtype, device, repeats) -> str:
-    """The layout whose fastest single product is faster. Each product reads another copy,
-    as a decode step reads another weight, and the minimum over all of them is what a
-    product costs undisturbed: on cores shared with other work some calls wait for a
-    descheduled thread, and a whole pass rarely escapes that."""
-    K, N = shape
-    nbytes = K * N * torch.empty((), dtype=dtype).element_size()
-    copies = max(1, min(_MAX_COPIES, _MEASURE_BYTES // nbytes))
-    x = torch.full((1, K), 0.5, dtype=dtype, device=device)
-    candidates = {layout: [_stored(torch.full(shape, 0.01, dtype=dtype, device=device), layout)
-                           for _ in range(copies)] for layout in (IN_OUT, OUT_IN)}
+def copies_past_the_caches(nbytes: int) -> int:
+    """How many copies of an nbytes matrix to measure on: together they outgrow a 32 MiB L3."""
+    return max(1, min(_MAX_COPIES, _MEASURE_BYTES // nbytes))
+
+
+def fastest(candidates: dict[str, list[Callable[[], object]]], repeats: int = 4,
+            device: torch.device | str = "cpu") -> str:
+    """The candidate whose fastest single call is fastest. Each call of a candidate reads
+    another copy, as a decode step reads another weight, and the minimum over all of them
+    is what a product costs undisturbed: on cores shared with other work some calls wait
+    for a descheduled thread, and a whole pass rarely escapes that. Round-robin, so that
+    drifting load hits every candidate alike; the first round warms up."""
     best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(repeats + 1):  # round-robin, so drifting load hits both alike; the first warms up
-        for layout, weights in candidates.items():
-            for w in weights:
-                best[layout] = min(best[layout], best_time(lambda: x @ w, 1, warmup=0, device=device))
+    for _ in range(repeats + 1):
+        for name, calls in candidates.items():
+            for call in calls:
+                best[name] = min(best[name], best_time(call, 1, warmup=0, device=device))
     return min(best, key=best.get)
+
+
+def _measure(shape, dtype, device, repeats) -> str:
+    K, N = shape
+    copies = copies_past_the_caches(K * N * torch.empty((), dtype=dtype).element_size())
+    x = torch.full((1, K), 0.5, dtype=dtype, device=device)
+    candidates = {layout: [lambda w=_stored(torch.full(shape, 0.01, dtype=dtype, device=device), layout): x @ w
+                           for _ in range(copies)] for layout in (IN_OUT, OUT_IN)}
+    return fastest(candidates, repeats, device)
 
 
 def decode_layout(params: dict) -> dict:

@@ -10,24 +10,43 @@ Activations, biases, layer norms and scales stay in the float dtype of the tree 
 `quantize` (fp32 unless cast first), so only the bytes a decode step must read shrink:
 a step reads every weight once, and int8 reads a quarter of fp32's bytes.
 
-The matrix products run in torch's `_weight_int8pack_mm`, which converts int8 to float
-inside the kernel. On x86 it is vectorised for bf16 inputs only (fp32 inputs take a
-scalar loop), so inputs are cast to bf16 for the kernel and its output back; `just bench
-generate --kernels` compares the two, and `just bench generate` the whole decode against
-fp32 and transformers.
+On x86 CPUs the products run in fbgemm's int8 x int8 kernel (the one behind torch's
+quantized linear), fed the activations exactly: each row x becomes the integer
+v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written as three base-128 digits;
+all digits of all rows go through the kernel as one matrix, so the weights are read once,
+and the three products are summed with their places' weights (128**2, 128, 1). The
+kernel's integer sums are exact (digits below 128 keep its pairwise int16 sums from
+saturating: tested), so the activations' only rounding is v's: under 0.6 of a step
+max|x| / SPAN per element (v is rounded from fp32 sums), 6e-7 of the row's largest, where
+bf16 rounds each element to 2**-9 of itself.
+What is stored is int8; what is multiplied is those weights by near-fp32 activations.
+Elsewhere: torch's `_weight_int8pack_mm` on other CPUs (bf16 inputs: the only ones it
+vectorises), the dequantised product on GPUs and for float64. `just bench generate
+--kernels` times the kernels, `just bench generate` the whole decode with each.
 """
 
 from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from fgpt import tree
+from fgpt.decode_layout import copies_past_the_caches, fastest, on_one_thread
 from fgpt.errors import FgptError
 
-KERNEL_DTYPE = torch.bfloat16  # the input dtype torch's x86 int8 kernel vectorises
-_KERNEL_K_MULTIPLE = 16  # its inner loop steps over K in 8 (AVX2) or 16 (AVX-512) lanes, no tail
-QMAX = 127  # symmetric: -127..127, so the grid is the same on both sides of 0
+QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0
+# activations for fbgemm: three base-128 digits of a fixed-point integer (module docstring)
+_SHIFTS = torch.tensor([[14], [7], [0]], dtype=torch.int32)  # the digits' places: 128**2, 128, 1
+_PLACES = (2.0 ** _SHIFTS).view(3)
+_ZERO = 64  # digits in [0, 127] are stored less 64 (the kernel's input zero point), so the
+_OFFSET = _ZERO * (128 ** 2 + 128 + 1)  # places sum to v: the kernel multiplies by digit - 64
+_SPAN = 128 ** 3 - 1 - _OFFSET  # |v| <= _SPAN keeps v + _OFFSET a 21-bit integer: 1,040,319
+KERNEL_DTYPE = torch.bfloat16  # the input dtype torch's `_weight_int8pack_mm` vectorises on x86
+_KERNEL_K_MULTIPLE = 16  # that kernel's inner loop steps over K in 8 or 16 lanes, no tail
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,23 +85,137 @@ def is_quantized(params: dict) -> bool:
     return any(path.endswith(".scale") for path in tree.flatten(params))
 
 
-def _kernel_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and q.shape[1] % _KERNEL_K_MULTIPLE == 0
+# --- the products -------------------------------------------------------------------------
+
+KERNELS = ("fbgemm", "int8pack", "dequantised")
+_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+    torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")  # x86 with AVX2 or better
+_forced: str | None = None
 
 
-def matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (q [N, K] * scale[:, None]).T -> [M, N] in x's dtype."""
-    if _kernel_fits(x, q):
-        # a fresh bf16 copy: the kernel's aligned vector loads need an aligned start
-        xk = x.to(KERNEL_DTYPE, copy=True, memory_format=torch.contiguous_format)
-        return torch._weight_int8pack_mm(xk, q, scale.to(KERNEL_DTYPE)).to(x.dtype)
-    return x @ (q.to(x.dtype) * scale.to(x.dtype)[:, None]).T  # dequantised: any device, any K
+@contextmanager
+def forced_kernel(name: str):
+    """Run every int8 product in `name` (one of KERNELS) inside the block: for tests and
+    benchmarks of a path this machine would not pick."""
+    global _forced
+    if name not in KERNELS:
+        raise FgptError(f"unknown int8 kernel {name!r}: choose from {', '.join(KERNELS)}")
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def kernel_for(x: torch.Tensor, q: torch.Tensor) -> str:
+    """On x86 CPUs fbgemm's kernel or torch's `_weight_int8pack_mm`, whichever is measured
+    faster for the shape (where K fits the latter's loop); on other CPUs torch's; else the
+    dequantised product (GPUs, float64)."""
+    if _forced is not None:
+        return _forced
+    if x.device.type != "cpu" or x.dtype == torch.float64:
+        return "dequantised"
+    int8pack_fits = q.shape[1] % _KERNEL_K_MULTIPLE == 0
+    if _FBGEMM and int8pack_fits:
+        return fastest_kernel(*q.shape)
+    if _FBGEMM:
+        return "fbgemm"
+    return "int8pack" if int8pack_fits else "dequantised"
+
+
+_chosen: dict[tuple[int, int], str] = {}  # (out, in) -> the faster of fbgemm and int8pack here
+
+
+def fastest_kernel(n_out: int, n_in: int) -> str:
+    """fbgemm's or `_weight_int8pack_mm`, whichever runs x [1, in] @ W.T faster on this
+    machine, measured once per shape per process as decode_layout measures float layouts
+    (one thread; copies that outgrow the caches). The digits cost a few small ops per
+    product, so small matrices can favour torch's kernel and large ones fbgemm's."""
+    if (n_out, n_in) not in _chosen:
+        x = torch.full((1, n_in), 0.5)
+        weights = [(torch.ones(n_out, n_in, dtype=torch.int8), torch.full((n_out,), 0.01))
+                   for _ in range(copies_past_the_caches(n_out * n_in))]
+        candidates = {name: [lambda q=q, s=s, f=_MATMULS[name]: f(x, q, s, None) for q, s in weights]
+                      for name in ("fbgemm", "int8pack")}
+        _chosen[n_out, n_in] = on_one_thread(lambda: fastest(candidates))
+    return _chosen[n_out, n_in]
+
+
+def measured_kernels() -> dict[tuple[int, int], str]:
+    """What this process has measured so far: (out, in) -> kernel."""
+    return dict(_chosen)
+
+
+_packs: dict[int, tuple] = {}  # id(q) -> (weakref to q, weakref to scale, fbgemm's packed weight)
+
+
+def _packed(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's reordered copy of (q, scale), made on first use of a weight tensor and
+    dropped with it. The int8 weights are treated as immutable: nothing writes them in place."""
+    hit = _packs.get(id(q))
+    if hit is not None and hit[0]() is q and hit[1]() is scale:
+        return hit[2]
+    with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
+        warnings.simplefilter("ignore")
+        engine = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"  # "x86" may pack for oneDNN instead
+        try:
+            w = torch._make_per_channel_quantized_tensor(
+                q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+            packed = torch.ops.quantized.linear_prepack(w, None)  # no bias: it is added once, not per digit
+        finally:
+            torch.backends.quantized.engine = engine
+    _packs[id(q)] = (weakref.ref(q), weakref.ref(scale), packed)
+    weakref.finalize(q, _packs.pop, id(q), None)
+    return packed
+
+
+def digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e [M, 3, K] integers in [-64, 63], step [M, 1]) with
+    x = step * (128**2 e[:, 0] + 128 e[:, 1] + e[:, 2]) to within 0.6 step (fp32 rounding)."""
+    x = x.float()
+    step = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-30).div_(_SPAN)
+    # round(x / step) + OFFSET in [0, 2**21): truncation rounds, since the sum is positive
+    v = x.div(step).add_(_OFFSET + 0.5).to(torch.int32)
+    digit = torch.bitwise_right_shift(v[:, None], _SHIFTS).bitwise_and_(127)  # [M, 3, K]
+    return torch.sub(digit, _ZERO, out=torch.empty(digit.shape)), step
+
+
+def _fbgemm_matmul(x, q, scale, bias):
+    e, step = digits(x)
+    M, K = x.shape
+    # scale 1, zero point 64: the kernel's uint8 input is e + 64, the digit in [0, 127]
+    out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        e.view(M * 3, K), 1.0, _ZERO, _packed(q, scale)).view(M, 3, -1)
+    places = (step * _PLACES)[:, None]  # [M, 1, 3]: each row's step times each digit's place
+    y = torch.bmm(places, out) if bias is None else torch.baddbmm(bias.float(), places, out)
+    return y.view(M, -1).to(x.dtype)
+
+
+def _int8pack_matmul(x, q, scale, bias):
+    # a fresh bf16 copy: the kernel's aligned vector loads need an aligned start
+    xk = x.to(KERNEL_DTYPE, copy=True, memory_format=torch.contiguous_format)
+    y = torch._weight_int8pack_mm(xk, q, scale.to(KERNEL_DTYPE)).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def _dequantised_matmul(x, q, scale, bias):
+    y = x @ (q.to(x.dtype) * scale.to(x.dtype)[:, None]).T
+    return y if bias is None else y + bias
+
+
+_MATMULS = {"fbgemm": _fbgemm_matmul, "int8pack": _int8pack_matmul, "dequantised": _dequantised_matmul}
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (q [N, K] * scale[:, None]).T (+ bias) -> [M, N] in x's dtype."""
+    return _MATMULS[kernel_for(x, q)](x, q, scale, bias)
 
 
 def linear(p: dict, x: torch.Tensor) -> torch.Tensor:
     """A quantized `layers.linear`: [..., in] -> [..., out]."""
-    y = matmul(x.reshape(-1, x.shape[-1]), p["weight"], p["scale"]) + p["bias"]
-    return y.view(*x.shape[:-1], -1)
+    return matmul(x.reshape(-1, x.shape[-1]), p["weight"], p["scale"], p["bias"]).view(*x.shape[:-1], -1)
 
 
 def embedding(p: dict, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,16 @@
 """`just bench generate`: greedy decode tokens/s, fgpt vs transformers, in one run.
 
 GPT-2 124M shapes with random weights, batch 1, a short prompt, 128 new tokens. fgpt runs
-in fp32, bf16 and int8 (weight-only, fgpt/int8.py); transformers in fp32 (the reference)
-and bf16. In fp32 both must pick the same tokens, or the comparison is void. Each row also
-shows its bandwidth floor: a step reads every weight it multiplies by once, so it takes at
-least (those bytes) / (the measured copy bandwidth).
+in fp32, bf16 and int8 (weight-only, fgpt/int8.py: per shape the kernel it measures
+fastest, and again with torch's _weight_int8pack_mm for every product); transformers in
+fp32 (the reference) and bf16. In fp32 both must pick the same tokens, or the comparison
+is void. Each row also shows its bandwidth floor: a step reads every weight it multiplies
+by once, so it takes at least (those bytes) / (the measured copy bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
-
 import torch
 
 from fgpt import int8, tree
@@ -32,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best counts")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kernels", action="store_true", help="instead: the products of one decode step, "
-                    "kernel by kernel (fp32, bf16, int8, and fbgemm's int8 x int8 for comparison)")
+                    "kernel by kernel (fp32, bf16, fgpt's int8, torch's int8 kernel)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on cores "
                     "shared with other work, 1 thread spares every op a barrier wait")
     return ap.parse_args(argv)
@@ -58,6 +57,11 @@ def bytes_per_step(params: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tree.leaves({k: v for k, v in params.items() if k != "wpe"}))
 
 
+def _with_kernel(kernel: str, run):
+    with int8.forced_kernel(kernel):
+        return run()
+
+
 def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, repeats: int = 3,
             device: str = "cpu") -> dict:
     """Decode every engine round-robin, best of `repeats` each (a machine whose load drifts
@@ -76,6 +80,11 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
         if name in FLOAT_DTYPES:
             hf = hf_model(params, config, FLOAT_DTYPES[name], device)
             engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, new_tokens)
+    if device == "cpu":  # the same int8 weights through torch's own int8 kernel
+        fast, name = decode_layout(trees["int8"]), "int8, torch's _weight_int8pack_mm"
+        step_bytes[name] = step_bytes["int8"]
+        engines["fgpt", name] = lambda fast=fast: _with_kernel("int8pack", lambda: generate(
+            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0])
     tokens = {key: run() for key, run in engines.items()}  # warm-up
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
@@ -123,20 +132,12 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float
         kernels[f"{name}, measured layouts"] = ([lambda w=w, xs=xs: xs[w.shape[0]] @ w for w in stored],
                                                  sum(w.numel() * w.element_size() for w in stored))
     q = [int8.quantize_rows(w.T) for w in weights]  # [out, in] rows, per-output-channel scales
-    for name, dtype in (("bf16 inputs (fgpt's int8)", int8.KERNEL_DTYPE), ("fp32 inputs", torch.float32)):
-        kernels[f"int8 _weight_int8pack_mm, {name}"] = (
-            [lambda w=w, s=s.to(dtype), x=x[w.shape[1]].to(dtype): torch._weight_int8pack_mm(x, w, s) for w, s in q],
-            sum(w.numel() for w, _ in q))
-    try:  # int8 activations too (not weight-only): what an int8 x int8 kernel reaches here
-        with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
-            warnings.simplefilter("ignore")
-            packed = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
-                w, s.double(), torch.zeros(len(s), dtype=torch.long), 0), None) for w, s in q]
-        kernels["int8 x int8 (fbgemm dynamic, activations quantized too)"] = (
-            [lambda p=p, x=x[w.shape[1]]: torch.ops.quantized.linear_dynamic(x, p, True)
-             for p, (w, _) in zip(packed, q)], sum(w.numel() for w, _ in q))
-    except (RuntimeError, AttributeError):
-        pass
+    int8_bytes = sum(w.numel() for w, _ in q)
+    kernels["int8 fbgemm, activations as 3 base-127 digits (fgpt's int8)"] = (
+        [lambda w=w, s=s, x=x[w.shape[1]]: int8._fbgemm_matmul(x, w, s, None) for w, s in q], int8_bytes)
+    kernels["int8 _weight_int8pack_mm, bf16 inputs"] = (
+        [lambda w=w, s=s.to(int8.KERNEL_DTYPE), x=x[w.shape[1]].to(int8.KERNEL_DTYPE):
+         torch._weight_int8pack_mm(x, w, s) for w, s in q], int8_bytes)
     best = dict.fromkeys(kernels, float("inf"))
     for _ in range(repeats + 1):
         for name, (calls, _) in kernels.items():
@@ -174,4 +175,6 @@ def main(argv=None) -> None:
     layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
                         for (_, dtype, (k, m)), layout in measured().items())
     print(f"decode layouts measured for x @ W [in, out]: {layouts}")
+    kernels = ", ".join(f"{n_in}x{n_out} {kernel}" for (n_out, n_in), kernel in int8.measured_kernels().items())
+    print(f"int8 kernels measured for x @ W [in, out]: {kernels or 'none (no choice on this machine)'}")
     print("\n".join(table(result)))
