@@ -57,7 +57,10 @@ def bytes_per_step(params: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tree.leaves({k: v for k, v in params.items() if k != "wpe"}))
 
 
-def _with_kernel(kernel: str, run):
+def _with_kernel(kernel: str | None, run):
+    """run() with every int8 product in `kernel` (None: the one fgpt picks)."""
+    if kernel is None:
+        return run()
     with int8.forced_kernel(kernel):
         return run()
 
@@ -95,7 +98,8 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
         bandwidth = max(bandwidth, copy_bandwidth(device=device, repeats=2))
     return {"rate": {key: new_tokens / seconds for key, seconds in best.items()}, "step_bytes": step_bytes,
             "bandwidth": bandwidth,
-            "int8_same": sum(a == b for a, b in zip(tokens["fgpt", "int8"], tokens["fgpt", "float32"])),
+            "same_as_fp32": {name: sum(a == b for a, b in zip(tokens["fgpt", name], tokens["fgpt", "float32"]))
+                             for name in step_bytes if name.startswith("int8")},
             "n_tokens": len(tokens["fgpt", "int8"])}
 
 
@@ -133,11 +137,12 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float
                                                  sum(w.numel() * w.element_size() for w in stored))
     q = [int8.quantize_rows(w.T) for w in weights]  # [out, in] rows, per-output-channel scales
     int8_bytes = sum(w.numel() for w, _ in q)
-    kernels["int8 fbgemm, activations as 3 base-127 digits (fgpt's int8)"] = (
-        [lambda w=w, s=s, x=x[w.shape[1]]: int8._fbgemm_matmul(x, w, s, None) for w, s in q], int8_bytes)
-    kernels["int8 _weight_int8pack_mm, bf16 inputs"] = (
-        [lambda w=w, s=s.to(int8.KERNEL_DTYPE), x=x[w.shape[1]].to(int8.KERNEL_DTYPE):
-         torch._weight_int8pack_mm(x, w, s) for w, s in q], int8_bytes)
+    for name, kernel in (("fbgemm, activations as 3 exact digits", "fbgemm"),
+                         ("torch's _weight_int8pack_mm, bf16 inputs", "int8pack"), ("fgpt's pick per shape", None)):
+        if kernel == "fbgemm" and not int8._FBGEMM:
+            continue
+        kernels[f"int8 {name}"] = ([lambda w=w, s=s, x=x[w.shape[1]], kernel=kernel: _with_kernel(
+            kernel, lambda: int8.matmul(x, w, s)) for w, s in q], int8_bytes)
     best = dict.fromkeys(kernels, float("inf"))
     for _ in range(repeats + 1):
         for name, (calls, _) in kernels.items():
@@ -150,6 +155,8 @@ def print_kernels(model: str) -> None:
     rates = kernel_rates(model)
     bandwidth = copy_bandwidth()
     print(f"one decode step's products, {model} shapes (blocks then head), best of 5; {machine_line()}")
+    picks = ", ".join(f"{n_in}x{n_out} {kernel}" for (n_out, n_in), kernel in int8.measured_kernels().items())
+    print(f"int8 kernels fgpt picked for x @ W [in, out]: {picks or '-'}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matmul 1024^3: fp32 "
           f"{matmul_flops('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
           f"{matmul_flops('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
@@ -169,8 +176,8 @@ def main(argv=None) -> None:
     result = measure(args.model, args.new_tokens, args.prompt_len, args.repeats, args.device)
     print(f"greedy decode, {args.model} shapes, random weights, batch 1, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens (prefill included), {args.device}, best of {args.repeats}; fp32 "
-          f"tokens identical in fgpt and transformers; int8 picks fp32's token at {result['int8_same']} of "
-          f"{result['n_tokens']} positions")
+          f"tokens identical in fgpt and transformers; of {result['n_tokens']} positions fp32's token is picked by "
+          + ", ".join(f"{name} at {same}" for name, same in result["same_as_fp32"].items()))
     print(f"machine: {machine_line()}; copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s")
     layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
                         for (_, dtype, (k, m)), layout in measured().items())
