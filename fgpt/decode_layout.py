@@ -7,7 +7,8 @@ the machine: MKL's fp32 product and torch's bf16 one disagree, and an AVX-512 CP
 AVX2 one. So the choice is measured, once per (device, dtype, shape) per process,
 on enough copies of a matrix of that shape that they outgrow the caches as the model does.
 Only strides change: shapes and values stay, so `forward` runs on the result unchanged.
-`just bench generate` shows the decode rates the chosen layouts reach.
+`just bench generate` shows the decode rates the chosen layouts reach. fgpt/int8.py picks
+its kernel per shape with the same measurement (`fastest`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
 
 
 def on_one_thread(fn: Callable[[], str]) -> str:
+    """fn() with torch on one thread (the reason is fastest_layout's), then as before."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

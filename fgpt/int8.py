@@ -151,7 +151,8 @@ _packs: dict[int, tuple] = {}  # id(q) -> (weakref to q, weakref to scale, fbgem
 
 def _packed(q: torch.Tensor, scale: torch.Tensor):
     """fbgemm's reordered copy of (q, scale), made on first use of a weight tensor and
-    dropped with it. The int8 weights are treated as immutable: nothing writes them in place."""
+    dropped with it (while both live, the int8 weights take twice their bytes). The int8
+    weights are treated as immutable: nothing writes them in place."""
     hit = _packs.get(id(q))
     if hit is not None and hit[0]() is q and hit[1]() is scale:
         return hit[2]
@@ -178,7 +179,7 @@ def digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # round(x / step) + OFFSET in [0, 2**21): truncation rounds, since the sum is positive
     v = x.div(step).add_(_OFFSET + 0.5).to(torch.int32)
     digit = torch.bitwise_right_shift(v[:, None], _SHIFTS).bitwise_and_(127)  # [M, 3, K]
-    return torch.sub(digit, _ZERO, out=torch.empty(digit.shape)), step
+    return torch.sub(digit, _ZERO, out=torch.empty(digit.shape, dtype=torch.float32)), step
 
 
 def _fbgemm_matmul(x, q, scale, bias):
