@@ -88,7 +88,7 @@ def is_quantized(params: dict) -> bool:
 # --- the products -------------------------------------------------------------------------
 
 KERNELS = ("fbgemm", "int8pack", "dequantised")
-_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+FBGEMM_AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
     torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")  # x86 with AVX2 or better
 _forced: str | None = None
 
@@ -116,9 +116,9 @@ def kernel_for(x: torch.Tensor, q: torch.Tensor) -> str:
     if x.device.type != "cpu" or x.dtype == torch.float64:
         return "dequantised"
     int8pack_fits = q.shape[1] % _KERNEL_K_MULTIPLE == 0
-    if _FBGEMM and int8pack_fits:
+    if FBGEMM_AVAILABLE and int8pack_fits:
         return fastest_kernel(*q.shape)
-    if _FBGEMM:
+    if FBGEMM_AVAILABLE:
         return "fbgemm"
     return "int8pack" if int8pack_fits else "dequantised"
 

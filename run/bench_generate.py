@@ -11,6 +11,7 @@ by once, so it takes at least (those bytes) / (the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 from fgpt import int8, tree
@@ -55,6 +56,11 @@ def bytes_per_step(params: dict) -> int:
     """What one decode step must read: every block weight and the head (wte), all of it; of
     the position table only one row, so it is left out, as are the KV cache's few KB."""
     return sum(t.numel() * t.element_size() for t in tree.leaves({k: v for k, v in params.items() if k != "wpe"}))
+
+
+def int8_picks() -> str:
+    picks = int8.measured_kernels().items()
+    return ", ".join(f"{n_in}x{n_out} {kernel}" for (n_out, n_in), kernel in picks) or "none (no choice here)"
 
 
 def _with_kernel(kernel: str | None, run):
@@ -139,7 +145,7 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float
     int8_bytes = sum(w.numel() for w, _ in q)
     for name, kernel in (("fbgemm, activations as 3 exact digits", "fbgemm"),
                          ("torch's _weight_int8pack_mm, bf16 inputs", "int8pack"), ("fgpt's pick per shape", None)):
-        if kernel == "fbgemm" and not int8._FBGEMM:
+        if kernel == "fbgemm" and not int8.FBGEMM_AVAILABLE:
             continue
         kernels[f"int8 {name}"] = ([lambda w=w, s=s, x=x[w.shape[1]], kernel=kernel: _with_kernel(
             kernel, lambda: int8.matmul(x, w, s)) for w, s in q], int8_bytes)
@@ -155,8 +161,7 @@ def print_kernels(model: str) -> None:
     rates = kernel_rates(model)
     bandwidth = copy_bandwidth()
     print(f"one decode step's products, {model} shapes (blocks then head), best of 5; {machine_line()}")
-    picks = ", ".join(f"{n_in}x{n_out} {kernel}" for (n_out, n_in), kernel in int8.measured_kernels().items())
-    print(f"int8 kernels fgpt picked for x @ W [in, out]: {picks or '-'}")
+    print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks()}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matmul 1024^3: fp32 "
           f"{matmul_flops('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
           f"{matmul_flops('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
@@ -182,6 +187,5 @@ def main(argv=None) -> None:
     layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
                         for (_, dtype, (k, m)), layout in measured().items())
     print(f"decode layouts measured for x @ W [in, out]: {layouts}")
-    kernels = ", ".join(f"{n_in}x{n_out} {kernel}" for (n_out, n_in), kernel in int8.measured_kernels().items())
-    print(f"int8 kernels measured for x @ W [in, out]: {kernels or 'none (no choice on this machine)'}")
+    print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks()}")
     print("\n".join(table(result)))

@@ -4,6 +4,7 @@ held-out loss of a trained model against fp32's, decoding against int8's own ful
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_an_all_zero_row_stays_zero():
     assert torch.equal(q, torch.zeros(2, 16, dtype=torch.int8)) and torch.all(torch.isfinite(scale))
 
 
-CPU_KERNELS = [k for k in int8.KERNELS if k != "fbgemm" or int8._FBGEMM]
+CPU_KERNELS = [k for k in int8.KERNELS if k != "fbgemm" or int8.FBGEMM_AVAILABLE]
 # how far each kernel may be from the exact product with the int8 weights, relative to its
 # largest entry: fbgemm's digits keep activations to 5e-7, bf16 inputs round to 2**-9
 TOLERANCE = {"fbgemm": 2e-5, "int8pack": 2e-2, "dequantised": 2e-5}
@@ -82,7 +83,7 @@ def test_digits_write_each_row_in_base_128_to_within_a_step(rows, cols, seed, sp
     assert torch.all(step.double() <= largest / 1_000_000 + 1e-30)  # 20 bits of each row's range
 
 
-@pytest.mark.skipif(not int8._FBGEMM, reason="fbgemm is x86-only")
+@pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="fbgemm is x86-only")
 def test_fbgemm_sums_the_extreme_digits_exactly():
     """The digits' claim of exactness: with every input at -64 or 63 and weights at +-127,
     fbgemm's int16 pair sums would saturate if the digits were a bit wider."""
@@ -99,7 +100,7 @@ def test_fbgemm_sums_the_extreme_digits_exactly():
     assert torch.equal(out.double(), e.double() @ q.double().T)
 
 
-@pytest.mark.skipif(not int8._FBGEMM, reason="fbgemm is x86-only")
+@pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="fbgemm is x86-only")
 def test_fbgemm_packs_follow_their_tensors():
     """A pack is made per weight tensor and dies with it: a new tensor (which may reuse a dead
     one's id) never multiplies by a stale pack."""
@@ -115,12 +116,23 @@ def test_fbgemm_packs_follow_their_tensors():
         assert key not in int8._packs
 
 
-def test_the_faster_kernel_is_measured_once_per_shape():
-    if not int8._FBGEMM:
-        pytest.skip("one CPU kernel only: nothing to choose")
-    first = int8.fastest_kernel(24, 32)
-    assert first in ("fbgemm", "int8pack") and int8.measured_kernels()[24, 32] == first
-    assert int8.kernel_for(torch.zeros(1, 32), torch.zeros(24, 32, dtype=torch.int8)) == first
+@pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="one CPU kernel only: nothing to choose")
+@pytest.mark.parametrize("slowed", ["fbgemm", "int8pack"])
+def test_the_kernel_measured_faster_is_picked_once_per_shape(monkeypatch, slowed):
+    """Either kernel made 3 ms slower loses the measurement; the pick is then kept for the
+    shape (no second measurement) and used by matmul."""
+    monkeypatch.setattr(int8, "_chosen", {})
+    real = int8._MATMULS[slowed]
+
+    def slow(*args):
+        time.sleep(0.003)
+        return real(*args)
+
+    monkeypatch.setitem(int8._MATMULS, slowed, slow)
+    other = "int8pack" if slowed == "fbgemm" else "fbgemm"
+    assert int8.fastest_kernel(24, 32) == other and int8.measured_kernels() == {(24, 32): other}
+    monkeypatch.setattr(int8, "fastest", lambda *a, **k: pytest.fail("measured twice"))
+    assert int8.kernel_for(torch.zeros(1, 32), torch.zeros(24, 32, dtype=torch.int8)) == other
     with pytest.raises(FgptError, match="unknown int8 kernel"):
         with int8.forced_kernel("avx9"):
             pass
