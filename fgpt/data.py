@@ -70,17 +70,20 @@ def is_prepared(data: str | None) -> bool:
     return data is not None and layout(Path(data)) is not None
 
 
-def build_cache(data: str | None, *, progress: bool = True, workers: int | None = None) -> Path:
+def build_cache(data: str | None, *, text_field: str = "text", progress: bool = True,
+                workers: int | None = None) -> Path:
     """The prepared directory for `data`: the directory itself when it already holds token
-    shards, else its cache directory, tokenised now unless an earlier run did."""
+    shards, else its cache directory, tokenised now unless an earlier run did. `text_field`:
+    the JSONL field / Parquet column that holds each document's text."""
     if is_prepared(data):
         return Path(data)
     files = source_files(data)
-    directory = cache_root() / cache_key(files)
+    directory = cache_root() / cache_key(files, text_field=text_field)
     if not (directory / MANIFEST).is_file():
         try:
             prepare(files, directory, lenient=data is None, progress=progress, workers=workers,
-                    description=BUILTIN if data is None else str(data), force=directory.exists())
+                    text_field=text_field, description=BUILTIN if data is None else str(data),
+                    force=directory.exists())
         except OSError:
             if not (directory / MANIFEST).is_file():  # else: lost a race to another writer
                 raise  # the entry points' main_guard makes it one line
@@ -92,11 +95,11 @@ def open_corpus(directory: Path, description: str | None = None) -> Corpus:
     return Corpus(train, val, Path(directory), description or info["source"])
 
 
-def load_corpus(data: str | None = None, *, progress: bool = True) -> Corpus:
+def load_corpus(data: str | None = None, *, text_field: str = "text", progress: bool = True) -> Corpus:
     """The corpus of `data` (None = the built-in corpus): token shards are opened as they
     are; text, JSONL and Parquet sources are tokenised into the cache first (once)."""
     description = BUILTIN if data is None else str(data)
-    return open_corpus(build_cache(data, progress=progress), description)
+    return open_corpus(build_cache(data, text_field=text_field, progress=progress), description)
 
 
 def check_vocab(corpus: Corpus, vocab_size: int) -> None:

@@ -33,6 +33,7 @@ class TrainConfig:
     the built-in corpus, 120 steps of 8 x 256 tokens."""
     model: GPTConfig | None = None  # None: the --init-from checkpoint's, else the tiny preset
     data: str | None = None  # text file / directory / glob; None = the built-in corpus
+    text_field: str = "text"  # the JSONL field / Parquet column of --data holding the text
     steps: int = 120
     batch_size: int = 8  # global sequences per optimizer step (over micro-batches and ranks)
     grad_accum: int = 1

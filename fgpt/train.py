@@ -104,14 +104,14 @@ def load_corpus(run: TrainConfig, strategy: Strategy | None = None) -> data.Corp
     error = None
     if strategy is None or strategy.is_main:
         try:
-            data.build_cache(run.data, progress=run.progress)
+            data.build_cache(run.data, text_field=run.text_field, progress=run.progress)
         except FgptError as e:
             error = e
     if strategy is not None and _agree(strategy, error is not None):
         raise error or FgptError("--data: rank 0 could not prepare the corpus (its error says why)")
     if error is not None:
         raise error
-    return data.load_corpus(run.data, progress=False)
+    return data.load_corpus(run.data, text_field=run.text_field, progress=False)
 
 
 def _check_fits(corpus: data.Corpus, run: TrainConfig, seq_len: int) -> None:

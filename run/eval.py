@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", help="ppl: a text file (scored whole, as one stream) or anything "
                     "run.train --data takes (its validation split; default: the built-in corpus's); "
                     "mc: a JSONL file of {ctx, endings, label}")
+    ap.add_argument("--text-field", default="text", help="ppl: the JSONL field / Parquet column of --data "
+                    "holding the text (default text)")
     ap.add_argument("--n-ctx", type=int, help="ppl: window length (default: the model's n_ctx)")
     ap.add_argument("--stride", type=int, help="ppl: tokens between window starts (default: n_ctx // 2)")
     ap.add_argument("--max-tokens", type=int, help="ppl: score only the first N tokens of the stream")
@@ -68,7 +70,7 @@ def main(argv=None) -> None:
         result = accuracy(questions, scores)
         done = f"{result['n']} questions"
     else:
-        tokens = load_tokens(args.data)
+        tokens = load_tokens(args.data, args.text_field)
         if args.max_tokens is not None:
             tokens = tokens[:args.max_tokens]
         total = strided_nll(params, config, tokens, n_ctx=args.n_ctx, stride=args.stride,
@@ -98,14 +100,14 @@ def check_flags(args: argparse.Namespace) -> None:
     check_at_least("--max-tokens", args.max_tokens, 2)
 
 
-def load_tokens(spec: str | None):
+def load_tokens(spec: str | None, text_field: str = "text"):
     """A text file -> its tokens as one stream (encode_ordinary: `<|endoftext|>` in the text
     is text). Anything else -> the validation split of what run.train --data would load."""
     if spec is not None and Path(spec).is_file() and not Path(spec).name.endswith(CORPUS_SUFFIXES):
         text = read_text(Path(spec))  # a lone token shard (.bin) is refused here, naming its directory
         return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.int64)
     from fgpt.data import load_corpus
-    return load_corpus(spec).val
+    return load_corpus(spec, text_field=text_field).val
 
 
 if __name__ == "__main__":

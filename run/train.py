@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--data", help="text / JSONL / Parquet file, directory or glob, or a directory of token "
                    "shards: fgpt (run.prepare), nanoGPT, llm.c (default: Python's stdlib)")
+    g.add_argument("--text-field", help="JSONL field / Parquet column of --data holding the text (default text)")
     g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
     g.add_argument("--batch-size", type=int, help=f"global sequences per step (default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")

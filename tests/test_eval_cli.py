@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fgpt.errors import FgptError
 from fgpt.tokenizer import gpt2_encoding
 from hf_reference import hf_model
 from run import eval as eval_cli
@@ -105,6 +106,13 @@ def test_a_single_file_is_a_corpus_only_in_a_record_format(tmp_path, monkeypatch
     assert val
     expected = sum(([enc.eot_token] * bool(i) + enc.encode_ordinary(d) for i, d in enumerate(val)), [])
     assert np.asarray(eval_cli.load_tokens(str(records))).tolist() == expected
+    renamed = tmp_path / "renamed.jsonl"  # the same documents under another field (--text-field)
+    renamed.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    val = [d for i, d in enumerate(docs) if is_val(f"renamed#{i}", VAL_FRACTION)]
+    expected = sum(([enc.eot_token] * bool(i) + enc.encode_ordinary(d) for i, d in enumerate(val)), [])
+    assert np.asarray(eval_cli.load_tokens(str(renamed), "body")).tolist() == expected
+    with pytest.raises(FgptError, match="no 'text' field .* choose one with --text-field"):
+        eval_cli.load_tokens(str(renamed))
     as_text = tmp_path / "docs.json"  # not a record format: one text, scored whole
     as_text.write_text(records.read_text())
     assert np.asarray(eval_cli.load_tokens(str(as_text))).tolist() == enc.encode_ordinary(records.read_text())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fgpt import GPTConfig, load_checkpoint, run_dir, tree
+from fgpt.tokenizer import gpt2_encoding
 from fgpt.train import TrainConfig, train
 from run import train as run_train
 from run._cli import main_guard
@@ -63,6 +64,28 @@ def test_bad_input_is_one_line_error(text_file, tmp_path, capsys, monkeypatch):
         if "--out" not in args:
             args = [*TINY_FLAGS, *args, "--out", str(tmp_path / f"out{i}")]
         assert_one_line_error(*run_cli_inprocess(args, capsys, monkeypatch), msg)
+
+
+def test_text_field_names_the_jsonl_field_to_train_on(tmp_path, capsys, monkeypatch):
+    """--text-field reaches the tokeniser: the run trains on the named field's documents, a
+    missing field is a one-line error that names the flag, and a resume keeps the field."""
+    from fgpt import data
+    monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
+    docs = [f"def f_{i}(x):\n    return x * {i}\n" * 4 for i in range(60)]
+    records = tmp_path / "docs.jsonl"
+    records.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+    out = tmp_path / "run"
+    args = [*TINY_FLAGS, "--data", str(records), "--out", str(out), "--batch-size", "2", "--eval-interval", "0"]
+    assert_one_line_error(*run_cli_inprocess(args, capsys, monkeypatch), "no 'text' field (its fields: id, body)")
+    code, err = run_cli_inprocess([*args, "--text-field", "body"], capsys, monkeypatch)
+    assert code == 0, err
+    corpus = data.load_corpus(str(records), text_field="body", progress=False)  # the run's cache
+    text = gpt2_encoding().decode([int(t) for t in [*corpus.train, *corpus.val]])
+    assert "return x * 7\n" in text and '"body"' not in text and '"id"' not in text  # the field, not the JSON
+    saved, _ = run_dir.saved_run(str(out))
+    assert saved.text_field == "body"
+    resume = ["--resume", "--out", str(out), "--steps", "3", "--text-field", "id"]
+    assert_one_line_error(*run_cli_inprocess(resume, capsys, monkeypatch), "text_field = 'id' contradicts")
 
 
 def test_bad_input_to_a_distributed_run_fails_before_any_rank_starts(text_file, tmp_path, capsys, monkeypatch):
