@@ -11,17 +11,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import GPTConfig
 from fgpt import precision
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
+from fgpt.parallel.process_group import DEVICES, resolve_device  # noqa: F401  (run.train's --device)
 
 SCHEDULES = ("cosine", "wsd")
 REDUCE_DTYPES = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
                      "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype"}
@@ -85,16 +83,6 @@ class TrainConfig:
             d["model"] = GPTConfig.from_hf_dict(d["model"])
         d["betas"] = tuple(d["betas"])
         return cls(**d)
-
-
-def resolve_device(name: str) -> str:
-    if name not in DEVICES:
-        raise FgptError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FgptError("--device cuda: no CUDA device is available")
-    return name
 
 
 def validate(run: TrainConfig, *, world_size: int = 1) -> None:

@@ -31,20 +31,27 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def pick_device(device: str | torch.device) -> torch.device:
-    """'auto' -> this rank's GPU when there is one, else CPU."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' where a GPU is available, else 'cpu'; a named device must exist."""
+    if name not in DEVICES:
+        raise FgptError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FgptError("--device cuda: no CUDA device is available")
+    return name
+
+
+def pick_device(device: str) -> torch.device:
+    """resolve_device, and on CUDA this rank's GPU (LOCAL_RANK), made the current device."""
+    if resolve_device(device) == "cpu":
+        return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    kind = str(device)
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise FgptError("--device cuda requested but no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if kind != "cpu":
-        raise FgptError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def share_cpu_threads() -> None:
@@ -100,7 +107,7 @@ def restart_store() -> dist.Store | None:
 class DistributedStrategy(Strategy):
     """The rank / world / device / mesh bookkeeping every multi-process strategy shares."""
 
-    def __init__(self, device: str | torch.device = "auto", **_):
+    def __init__(self, device: str = "auto", **_):
         self.device = pick_device(device)
         self._owns_group = join_process_group(self.name, self.device)
         if self.device.type == "cpu":
