@@ -87,8 +87,8 @@ class KVCache:
             k_slots = torch.cat([self.slot_pos[layer], slots])
             self._write(layer, k, v, slots)
         if T == 1 and window is None and not self.has_padding:
-            return _cached_attention(q, keys, values, None)  # one query, every key visible
-        return _cached_attention(q, keys, values, self._mask(slots, k_slots, window))
+            return cached_attention(q, keys, values, None)  # one query, every key visible
+        return cached_attention(q, keys, values, self._mask(slots, k_slots, window))
 
     def _mask(self, q_slots, k_slots, window) -> torch.Tensor:
         """[B, 1, T, S]: causal, in window, not empty, not padding (a pad query sees itself)."""
@@ -101,7 +101,7 @@ class KVCache:
         return ok[:, None]
 
 
-def _cached_attention(q, keys, values, mask) -> torch.Tensor:
+def cached_attention(q, keys, values, mask) -> torch.Tensor:
     """masked_attention, with two decode-step rewrites of the same maths:
     - grouped heads, one query: each KV head's group of query heads becomes its query axis,
       so SDPA runs plain MHA over the n_kv_head cached heads (measured on a 2-core EPYC at
@@ -112,7 +112,7 @@ def _cached_attention(q, keys, values, mask) -> torch.Tensor:
     B, H, T, hd = q.shape
     Hkv = keys.shape[1]
     if T == 1 and Hkv != H:  # the mask ([B, 1, 1, S] or None) is the same for every query
-        return _cached_attention(q.view(B, Hkv, H // Hkv, hd), keys, values, mask).view(q.shape)
+        return cached_attention(q.view(B, Hkv, H // Hkv, hd), keys, values, mask).view(q.shape)
     if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return masked_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     return masked_attention(q, keys, values, mask)

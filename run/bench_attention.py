@@ -9,6 +9,7 @@ Tables (each with ratios against a peer measured in the same run):
   3. a 2-layer attention-dominated model (1 head of 64, vocab 256) forward, full vs SWA
      with the band and with the flex kernel;
   4. GQA: SDPA's enable_gqa vs repeat_interleave / expand of K/V (forward+backward);
+     4b. a GQA decode step at 1k and 16k cached keys, batch 8: enable_gqa vs fgpt's fold;
   5. KV-cache bytes per token for MHA / GQA-4 / MQA / SWA at GPT-2 124M shapes;
   6. decode tokens/s at a 2k context, MHA vs GQA vs SWA (124M shapes, 4 layers).
 The flex kernel (fgpt/flex_window.py) compiles once per length; that first call is timed
@@ -35,7 +36,7 @@ from fgpt.attention import (causal_attention, dense_window_attention, sliding_wi
                             use_window_kernel)
 from fgpt.flex_window import flex_window_attention
 from fgpt import measure
-from fgpt.kv_cache import KVCache
+from fgpt.kv_cache import KVCache, cached_attention
 from fgpt.measure import peak_rss_growth, release_freed_memory
 
 W = 256
@@ -200,6 +201,25 @@ def gqa(T: int = 1024, B: int = 2, H: int = 12, Hkv: int = 4, context: int = 204
           ["K/V by", "fwd+bwd ms", "decode step us", "fwd+bwd / enable_gqa", "decode / enable_gqa"], rows)
 
 
+def gqa_decode(contexts, B: int = 8, H: int = 12, kv_heads=(12, 4, 1)) -> None:
+    """One decode step's attention (a query per row over `context` cached keys): SDPA's
+    enable_gqa against fgpt's cached attention, which folds each KV head's query group into
+    the query axis (fgpt/kv_cache.py)."""
+    rows = []
+    for context in contexts:
+        for Hkv in kv_heads:
+            q = torch.randn(B, H, 1, HD)
+            k, v = (torch.randn(B, Hkv, context, HD) for _ in range(2))
+            with torch.no_grad():
+                ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H)
+                torch.testing.assert_close(cached_attention(q, k, v, None), ref)  # the same maths
+                t_sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H), 20)
+                t_fgpt = best_time(lambda: cached_attention(q, k, v, None), 20)
+            rows.append([str(context), f"{H}/{Hkv}", t_sdpa * 1e3, t_fgpt * 1e3, t_sdpa / t_fgpt])
+    table(f"4b. GQA decode step at long context: B={B} rows, one query each, {H} heads x {HD}, fp32",
+          ["cached keys", "heads / kv heads", "SDPA enable_gqa ms", "fgpt fold ms", "enable_gqa / fold"], rows)
+
+
 # --- 5, 6. KV cache and decoding -----------------------------------------------------------------
 
 CACHE_VARIANTS = {"MHA": {}, "GQA-4": dict(n_kv_head=4), "MQA": dict(n_kv_head=1), f"SWA W={W}": dict(window=W)}
@@ -254,5 +274,6 @@ def main() -> None:
     block_sweep(lengths[-1])
     model_forward(lengths, args.flex)
     gqa(T=256 if args.quick else 1024)
+    gqa_decode([1024] if args.quick else [1024, 16384])
     kv_cache_bytes()
     decode_speed(context=256 if args.quick else 2048, n_new=8 if args.quick else 32)
