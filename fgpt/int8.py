@@ -10,19 +10,21 @@ Activations, biases, layer norms and scales stay in the float dtype of the tree 
 `quantize` (fp32 unless cast first), so only the bytes a decode step must read shrink:
 a step reads every weight once, and int8 reads a quarter of fp32's bytes.
 
-On x86 CPUs the products run in fbgemm's int8 x int8 kernel (the one behind torch's
-quantized linear), fed the activations exactly: each row x becomes the integer
-v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written as three base-128 digits;
-all digits of all rows go through the kernel as one matrix, so the weights are read once,
-and the three products are summed with their places' weights (128**2, 128, 1). The
-kernel's integer sums are exact (digits below 128 keep its pairwise int16 sums from
-saturating: tested), so the activations' only rounding is v's: under 0.6 of a step
-max|x| / SPAN per element (v is rounded from fp32 sums), 6e-7 of the row's largest, where
-bf16 rounds each element to 2**-9 of itself.
-What is stored is int8; what is multiplied is those weights by near-fp32 activations.
-Elsewhere: torch's `_weight_int8pack_mm` on other CPUs (bf16 inputs: the only ones it
-vectorises), the dequantised product on GPUs and for float64. `just bench generate
---kernels` times the kernels, `just bench generate` the whole decode with each.
+Three kernels compute the products; on x86 CPUs each weight shape uses the faster of the
+first two, measured once per process (`fastest_kernel`):
+- fbgemm's int8 x int8 kernel (the one behind torch's quantized linear), fed the
+  activations exactly: each row x becomes the integer v = round(x * SPAN / max|x|),
+  |v| <= SPAN = 1,040,319, written as three base-128 digits; all digits of all rows go
+  through the kernel as one matrix, so the weights are read once, and the three products
+  are summed with their places' weights (128**2, 128, 1). The kernel's integer sums are
+  exact (digits below 128 keep its pairwise int16 sums from saturating: tested), so the
+  activations' only rounding is v's, under 0.6 of a step max|x| / SPAN per element: 6e-7
+  of the row's largest, where bf16 rounds each element to 2**-9 of itself. What is stored
+  is int8; what is multiplied is those weights by near-fp32 activations.
+- torch's `_weight_int8pack_mm` (also the kernel on other CPUs), with the activations cast
+  to bf16: the only inputs it vectorises. Its small ops are fewer, so small matrices favour it.
+- the dequantised product, on GPUs and for float64.
+`just bench generate --kernels` times the kernels, `just bench generate` the whole decode.
 """
 
 from __future__ import annotations
