@@ -25,7 +25,6 @@ tensors instead of the allocator's cache).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -265,8 +264,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")
     args = ap.parse_args()
     release_freed_memory()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(measure.machine_line())
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384]
     kernels(lengths, args.flex)
     if args.flex:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from fgpt import GPTConfig, count_params, init_params
 from fgpt.model import param_shapes
 from fgpt.errors import FgptError
+from fgpt.measure import machine_line
 
 STRATEGIES = ("ddp", "fsdp", "custom-fsdp")
 PEER = "fsdp"
@@ -205,8 +206,8 @@ def main() -> None:
     tokens = args.batch * args.seq
     peer = rows.get(PEER)
     print(f"\n{config.n_layer}-layer GPT-2 shape (Ψ = {psi / 1e6:.1f}M), {args.nproc} ranks, "
-          f"{args.batch}x{args.seq} tokens/step, {args.precision}, torch {torch.__version__}, "
-          f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}\n")
+          f"{args.batch}x{args.seq} tokens/step, {args.precision}, "
+          f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}; {machine_line()}\n")
     print("| strategy | step s | tokens/s | step vs fsdp | peak RSS/rank MiB (baseline) | mem vs fsdp "
           "| param+grad+opt MiB/rank (formula) | all-gather /Ψ | reduce-scatter /Ψ | all-reduce /Ψ |")
     print("|---|---|---|---|---|---|---|---|---|---|")
