@@ -57,9 +57,11 @@ def source_files(data: str | None) -> list[SourceFile]:
 
 
 def cache_key(files: list[SourceFile], *, text_field: str = "text", val_fraction: float = VAL_FRACTION) -> str:
-    """Names the cache directory: the shard format, the split and every file's path, size and
-    modification time (a stat, not a read, so opening a cached corpus costs no pass over it)."""
-    h = hashlib.sha256(json.dumps([FORMAT, "gpt2", text_field, val_fraction]).encode())
+    """Names the cache directory: the shard format, the split, the text field where a file
+    has fields (JSONL, Parquet), and every file's path, size and modification time (a stat,
+    not a read, so opening a cached corpus costs no pass over it)."""
+    field = text_field if any(f.kind != "text" for f in files) else "text"  # plain text has none
+    h = hashlib.sha256(json.dumps([FORMAT, "gpt2", field, val_fraction]).encode())
     for f in files:
         h.update(f"{f.name}\0{f.size}\0{f.mtime_ns}\n".encode())
     return h.hexdigest()[:24]

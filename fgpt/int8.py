@@ -13,13 +13,15 @@ a step reads every weight once, and int8 reads a quarter of fp32's bytes.
 Three kernels compute the products; on x86 CPUs each weight shape uses the faster of the
 first two, measured once per process (`fastest_kernel`):
 - fbgemm's int8 x int8 kernel (the one behind torch's quantized linear), fed the
-  activations exactly: each row x becomes the integer v = round(x * SPAN / max|x|),
-  |v| <= SPAN = 1,040,319, written as three base-128 digits; all digits of all rows go
+  activations as 21-bit fixed point: each row x becomes the integer
+  v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written as three base-128 digits
+  (exactly); all digits of all rows go
   through the kernel as one matrix, so the weights are read once, and the three products
   are summed with their places' weights (128**2, 128, 1). The kernel's integer sums are
   exact (digits below 128 keep its pairwise int16 sums from saturating: tested), so the
   activations' only rounding is v's, under 0.6 of a step max|x| / SPAN per element: 6e-7
-  of the row's largest, where bf16 rounds each element to 2**-9 of itself. What is stored
+  of the row's largest (rows of max|x| >= 1e-30), where bf16 rounds each element to 2**-9
+  of itself. What is stored
   is int8; what is multiplied is those weights by near-fp32 activations.
 - torch's `_weight_int8pack_mm` (also the kernel on other CPUs), with the activations cast
   to bf16: the only inputs it vectorises. Its small ops are fewer, so small matrices favour it.
@@ -43,7 +45,7 @@ from fgpt.errors import FgptError
 QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0
 # activations for fbgemm: three base-128 digits of a fixed-point integer (module docstring)
 _SHIFTS = torch.tensor([[14], [7], [0]], dtype=torch.int32)  # the digits' places: 128**2, 128, 1
-_PLACES = (2.0 ** _SHIFTS).view(3)
+_PLACES = torch.tensor([128.0 ** 2, 128.0, 1.0], dtype=torch.float32)
 _ZERO = 64  # digits in [0, 127] are stored less 64 (the kernel's input zero point), so the
 _OFFSET = _ZERO * (128 ** 2 + 128 + 1)  # places sum to v: the kernel multiplies by digit - 64
 _SPAN = 128 ** 3 - 1 - _OFFSET  # |v| <= _SPAN keeps v + _OFFSET a 21-bit integer: 1,040,319
@@ -111,40 +113,48 @@ def forced_kernel(name: str):
 
 def kernel_for(x: torch.Tensor, q: torch.Tensor) -> str:
     """On x86 CPUs fbgemm's kernel or torch's `_weight_int8pack_mm`, whichever is measured
-    faster for the shape (where K fits the latter's loop); on other CPUs torch's; else the
-    dequantised product (GPUs, float64)."""
+    faster for the shape and dtype (where K fits the latter's loop); on other CPUs torch's;
+    else the dequantised product (GPUs, float64). A forced kernel that cannot run here is
+    an error, not a fallback."""
+    on_cpu = x.device.type == "cpu" and x.dtype != torch.float64
+    int8pack_fits = on_cpu and q.shape[1] % _KERNEL_K_MULTIPLE == 0
     if _forced is not None:
+        runs = {"fbgemm": on_cpu and FBGEMM_AVAILABLE, "int8pack": int8pack_fits, "dequantised": True}
+        if not runs[_forced]:
+            raise FgptError(f"the int8 kernel {_forced} cannot run a {x.dtype} product on {x.device} "
+                            f"with {q.shape[1]} inputs")
         return _forced
-    if x.device.type != "cpu" or x.dtype == torch.float64:
+    if not on_cpu:
         return "dequantised"
-    int8pack_fits = q.shape[1] % _KERNEL_K_MULTIPLE == 0
     if FBGEMM_AVAILABLE and int8pack_fits:
-        return fastest_kernel(*q.shape)
+        return fastest_kernel(*q.shape, x.dtype)
     if FBGEMM_AVAILABLE:
         return "fbgemm"
     return "int8pack" if int8pack_fits else "dequantised"
 
 
-_chosen: dict[tuple[int, int], str] = {}  # (out, in) -> the faster of fbgemm and int8pack here
+_chosen: dict[tuple[int, int, torch.dtype], str] = {}  # (out, in, dtype) -> fbgemm | int8pack
 
 
-def fastest_kernel(n_out: int, n_in: int) -> str:
+def fastest_kernel(n_out: int, n_in: int, dtype: torch.dtype = torch.float32) -> str:
     """fbgemm's or `_weight_int8pack_mm`, whichever runs x [1, in] @ W.T faster on this
-    machine, measured once per shape per process as decode_layout measures float layouts
-    (one thread; copies that outgrow the caches). The digits cost a few small ops per
-    product, so small matrices can favour torch's kernel and large ones fbgemm's."""
-    if (n_out, n_in) not in _chosen:
-        x = torch.full((1, n_in), 0.5)
-        weights = [(torch.ones(n_out, n_in, dtype=torch.int8), torch.full((n_out,), 0.01))
+    machine for activations of `dtype`, measured once per shape per process as
+    decode_layout measures float layouts (one thread; copies that outgrow the caches), and
+    then used for any number of rows. The digits cost a few small ops per product, so small
+    matrices can favour torch's kernel and large ones fbgemm's."""
+    key = (n_out, n_in, dtype)
+    if key not in _chosen:
+        x = torch.full((1, n_in), 0.5, dtype=dtype)
+        weights = [(torch.ones(n_out, n_in, dtype=torch.int8), torch.full((n_out,), 0.01, dtype=dtype))
                    for _ in range(copies_past_the_caches(n_out * n_in))]
         candidates = {name: [lambda q=q, s=s, f=_MATMULS[name]: f(x, q, s, None) for q, s in weights]
                       for name in ("fbgemm", "int8pack")}
-        _chosen[n_out, n_in] = on_one_thread(lambda: fastest(candidates))
-    return _chosen[n_out, n_in]
+        _chosen[key] = on_one_thread(lambda: fastest(candidates))
+    return _chosen[key]
 
 
-def measured_kernels() -> dict[tuple[int, int], str]:
-    """What this process has measured so far: (out, in) -> kernel."""
+def measured_kernels() -> dict[tuple[int, int, torch.dtype], str]:
+    """What this process has measured so far: (out, in, activation dtype) -> kernel."""
     return dict(_chosen)
 
 
@@ -175,7 +185,8 @@ def _packed(q: torch.Tensor, scale: torch.Tensor):
 
 def digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e [M, 3, K] integers in [-64, 63], step [M, 1]) with
-    x = step * (128**2 e[:, 0] + 128 e[:, 1] + e[:, 2]) to within 0.6 step (fp32 rounding)."""
+    x = step * (128**2 e[:, 0] + 128 e[:, 1] + e[:, 2]) to within 0.6 step (fp32 rounding),
+    for rows whose largest |x| is at least 1e-30 (below that the step stops shrinking)."""
     x = x.float()
     step = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-30).div_(_SPAN)
     # round(x / step) + OFFSET in [0, 2**21): truncation rounds, since the sum is positive

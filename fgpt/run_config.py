@@ -16,7 +16,7 @@ from fgpt.config import GPTConfig
 from fgpt import precision
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
-from fgpt.parallel.process_group import DEVICES, resolve_device  # noqa: F401  (run.train's --device)
+from fgpt.parallel.process_group import resolve_device
 
 SCHEDULES = ("cosine", "wsd")
 REDUCE_DTYPES = ("fp32", "bf16")

@@ -34,7 +34,8 @@ from fgpt.errors import FgptError
 from fgpt.measure import matmul_flops
 from fgpt.model import count_params, init_params
 from fgpt.parallel import Strategy, make_strategy
-from fgpt.run_config import TrainConfig, check_batch_split, resolve_device, validate
+from fgpt.parallel.process_group import resolve_device
+from fgpt.run_config import TrainConfig, check_batch_split, validate
 
 
 @dataclass

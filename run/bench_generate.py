@@ -11,6 +11,7 @@ by once, so it takes at least (those bytes) / (the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -60,14 +61,13 @@ def bytes_per_step(params: dict) -> int:
 
 def int8_picks() -> str:
     picks = int8.measured_kernels().items()
-    return ", ".join(f"{n_in}x{n_out} {kernel}" for (n_out, n_in), kernel in picks) or "none (no choice here)"
+    return ", ".join(f"{str(dtype).removeprefix('torch.')} {n_in}x{n_out} {kernel}"
+                     for (n_out, n_in, dtype), kernel in picks) or "none (no choice here)"
 
 
 def _with_kernel(kernel: str | None, run):
     """run() with every int8 product in `kernel` (None: the one fgpt picks)."""
-    if kernel is None:
-        return run()
-    with int8.forced_kernel(kernel):
+    with int8.forced_kernel(kernel) if kernel else contextlib.nullcontext():
         return run()
 
 
@@ -81,19 +81,17 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
     trees = {name: tree.cast(params, dtype) for name, dtype in FLOAT_DTYPES.items()}
     trees["int8"] = int8.quantize(params)
     engines, step_bytes = {}, {}
-    for name, weights in trees.items():
+    runs = [(name, weights, None) for name, weights in trees.items()]
+    if device == "cpu":  # the same int8 weights again, every product in torch's own int8 kernel
+        runs.append(("int8, torch's _weight_int8pack_mm", trees["int8"], "int8pack"))
+    for name, weights, kernel in runs:
         fast = decode_layout(weights)
         step_bytes[name] = bytes_per_step(fast)
-        engines["fgpt", name] = lambda fast=fast: generate(
-            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0]
+        engines["fgpt", name] = lambda fast=fast, kernel=kernel: _with_kernel(kernel, lambda: generate(
+            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0])
         if name in FLOAT_DTYPES:
             hf = hf_model(params, config, FLOAT_DTYPES[name], device)
             engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, new_tokens)
-    if device == "cpu":  # the same int8 weights through torch's own int8 kernel
-        fast, name = decode_layout(trees["int8"]), "int8, torch's _weight_int8pack_mm"
-        step_bytes[name] = step_bytes["int8"]
-        engines["fgpt", name] = lambda fast=fast: _with_kernel("int8pack", lambda: generate(
-            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0])
     tokens = {key: run() for key, run in engines.items()}  # warm-up
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")

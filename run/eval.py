@@ -25,7 +25,7 @@ from fgpt.multiple_choice import accuracy, read_questions, score_endings
 from fgpt.perplexity import check_window_flags, strided_nll
 from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
-from fgpt.train import resolve_device
+from fgpt.parallel.process_group import resolve_device
 from fgpt.tree import FLOAT_DTYPES
 from run._cli import ArgumentParser, main_guard
 

@@ -18,7 +18,8 @@ from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
-from fgpt.run_config import DEVICES, REDUCE_DTYPES, SCHEDULES
+from fgpt.parallel.process_group import DEVICES
+from fgpt.run_config import REDUCE_DTYPES, SCHEDULES
 from fgpt.train import TrainConfig, check_launch, train
 from run._cli import ArgumentParser, main_guard
 

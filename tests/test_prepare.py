@@ -308,3 +308,11 @@ def test_cli_end_to_end(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --out")
+
+
+def test_the_cache_key_names_the_text_field_only_where_files_have_fields(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    write_jsonl(tmp_path / "b.jsonl", DOCS[:3])
+    text, records = list_files(str(tmp_path / "a.txt")), list_files(str(tmp_path))
+    assert data.cache_key(text, text_field="body") == data.cache_key(text)  # the same tokens: one cache
+    assert data.cache_key(records, text_field="body") != data.cache_key(records)
