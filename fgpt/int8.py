@@ -14,15 +14,14 @@ Three kernels compute the products; on x86 CPUs each weight shape uses the faste
 first two, measured once per process (`fastest_kernel`):
 - fbgemm's int8 x int8 kernel (the one behind torch's quantized linear), fed the
   activations as 21-bit fixed point: each row x becomes the integer
-  v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written as three base-128 digits
-  (exactly); all digits of all rows go
-  through the kernel as one matrix, so the weights are read once, and the three products
-  are summed with their places' weights (128**2, 128, 1). The kernel's integer sums are
-  exact (digits below 128 keep its pairwise int16 sums from saturating: tested), so the
-  activations' only rounding is v's, under 0.6 of a step max|x| / SPAN per element: 6e-7
-  of the row's largest (rows of max|x| >= 1e-30), where bf16 rounds each element to 2**-9
-  of itself. What is stored
-  is int8; what is multiplied is those weights by near-fp32 activations.
+  v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written exactly as three base-128
+  digits; all digits of all rows go through the kernel as one matrix, so the weights are
+  read once, and the three products are summed with their places' weights (128**2, 128,
+  1). The kernel's integer sums are exact (digits below 128 keep its pairwise int16 sums
+  from saturating: tested), so the activations' only rounding is v's, under 0.6 of a step
+  max|x| / SPAN per element: 6e-7 of the row's largest (rows of max|x| >= 1e-30), where
+  bf16 rounds each element to 2**-9 of itself. What is stored is int8; what is multiplied
+  is those weights by near-fp32 activations.
 - torch's `_weight_int8pack_mm` (also the kernel on other CPUs), with the activations cast
   to bf16: the only inputs it vectorises. Its small ops are fewer, so small matrices favour it.
 - the dequantised product, on GPUs and for float64.
@@ -91,7 +90,6 @@ def is_quantized(params: dict) -> bool:
 
 # --- the products -------------------------------------------------------------------------
 
-KERNELS = ("fbgemm", "int8pack", "dequantised")
 FBGEMM_AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
     torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")  # x86 with AVX2 or better
 _forced: str | None = None
@@ -219,6 +217,7 @@ def _dequantised_matmul(x, q, scale, bias):
 
 
 _MATMULS = {"fbgemm": _fbgemm_matmul, "int8pack": _int8pack_matmul, "dequantised": _dequantised_matmul}
+KERNELS = tuple(_MATMULS)
 
 
 def matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
