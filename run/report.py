@@ -1,9 +1,11 @@
-"""`just report [--quick] [--out DIR] [--data SRC]`: the assessment study.
+"""`just report [--quick] [--out DIR] [--data SRC] [--steps N]`: the assessment study.
 
 Trains every arm on its seeds, probes the trained models (context use, length, copying,
 generation), runs the relay probe and the efficiency measurements, and writes
 DIR/report.md, DIR/report/*.png and DIR/report/results.json (every number the text
 quotes). DIR defaults to docs/. `--quick` runs the same code with tiny budgets (the test).
+A pilot turns the budget's training minutes into steps per run, so the schedule follows the
+machine's speed; `--steps N` pins it instead (the committed report's N is in its setup).
 The measurements are saved before anything is derived from them, so `--render` can rebuild
 the claims, plots and text from a results.json without measuring again.
 """
@@ -11,6 +13,7 @@ the claims, plots and text from a results.json without measuring again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -19,7 +22,7 @@ from pathlib import Path
 from fgpt.atomic import atomic_write_text
 from fgpt.errors import FgptError, require_extra
 from fgpt.measure import machine, machine_line
-from fgpt.report.budget import FULL, QUICK
+from fgpt.report.budget import FULL, QUICK, Budget
 from fgpt.report.claims import derive
 from fgpt.report.study import run_study
 from fgpt.report.writer import write_report
@@ -31,9 +34,22 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute): the test's mode")
     p.add_argument("--out", default="docs", help="output directory (default: docs)")
     p.add_argument("--data", help="corpus: text file, directory or glob (default: Python's stdlib)")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="train every run N steps (a multiple of the budget's evaluation count) instead of the "
+                        "pilot's fit to the time budget: the same schedule on any machine")
     p.add_argument("--render", metavar="RESULTS_JSON",
                    help="measure nothing: derive the claims, plots and text again from this results.json")
     return p.parse_args(argv)
+
+
+def pinned(budget: Budget, steps: int | None) -> Budget:
+    if steps is None:
+        return budget
+    k = budget.evals_per_run
+    if steps < k or steps % k:
+        raise FgptError(f"--steps {steps}: the {budget.name} budget evaluates {k} times a run, so the steps "
+                        f"must be a positive multiple of {k}")
+    return dataclasses.replace(budget, steps=steps)
 
 
 def read_results(path: str) -> dict:
@@ -54,6 +70,9 @@ def save_results(asset_dir: Path, results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    if args.render and args.steps is not None:
+        raise FgptError("--steps: --render measures nothing, so there are no steps to pin")
+    budget = None if args.render else pinned(QUICK if args.quick else FULL, args.steps)
     require_extra("matplotlib", "plot", "the report's plots")  # before hours of training, not after
     from fgpt.report.plots import write_plots
     out = Path(args.out)
@@ -66,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
         results = read_results(args.render)
         budget = {b.name: b for b in (FULL, QUICK)}[results["budget"]["name"]]
     else:
-        budget = QUICK if args.quick else FULL
         results = run_study(budget, data_spec=args.data)
         results["meta"] = {"command": "python -m run.report" + "".join(" " + shlex.quote(a) for a in argv),
                            "machine": machine(), "machine_line": machine_line()}

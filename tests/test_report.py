@@ -2,6 +2,7 @@
 every figure is a real plot, every claim has a verdict from the rule), plus the pieces of
 the study whose maths can be checked alone against independent references."""
 
+import dataclasses
 import json
 import math
 import re
@@ -14,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from fgpt.config import GPTConfig
 from fgpt.data import Corpus
+from fgpt.errors import FgptError
 from fgpt.kv_cache import KVCache
 from fgpt.model import forward, init_params
 from fgpt.report import efficiency, probes, relay, stats
@@ -367,3 +369,25 @@ def test_render_rebuilds_the_same_report_from_results_json(quick_report, tmp_pat
     main(["--render", str(out / "report" / "results.json"), "--out", str(tmp_path)])
     assert (tmp_path / "report.md").read_text() == markdown
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(p.name for p in (out / "report").iterdir())
+
+
+def test_pinned_steps_replace_the_pilot_and_name_themselves_in_the_setup():
+    from fgpt.report.study import Progress, pilot_steps
+    from fgpt.report.writer import schedule
+    budget = dataclasses.replace(QUICK, steps=6)
+    pilot = pilot_steps(budget, corpus=None, arms={}, progress=Progress())  # no arm to time: none is trained
+    assert pilot == {"tokens_per_s": None, "steps": 6, "tokens_per_run": 6 * QUICK.batch_size * QUICK.n_ctx,
+                     "pinned": True}
+    assert schedule(budget.to_dict(), pilot) == (
+        f"Each run trained 6 steps ({6 * QUICK.batch_size * QUICK.n_ctx} tokens), pinned by `--steps`.")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--quick", "--steps", "3"], "--steps 3: the quick budget evaluates 2 times a run, so the steps must be"),
+    (["--quick", "--steps", "0"], "--steps 0: the quick budget evaluates 2 times a run"),
+    (["--render", "results.json", "--steps", "4"], "--steps: --render measures nothing")])
+def test_steps_that_cannot_be_pinned_are_one_error_before_anything_runs(argv, message, tmp_path):
+    from run.report import main
+    with pytest.raises(FgptError, match=re.escape(message)):
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,8 @@ class Budget:
     prompts: int
     prompt_tokens: int
     new_tokens: int
+    # every run's steps, pinned (`just report --steps`); None: the pilot fits them to train_minutes
+    steps: int | None = None
 
     @property
     def sweep_kv_heads(self) -> tuple[int, ...]:

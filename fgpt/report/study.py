@@ -96,7 +96,12 @@ def train_run(budget: Budget, corpus: data.Corpus, config: GPTConfig | None, see
 
 def pilot_steps(budget: Budget, corpus: data.Corpus, arms: dict[str, GPTConfig], progress: Progress) -> dict:
     """Time a few steps of the slowest-looking arms; the step count that fits the training
-    budget (rounded to a multiple of the evaluation count, within [min_steps, max_steps])."""
+    budget (rounded to a multiple of the evaluation count, within [min_steps, max_steps]).
+    A budget with pinned steps times nothing: its runs train that many steps on any machine."""
+    if budget.steps is not None:
+        progress.log(f"{budget.steps} steps per run, pinned by --steps")
+        return {"tokens_per_s": None, "steps": budget.steps,
+                "tokens_per_run": budget.steps * budget.batch_size * budget.n_ctx, "pinned": True}
     rates = {}
     for name in ("baseline", f"rope+swa-{budget.window}"):
         result = train_run(budget, corpus, arms[name], 0, budget.pilot_steps, eval_interval=0)

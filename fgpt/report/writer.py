@@ -112,6 +112,14 @@ def claims_table(r: dict) -> str:
                                      f"value [{pct}% interval or range] (per seed)", "verdict"], rows))
 
 
+def schedule(b: dict, p: dict) -> str:
+    if p.get("pinned"):
+        return f"Each run trained {num(p['steps'])} steps ({num(p['tokens_per_run'])} tokens), pinned by `--steps`."
+    return (f"A pilot of {num(b['pilot_steps'])} steps measured {num(min(p['tokens_per_s'].values()), 0)} tokens/s, "
+            f"so each run got {num(p['steps'])} steps ({num(p['tokens_per_run'])} tokens) to fit "
+            f"{num(b['train_minutes'], 0)} min of training.")
+
+
 def setup(r: dict) -> str:
     s, b, p = r["setup"], r["budget"], r["pilot"]
     share_rows = [[k, num(v["params_percent"], 1), num(v["flops_percent"], 1),
@@ -131,9 +139,7 @@ def setup(r: dict) -> str:
             + f"\n\n**Training.** `fgpt.train`, single device, fp32, AdamW (peak lr {num(b['lr'], 4)}), batches of "
             f"{num(b['batch_size'])} × {num(b['n_ctx'])} tokens, warmup {num(b['warmup_percent'], 0)}% of the steps, "
             f"then constant, then a linear cooldown over the last {num(b['cooldown_percent'], 0)}% (evaluations before "
-            f"the cooldown compare arms at one learning rate). A pilot of {num(b['pilot_steps'])} steps measured "
-            f"{num(min(p['tokens_per_s'].values()), 0)} tokens/s, so each run got {num(p['steps'])} steps "
-            f"({num(p['tokens_per_run'])} tokens) to fit {num(b['train_minutes'], 0)} min of training. "
+            f"the cooldown compare arms at one learning rate). {schedule(b, p)} "
             f"Main arms on seeds {', '.join(num(x) for x in b['seeds'])}; the KV-head sweep's other arms on seed "
             f"{', '.join(num(x) for x in b['sweep_seeds'])}. Every model is scored on the same "
             f"{num(r['eval_set']['windows'])} evenly spaced validation windows ({num(r['eval_set']['tokens'])} tokens).")
