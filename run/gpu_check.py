@@ -149,7 +149,8 @@ def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tupl
     from fgpt.train import flops_per_token, peak_flops
     from run.bench_train import fgpt_step, hf_model, hf_step
 
-    config, B, T, device, precision = GPTConfig.preset(scale.model), scale.batch, scale.seq_len, scale.device, scale.precision
+    config, B, T = GPTConfig.preset(scale.model), scale.batch, scale.seq_len
+    device, precision = scale.device, scale.precision
     autocast = precision == "bf16"
     peak = peak_flops(device, torch.bfloat16 if autocast else torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -191,8 +192,9 @@ def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tupl
                     detail += f", {tok_s / rate[band]:.2f}x the band kernel"
             else:
                 mfu = flops_per_token(config, T) * tok_s / peak
+                tflops = f"{peak / 1e12:.0f}" if peak >= 1e13 else f"{peak / 1e12:.2g}"  # a GPU's, a CPU's
                 detail = (f"{tok_s:,.0f} tokens/s, MFU {mfu:.1%} of the measured {precision} matmul peak "
-                          f"{peak / 1e12:.2g} TFLOP/s")
+                          f"{tflops} TFLOP/s")
                 if hf_name in rate:  # its row may have failed
                     detail += f", {tok_s / rate[hf_name]:.2f}x transformers eager"
             rows.append((label, "ok", detail))
