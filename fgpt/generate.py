@@ -34,7 +34,7 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise FgptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise FgptError(f"top_k must be >= 1, got {self.top_k}")
@@ -73,7 +73,7 @@ def check_length(config: GPTConfig, longest: int, max_new_tokens: int, allow_pas
     if config.pos_emb == "rope" and (config.max_window is not None or allow_past_ctx):
         return  # rotary positions extend; all-windowed layers keep rolling caches
     why = ("learned positions stop at n_ctx" if config.pos_emb == "learned" else
-           "full-attention layers; pass allow_past_ctx to extrapolate anyway")
+           "full-attention layers; pass allow_past_ctx=True (run.generate: --allow-past-ctx) to extrapolate anyway")
     raise FgptError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
                     f"n_ctx={config.n_ctx} ({why})")
 

@@ -8,6 +8,8 @@ no weights and no process group, so a launcher can refuse a bad flag before any 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,14 +103,18 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {run.schedule!r}")
     if not 0 < run.cooldown <= 1:
         raise FgptError(f"--cooldown must be in (0, 1], got {run.cooldown}")
-    if not run.lr > 0:
-        raise FgptError(f"--lr must be positive, got {run.lr}")
+    if not 0 < run.lr < math.inf:
+        raise FgptError(f"--lr must be positive and finite, got {run.lr}")
     if run.min_lr is not None and not 0 <= run.min_lr <= run.lr:
         raise FgptError(f"--min-lr must be in [0, --lr {run.lr}], got {run.min_lr}")
     if run.warmup is not None and run.warmup < 0:
         raise FgptError(f"--warmup must be at least 0, got {run.warmup}")
-    if run.weight_decay < 0:
-        raise FgptError(f"--weight-decay must be at least 0, got {run.weight_decay}")
+    if not 0 <= run.weight_decay < math.inf:
+        raise FgptError(f"--weight-decay must be at least 0 and finite, got {run.weight_decay}")
+    if not run.grad_clip >= 0:
+        raise FgptError(f"--grad-clip must be at least 0 (0: no clipping), got {run.grad_clip}")
+    if not 0 <= run.seed < 2 ** 63:
+        raise FgptError(f"--seed must be in [0, 2**63), got {run.seed}")
     if min(run.eval_interval, run.checkpoint_interval) < 0:
         raise FgptError("--eval-interval and --checkpoint-interval must be >= 0")
     if run.eval_interval and run.eval_iters < 1:
@@ -120,6 +126,9 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
     if run.window_kernel not in WINDOW_KERNELS:
         raise FgptError(f"--window-kernel must be one of {', '.join(WINDOW_KERNELS)}, got {run.window_kernel!r}")
     device = resolve_device(run.device)
+    if run.strategy == "ddp" and run.reduce_dtype == "bf16" and device != "cuda":  # as DDP would refuse, in each rank
+        raise FgptError("ddp: --reduce-dtype bf16 uses torch's bf16_compress_hook, which DDP allows only on "
+                        "CUDA with NCCL; use fsdp or custom-fsdp for a bf16 reduction here")
     if run.window_kernel == "flex":  # fail before any work: no backward on CPU
         from fgpt.flex_window import check_trainable
         check_trainable(device)
@@ -131,6 +140,12 @@ def check_batch_split(run: TrainConfig, world_size: int) -> None:
         ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
         raise FgptError(f"--batch-size {run.batch_size} does not split into --grad-accum {run.grad_accum} "
                         f"micro-batches{ranks}")
+
+
+def absolute_data(spec: str | None) -> str | None:
+    """--data as an absolute path (a glob stays a glob): what a run records, so that it
+    resumes from any directory."""
+    return None if spec is None else os.path.abspath(os.path.expanduser(spec))
 
 
 def resumed(run: TrainConfig, saved: TrainConfig, saved_model: GPTConfig) -> TrainConfig:
@@ -148,6 +163,8 @@ def resumed(run: TrainConfig, saved: TrainConfig, saved_model: GPTConfig) -> Tra
                 if getattr(mine, m.name) != getattr(saved_model, m.name):
                     raise FgptError(f"--resume: {m.name} = {getattr(mine, m.name)!r} contradicts "
                                     f"the checkpoint's {getattr(saved_model, m.name)!r}")
+        elif f.name == "data" and absolute_data(mine) == absolute_data(theirs):
+            continue
         elif f.name != "model" and mine != theirs:
             raise FgptError(f"--resume: {f.name} = {mine!r} contradicts the checkpoint's {theirs!r}")
     return dataclasses.replace(saved, **{k: getattr(run, k) for k in RESUMABLE_CHANGES})

@@ -15,6 +15,7 @@ committed checkpoint whole and resumable.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -33,7 +34,7 @@ from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy
 from fgpt.parallel.optimizer_state import SavedOptimizer
-from fgpt.run_config import TrainConfig, resumed
+from fgpt.run_config import TrainConfig, absolute_data, resumed
 from fgpt.shards import file_sha256
 
 STATE_FILE = "train_state.pt"
@@ -52,7 +53,17 @@ def train_state(out_dir: str | Path | None) -> dict | None:
     path = Path(out_dir) / STATE_FILE if out_dir else None
     if path is None or not path.exists():
         return None
-    return torch.load(path, weights_only=True, map_location="cpu")
+    return load_saved(path, mmap=False)
+
+
+def load_saved(path: Path, mmap: bool = True) -> dict:
+    """A torch-saved file of a run (tensors and plain values only); a truncated or corrupt
+    one is an FgptError naming it, not the zip reader's traceback."""
+    try:
+        return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FgptError(f"{path} is damaged or not a file torch saved ({type(e).__name__}): "
+                        "restore it, or start the run again in another --out") from None
 
 
 def saved_run(out_dir: str | Path) -> tuple[TrainConfig, GPTConfig]:
@@ -84,12 +95,23 @@ def effective_settings(run: TrainConfig) -> TrainConfig:
     if not run.resume:
         if train_state(run.out) is not None:
             raise FgptError(f"{run.out} already holds a run; pass --resume to continue it")
-        return run
+        clash = [f for f in (MODEL_FILE, CONFIG_FILE) if run.out and (Path(run.out) / f).exists()]
+        if clash:  # e.g. a downloaded GPT-2 folder: a fresh run writes both files
+            raise FgptError(f"{run.out} already holds a checkpoint ({', '.join(clash)}) that training would "
+                            "overwrite; give another --out")
+        return dataclasses.replace(run, data=absolute_data(run.data))
     run = resumed(run, *saved_run(run.out))
     done = _committed(run.out)["step"]
     if done >= run.steps:
         raise FgptError(f"--resume: the run already did {done} of --steps {run.steps}")
+    if run.stop_after is not None and run.stop_after <= done:
+        raise FgptError(f"--stop-after {run.stop_after}: the run is already at step {done}")
     return run
+
+
+def session_free(run: TrainConfig) -> TrainConfig:
+    """The settings as recorded for a resume: --stop-after ends one session, not the run."""
+    return dataclasses.replace(run, stop_after=None)
 
 
 # --- torchrun restarts ---------------------------------------------------------------------
@@ -129,7 +151,7 @@ def save_train_checkpoint(out_dir: Path, strategy: Strategy, run: TrainConfig, m
     strategy.barrier()
     if strategy.is_main:
         save_checkpoint(step_dir, model_config, params)
-        _atomic_torch_save({"step": step, "run_config": run.to_dict(), "elapsed_s": elapsed_s,
+        _atomic_torch_save({"step": step, "run_config": session_free(run).to_dict(), "elapsed_s": elapsed_s,
                             "strategy": strategy.name, "world_size": strategy.world_size,
                             "checkpoint": step_dir.relative_to(out_dir).as_posix(),
                             "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
@@ -168,7 +190,7 @@ def load_train_checkpoint(out_dir: Path, strategy: Strategy) -> tuple[GPTConfig,
         if not path.exists():
             raise FgptError(f"--resume: {path} is missing")
         # on the CPU: a rank file of a GPU run names its rank's device, which may not exist now
-        saved = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        saved = load_saved(path)
         if saved["step"] != state["step"]:
             raise torn
         if "pieces" not in saved["optimizer"]:

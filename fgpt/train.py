@@ -245,7 +245,9 @@ def optimizer_step(strategy: Strategy, micro_batches: list, *, lr: float, grad_c
               for i, (x, y) in enumerate(micro_batches)]
     loss = float(strategy.mean_across_ranks(torch.stack(losses).mean().float()))
     if not math.isfinite(loss):  # before the optimizer step: the params stay good
-        where = f"; the last good checkpoint stays in {out_dir}" if out_dir else ""
+        saved = run_dir.train_state(out_dir)
+        where = (f"; the last good checkpoint (step {saved['step']}) stays in {out_dir}" if saved
+                 else "; no checkpoint had been written" if out_dir else "")
         raise FgptError(f"loss is {loss} at step {step}: training stopped{where}")
     grad_norm = strategy.clip_grad_norm(grad_clip)
     strategy.set_lr(lr)

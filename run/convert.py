@@ -8,16 +8,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from fgpt.checkpoint import load_checkpoint, save_checkpoint
+from fgpt.checkpoint import CONFIG, WEIGHTS, load_checkpoint, save_checkpoint
 from fgpt.convert import to_gqa
-from run._cli import ArgumentParser, main_guard
+from fgpt.errors import FgptError
+from run._cli import ArgumentParser, main_guard, summary
 
 log = logging.getLogger("run.convert")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m run.convert", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.convert", description=summary(__doc__))
     ap.add_argument("--checkpoint", required=True,
                     help="a .safetensors or pytorch_model.bin file, or a directory holding one")
     what = ap.add_mutually_exclusive_group(required=True)
@@ -25,12 +27,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--to-safetensors", action="store_true",
                       help="rewrite the weights as model.safetensors, unchanged")
     ap.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
+    ap.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
     return ap.parse_args(argv)
+
+
+def check_out(out: str, force: bool) -> None:
+    """Refuse to write over a checkpoint (the input's own folder, say) unless told to."""
+    there = [f for f in (WEIGHTS, CONFIG) if (Path(out) / f).exists()]
+    if there and not force:
+        raise FgptError(f"--out {out} already holds {' and '.join(there)}; give another --out, "
+                        "or --force to overwrite")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    check_out(args.out, args.force)
     config, params = load_checkpoint(args.checkpoint)
     if args.to_safetensors:
         out = save_checkpoint(args.out, config, params)

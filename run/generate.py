@@ -21,12 +21,12 @@ from fgpt.errors import FgptError
 from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
 from fgpt.tokenizer import EOT, gpt2_encoding
 from fgpt.tree import FLOAT_DTYPES
-from run._cli import ArgumentParser, main_guard
+from run._cli import ArgumentParser, main_guard, summary
 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m run.generate", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.generate", description=summary(__doc__))
     ap.add_argument("--checkpoint", help="a .safetensors file, a directory (HF layout or a training "
                     "output) or a hub name like gpt2; default: the newest checkpoint under out/")
     ap.add_argument("--prompt", required=True)
@@ -57,6 +57,8 @@ def sample_and_print(args: argparse.Namespace) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # validates before any loading
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise FgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63 - args.num_samples:  # sample i uses seed + i
+        raise FgptError(f"--seed must be in [0, 2**63 - --num-samples), got {args.seed}")
     enc = gpt2_encoding()
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not prompt:

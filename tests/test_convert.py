@@ -91,6 +91,21 @@ def test_cli_writes_a_loadable_gqa_checkpoint(tmp_path):
                                forward(mha_params, tokens, config.replace(n_kv_head=None)))
 
 
+def test_cli_never_overwrites_a_checkpoint_unless_forced(tmp_path):
+    config = tiny(4)
+    save_checkpoint(tmp_path / "mha", config, init_params(config))
+    before = (tmp_path / "mha" / "model.safetensors").read_bytes()
+    cmd = [sys.executable, "-m", "run.convert", "--checkpoint", str(tmp_path / "mha"), "--to-gqa", "2",
+           "--out", str(tmp_path / "mha")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"error: --out {tmp_path / 'mha'} already holds model.safetensors and "
+                                  "config.json; give another --out, or --force to overwrite")
+    assert (tmp_path / "mha" / "model.safetensors").read_bytes() == before
+    assert subprocess.run([*cmd, "--force"], capture_output=True).returncode == 0
+    assert load_checkpoint(tmp_path / "mha")[0].kv_heads == 2
+
+
 def test_cli_bad_target_is_a_one_line_error(tmp_path):
     config = tiny(4)
     save_checkpoint(tmp_path / "mha", config, init_params(config))

@@ -171,6 +171,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(text_file, tmp_path
         train(tiny_run(text_file, out=str(out), checkpoint_interval=1))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
     assert load_checkpoint(out)[0] == TINY
+    calls.clear()  # a run that fails before its first checkpoint says it has none
+    with pytest.raises(FgptError, match="loss is nan at step 3: training stopped; no checkpoint had been written"):
+        train(tiny_run(text_file, out=str(tmp_path / "fresh"), checkpoint_interval=0))
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_kill(text_file, tmp_path):

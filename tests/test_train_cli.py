@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgpt import GPTConfig, load_checkpoint, run_dir, tree
+from fgpt import GPTConfig, init_params, load_checkpoint, run_dir, tree
 from fgpt.tokenizer import gpt2_encoding
 from fgpt.train import TrainConfig, train
 from run import train as run_train
@@ -59,11 +59,56 @@ def test_bad_input_is_one_line_error(text_file, tmp_path, capsys, monkeypatch):
         "does not split": ["--data", str(text_file), "--batch-size", "5", "--grad-accum", "2"],
         "no training checkpoint": ["--resume", "--out", str(tmp_path / "nothing")],
         "n_layer = 3 contradicts": ["--resume", "--out", str(trained), "--n-layer", "3"],
+        "--stop-after 1: the run is already at step 1": ["--resume", "--out", str(trained), "--steps", "3",
+                                                         "--stop-after", "1"],
+        "--lr must be positive and finite, got inf": ["--data", str(text_file), "--lr", "inf"],
+        "--weight-decay must be at least 0 and finite, got nan": ["--data", str(text_file), "--weight-decay", "nan"],
+        "--grad-clip must be at least 0 (0: no clipping), got -1.0": ["--data", str(text_file), "--grad-clip", "-1"],
+        "--seed must be in [0, 2**63), got -1": ["--data", str(text_file), "--seed", "-1"],
+        "--seed must be in [0, 2**63), got 99999999999999999999": ["--data", str(text_file), "--seed",
+                                                                   "99999999999999999999"],
     }
     for i, (msg, args) in enumerate(cases.items()):
         if "--out" not in args:
             args = [*TINY_FLAGS, *args, "--out", str(tmp_path / f"out{i}")]
         assert_one_line_error(*run_cli_inprocess(args, capsys, monkeypatch), msg)
+
+
+def test_a_fresh_run_never_writes_over_a_checkpoint_or_reads_a_damaged_state(text_file, tmp_path, capsys,
+                                                                              monkeypatch):
+    """--out naming a checkpoint folder (an --init-from's own, say) is refused with its files
+    unchanged; a truncated train_state.pt is one line naming it, on resume and on a fresh run."""
+    from fgpt.checkpoint import save_checkpoint
+    hf = tmp_path / "hf"
+    save_checkpoint(hf, TINY, init_params(TINY))
+    before = {f: (hf / f).read_bytes() for f in ("model.safetensors", "config.json")}
+    clash = "already holds a checkpoint (model.safetensors, config.json)"
+    for args in (["--init-from", str(hf), "--out", str(hf)], [*TINY_FLAGS, "--out", str(hf)]):
+        flags = ["--data", str(text_file), "--steps", "1", *args]
+        assert_one_line_error(*run_cli_inprocess(flags, capsys, monkeypatch), clash)
+    assert {f: (hf / f).read_bytes() for f in before} == before
+    trained = tmp_path / "trained"
+    train(tiny_run(text_file, out=str(trained), steps=1))
+    state = trained / run_dir.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    for args in (["--resume", "--out", str(trained), "--steps", "2"], [*TINY_FLAGS, "--out", str(trained)]):
+        assert_one_line_error(*run_cli_inprocess(["--data", str(text_file), *args], capsys, monkeypatch),
+                              f"{state} is damaged or not a file torch saved")
+
+
+def test_a_run_given_a_relative_data_path_resumes_from_anywhere(text_file, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    monkeypatch.chdir(text_file.parent)
+    args = [*TINY_FLAGS, "--data", text_file.name, "--out", out, "--stop-after", "1", "--eval-interval", "0"]
+    assert run_cli_inprocess(args, capsys, monkeypatch)[0] == 0
+    assert run_dir.saved_run(out)[0].data == str(text_file)  # recorded absolute
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli_inprocess(["--resume", "--out", out], capsys, monkeypatch)
+    assert code == 0, err
+    same_file = f"{text_file.parent}/./{text_file.name}"  # spelled otherwise: not a contradiction
+    code, err = run_cli_inprocess(["--resume", "--out", out, "--steps", "3", "--data", same_file], capsys, monkeypatch)
+    assert code == 0, err
+    assert run_dir.train_state(out)["step"] == 3
 
 
 def test_text_field_names_the_jsonl_field_to_train_on(tmp_path, capsys, monkeypatch):
@@ -104,6 +149,7 @@ def test_bad_input_to_a_distributed_run_fails_before_any_rank_starts(text_file, 
         "invalid choice: 'step'": ["strategy=fsdp", "--schedule", "step"],
         "--cooldown must be": ["strategy=fsdp", "--schedule", "wsd", "--cooldown", "0"],
         "strategy=single reduces no gradients": ["--reduce-dtype", "bf16"],
+        **({} if gpus else {"allows only on CUDA with NCCL": ["strategy=ddp", "--reduce-dtype", "bf16"]}),
         ("CUDA devices" if gpus else "no CUDA device"): ["strategy=ddp", f"nproc={gpus + 1}", "--device", "cuda"],
         "n_embd (32) must be divisible by n_head (3)": ["strategy=ddp", "--n-head", "3"],
         "no such file": ["strategy=ddp", "--data", str(tmp_path / "missing.txt")],
