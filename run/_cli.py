@@ -34,3 +34,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def summary(doc: str) -> str:
+    """A module docstring's first paragraph on one line: an --help description."""
+    return " ".join(doc.split("\n\n")[0].split())

@@ -37,6 +37,7 @@ from fgpt.flex_window import flex_window_attention
 from fgpt import measure
 from fgpt.kv_cache import KVCache, cached_attention
 from fgpt.measure import peak_rss_growth, release_freed_memory
+from run._cli import summary
 
 W = 256
 HD = 64
@@ -258,7 +259,7 @@ def decode_speed(context: int = 2048, n_new: int = 32, n_layer: int = 4, vocab: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="just bench attention", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="just bench attention", description=summary(__doc__))
     ap.add_argument("--no-flex", dest="flex", action="store_false",
                     help="skip the compiled flex_attention kernel")
     ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke run)")

@@ -36,13 +36,14 @@ from fgpt.measure import machine_line, peak_rss_growth, release_freed_memory, st
 from fgpt.prepare import SHARD_TOKENS, default_workers
 from fgpt.shards import FORMAT, MANIFEST, ShardWriter, TokenStream, dtype_for, shard_entries
 from fgpt.tokenizer import EOT, gpt2_encoding
+from run._cli import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="just bench data", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="just bench data", description=summary(__doc__))
     ap.add_argument("--mb", type=float, default=500, help="JSONL corpus size in MB (then twice that)")
     ap.add_argument("--workers", type=int, default=default_workers(), help="threads for both tokenisers")
     ap.add_argument("--train-tokens", type=float, default=1e9, help="tokens of the synthetic prepared corpus")

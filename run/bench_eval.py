@@ -19,10 +19,11 @@ from fgpt.errors import FgptError
 from fgpt.measure import machine_line, repeat_times, spread
 from fgpt.model import init_params
 from fgpt.perplexity import strided_nll
+from run._cli import summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="just bench eval", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="just bench eval", description=summary(__doc__))
     ap.add_argument("--model", default="gpt2", help="config preset for the shapes (default gpt2 = 124M)")
     ap.add_argument("--n-ctx", type=int, default=256, help="window length")
     ap.add_argument("--tokens", type=int, default=1024, help="length of the scored stream")

@@ -23,10 +23,11 @@ from fgpt.generate import Sampling, decode_layout, generate
 from fgpt.measure import best_time, copy_bandwidth, machine_line
 from fgpt.model import init_params
 from fgpt.tree import FLOAT_DTYPES
+from run._cli import summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="just bench generate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="just bench generate", description=summary(__doc__))
     ap.add_argument("--model", default="gpt2", help="config preset for the shapes (default gpt2 = 124M)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=8)

@@ -27,7 +27,7 @@ from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.parallel.process_group import resolve_device
 from fgpt.tree import FLOAT_DTYPES
-from run._cli import ArgumentParser, main_guard
+from run._cli import ArgumentParser, main_guard, summary
 
 # single files that are corpora rather than one text (the formats fgpt.sources reads as
 # records): handed to the data module, which evaluates their validation split as training would
@@ -35,7 +35,7 @@ CORPUS_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m run.eval", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.eval", description=summary(__doc__))
     ap.add_argument("--checkpoint", help="a .safetensors or pytorch_model.bin file, a directory or a hub "
                     "name; default: the newest checkpoint under out/")
     ap.add_argument("--task", choices=["ppl", "mc"], default="ppl",

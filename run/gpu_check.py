@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from run._cli import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("ddp", "fsdp", "custom-fsdp")
@@ -217,7 +218,7 @@ def run_decode(budget: Budget, scale: Scale) -> list[tuple[str, str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="just gpu-check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="just gpu-check", description=summary(__doc__))
     ap.add_argument("--budget-s", type=float, default=480, help="stop starting checks after this long")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     ap.add_argument("--rehearse", action="store_true",

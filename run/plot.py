@@ -9,11 +9,11 @@ import sys
 
 from fgpt.curves import distinct_labels, figure, read_curves, save_figure
 from fgpt.errors import FgptError
-from run._cli import ArgumentParser, main_guard
+from run._cli import ArgumentParser, main_guard, summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m run.plot", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.plot", description=summary(__doc__))
     ap.add_argument("runs", nargs="+", metavar="RUN", help="a training --out directory (or its metrics.jsonl)")
     ap.add_argument("--out", required=True, help="the figure to write (.png, .svg or .pdf)")
     ap.add_argument("--label", action="append", help="a legend label per run, in order (default: directory names)")

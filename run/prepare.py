@@ -17,11 +17,11 @@ from pathlib import Path
 from fgpt.errors import check_at_least
 from fgpt.prepare import SHARD_TOKENS, VAL_FRACTION, default_workers, prepare
 from fgpt.sources import list_files
-from run._cli import ArgumentParser, main_guard
+from run._cli import ArgumentParser, main_guard, summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m run.prepare", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m run.prepare", description=summary(__doc__))
     ap.add_argument("--data", required=True, help="text / JSONL / Parquet file, directory or glob")
     ap.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
     ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (text)")

@@ -17,3 +17,17 @@ def test_a_usage_error_is_one_line_with_exit_code_2(tool, capsys):
     assert exit_info.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert f"(see python -m run.{tool} --help)" in lines[0], lines
+
+
+@pytest.mark.parametrize("what", ["generate", "train", "eval"])
+def test_a_bench_against_transformers_without_it_names_the_extra(what, capsys, monkeypatch):
+    import sys
+    from run import bench
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if a plain install: import fails
+    monkeypatch.setattr(sys, "argv", ["run.bench", what])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2
+    assert lines == [f"error: just bench {what} (its peer) needs transformers, which a plain install leaves "
+                     "out: pip install 'fgpt[dev]'"]
