@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 
@@ -141,12 +142,41 @@ def without_launcher_flags(argv: list[str]) -> list[str]:
     return out
 
 
+# The signals torchrun's agent takes for "shut down": it passes each to every rank, waits
+# for them (30 s, then SIGKILL) and exits. Forwarded, since the agent runs in a session of
+# its own and no longer hears the terminal's Ctrl-C, Ctrl-\ or hang-up itself.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 def relaunch(argv: list[str], nproc: int, max_restarts: int) -> int:
-    """Run this command under torchrun with `nproc` ranks, OMP threads split between them."""
+    """Run this command under torchrun with `nproc` ranks, OMP threads split between them.
+    A signal stops the ranks as it stops one process (finish the step, checkpoint); the exit
+    code is then 128 + its number, once every child has exited; else torchrun's."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "-m", "run.train", *without_launcher_flags(argv)]
-    return subprocess.call(cmd, env=env)
+    # A rank aborts without a checkpoint on a second signal, so each signal must reach the
+    # agent exactly once, from a terminal (the whole foreground group) or from `kill` /
+    # `timeout` / a scheduler (this process only): hence the agent's own session and the
+    # forwarding. Never kill the agent: it waits for the ranks (subprocess.call SIGKILLs it
+    # 0.25 s after a Ctrl-C, which orphaned them mid-step).
+    agent, received = None, []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if agent is not None:
+            agent.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        agent = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if received:  # came while it started (harmless if sent twice: no rank runs yet)
+            agent.send_signal(received[0])
+        code = agent.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else code
 
 
 def choose_ranks(args, under_torchrun: bool) -> None:
