@@ -14,7 +14,7 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | parallel | attention | eval | data
+# benchmarks: generate | train | loss | parallel | attention | eval | data
 bench what *args:
     python -m run.bench "$@"
 

@@ -13,9 +13,12 @@ Timings synchronise CUDA when a GPU is in use. Memory on CPU is the process's re
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -106,6 +109,19 @@ def peak_rss_growth(fn: Callable[[], object], device: str | torch.device | None 
     before = status_bytes("VmRSS")
     fn()
     return max(0, status_bytes("VmHWM") - before)
+
+
+def in_child(module, function: str, *args):
+    """`module.function(*args)` run in a fresh Python process (JSON arguments and result), for
+    memory measurements: its glibc hands large frees back to the OS at once, so the resident
+    set tracks live tensors, and no measurement inherits another's high-water mark."""
+    code = ("import importlib, json, sys; f = getattr(importlib.import_module(sys.argv[1]), sys.argv[2]); "
+            "print(json.dumps(f(*json.loads(sys.argv[3]))))")
+    proc = subprocess.run([sys.executable, "-c", code, module.__name__, function, json.dumps(args)],
+                          capture_output=True, text=True, env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    if proc.returncode:
+        raise RuntimeError(f"{function} failed in its child process: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- the machine ------------------------------------------------------------------------

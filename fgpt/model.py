@@ -39,6 +39,7 @@ from einops import rearrange
 
 from fgpt.attention import attention
 from fgpt.config import GPTConfig
+from fgpt.cross_entropy import IGNORE, linear_cross_entropy
 from fgpt.errors import FgptError
 from fgpt.kv_cache import KVCache
 from fgpt.layers import dropout, embedding, layer_norm, linear, mlp, unembed
@@ -167,9 +168,13 @@ def head(params: dict, x: torch.Tensor, config: GPTConfig) -> torch.Tensor:
 
 
 def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTConfig) -> torch.Tensor:
-    """The head, then the mean cross-entropy against targets [B, T] (in fp32); -1 is ignored."""
-    logits = head(params, x, config)  # [B, T, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    """The head, then the mean cross-entropy against targets [B, T] (in fp32); -1 is ignored.
+    A chunk of rows at a time (fgpt.cross_entropy): the [B, T, V] logits never exist."""
+    x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
+    if "scale" in params["wte"]:  # int8 (evaluation only): its own product
+        logits = unembed(params["wte"], x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return linear_cross_entropy(x.flatten(0, 1), params["wte"]["weight"], targets.flatten())
 
 
 def trunk(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCache | None = None,

@@ -3,16 +3,11 @@ bytes-read model, the window kernel's time and memory against sequence length (f
 forward + backward, against torch's flash causal kernel and a dense mask), and training step
 time and memory at long T. Timing and memory come from fgpt.measure, as in the benchmarks.
 
-Memory is measured in a child process whose glibc returns large frees to the OS at once,
-so its resident set tracks live tensors (and one measurement cannot inherit another's).
+Memory is measured in a child process (fgpt.measure.in_child), so that its resident set
+tracks live tensors and one measurement cannot inherit another's.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -25,17 +20,6 @@ from fgpt.parallel import make_strategy
 from fgpt.train import optimizer_step
 
 MiB = 2 ** 20
-
-
-def in_child(function: str, *args):
-    """Run `function(*args)` of this module in a fresh Python process; its JSON result."""
-    code = ("import json, sys; from fgpt.report import efficiency as e; "
-            "print(json.dumps(getattr(e, sys.argv[1])(*json.loads(sys.argv[2]))))")
-    proc = subprocess.run([sys.executable, "-c", code, function, json.dumps(args)], capture_output=True,
-                          text=True, env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
-    if proc.returncode:
-        raise RuntimeError(f"{function} failed in its child process: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- KV cache -----------------------------------------------------------------------------

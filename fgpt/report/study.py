@@ -25,7 +25,7 @@ from fgpt import data
 from fgpt.checkpoint import save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.convert import to_gqa
-from fgpt.measure import copy_bandwidth, machine
+from fgpt.measure import copy_bandwidth, in_child, machine
 from fgpt.model import count_params
 from fgpt.report import efficiency, probes, relay
 from fgpt.report.budget import RULES, Budget
@@ -325,13 +325,13 @@ def efficiency_measurements(budget: Budget, arms: dict, progress: Progress) -> d
                      for name, c in variants.items()}
     progress.log("measured KV-cache bytes and decode speed")
     out["kernels"] = {"window": budget.kernel_window, "heads": budget.kernel_heads, "head_dim": budget.kernel_head_dim,
-                      "rows": efficiency.in_child("kernel_scaling", list(budget.kernel_lengths), budget.kernel_window,
+                      "rows": in_child(efficiency, "kernel_scaling", list(budget.kernel_lengths), budget.kernel_window,
                                                   budget.kernel_heads, budget.kernel_head_dim,
                                                   budget.kernel_dense_max, budget.kernel_repeats)}
     progress.log("measured the attention kernels against sequence length")
     step_arms = {"rope": arms["rope"], f"rope+swa-{budget.window}": arms[f"rope+swa-{budget.window}"],
                  f"rope+gqa-{budget.main_kv_head}": arms["rope"].replace(n_kv_head=budget.main_kv_head)}
-    out["steps"] = efficiency.in_child("step_scaling", {name: _fields(c) for name, c in step_arms.items()},
+    out["steps"] = in_child(efficiency, "step_scaling", {name: _fields(c) for name, c in step_arms.items()},
                                        list(budget.step_lengths), budget.step_repeats)
     progress.log("measured training step time and memory at long sequence lengths")
     return out

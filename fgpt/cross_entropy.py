@@ -1,0 +1,93 @@
+"""The LM head's cross-entropy, a chunk of rows at a time: mean over targets of
+logsumexp(x @ W.T) - (x @ W.T)[target], without the [tokens, V] logits.
+
+`F.cross_entropy(x @ W.T)` keeps a [tokens, V] fp32 tensor for its backward and makes
+several more on the way (logits, log-probabilities, their gradients): over GPT-2's 50257
+ids that is 206 MB per 1024 tokens each, the largest activations of a step. Here each
+chunk's logits become its softmax in place, and the gradients of x and W are finished in
+the forward, so the backward only scales them; what stays alive is W's gradient (the size
+of W, whatever the number of tokens) and x's.
+
+The products run in x's dtype (bf16 under bf16 training, as `x @ W.T` would) and the
+softmax in fp32; W's gradient is summed over chunks in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -1  # targets of -1 are left out of the loss (and of the count it is the mean over)
+# one chunk's fp32 logits: 256 MiB, 1335 rows of GPT-2's vocabulary. Smaller chunks make
+# thinner matmuls, which a CPU runs slower: forward + backward of 4096 tokens at GPT-2's head
+# shapes (one probe, 2 AVX2 cores, load ~3.5) took 1.8x F.cross_entropy's time in 166-row
+# chunks, 0.78x in 1335-row ones (and 0.13x, 0.39x its peak memory).
+CHUNK_BYTES = 2 ** 28
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         rows: int | None = None) -> torch.Tensor:
+    """x [N, d], weight [V, d], targets [N] (-1: ignored) -> the mean cross-entropy of the
+    logits x @ weight.T (fp32 scalar), `rows` rows at a time where N needs more than one
+    chunk. Differentiable in x and weight (once: the gradient is computed in the forward)."""
+    rows = rows or chunk_rows(weight.shape[0])
+    if x.shape[0] <= rows:  # one chunk: F.cross_entropy's own kernels are the faster (on a CPU)
+        return reference_cross_entropy(x, weight, targets)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets, rows)[0]
+    return _loss_and_grads(x, weight, targets, rows, grads=False)[0]
+
+
+def _loss_and_grads(x, weight, targets, rows, grads: bool):
+    count = (targets != IGNORE).sum()  # 0 gives nan, as F.cross_entropy does
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = torch.empty_like(x) if grads else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads else None
+    for start in range(0, x.shape[0], rows):
+        xc, tc = x[start:start + rows], targets[start:start + rows]
+        logits = (xc @ weight.T).float()  # [r, V]
+        valid = tc != IGNORE
+        picked = tc.clamp(min=0)[:, None]
+        lse = torch.logsumexp(logits, dim=1)
+        total += (lse - logits.gather(1, picked)[:, 0]).masked_fill_(~valid, 0).sum()
+        if not grads:
+            continue
+        # d loss / d logits = (softmax - one_hot(target)) / count, zero on ignored rows
+        weights = valid.to(torch.float32)[:, None]
+        delta = logits.sub_(lse[:, None]).exp_().scatter_add_(1, picked, -weights).mul_(weights / count)
+        delta = delta.to(x.dtype)
+        grad_x[start:start + rows] = delta @ weight
+        if delta.dtype == torch.float32:
+            grad_w.addmm_(delta.T, xc)
+        else:  # bf16 products, summed in fp32
+            grad_w += delta.T @ xc
+    return total / count, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """(loss, d loss/dx, d loss/dW) from one forward; the backward scales the last two."""
+
+    @staticmethod
+    def forward(x, weight, targets, rows):
+        return _loss_and_grads(x, weight, targets, rows, grads=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the torch.func-compatible form
+        _, grad_x, grad_w = output
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.mark_non_differentiable(grad_x, grad_w)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_x, _grad_w):
+        grad_x, grad_w = ctx.saved_tensors
+        # in place: a copy of W's gradient would double the memory this module saves
+        return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None
+
+
+def reference_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same loss the direct way, through the full [N, V] logits: the tests' and the
+    benchmark's reference."""
+    return torch.nn.functional.cross_entropy((x @ weight.T).float(), targets, ignore_index=IGNORE)
