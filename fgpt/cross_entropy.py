@@ -6,7 +6,8 @@ several more on the way (logits, log-probabilities, their gradients): over GPT-2
 ids that is 206 MB per 1024 tokens each, the largest activations of a step. Here each
 chunk's logits become its softmax in place, and the gradients of x and W are finished in
 the forward, so the backward only scales them; what stays alive is W's gradient (the size
-of W, whatever the number of tokens) and x's.
+of W, whatever the number of tokens) and x's. A batch that fits one chunk goes to
+F.cross_entropy itself, which is the faster there (on a CPU).
 
 The products run in x's dtype (bf16 under bf16 training, as `x @ W.T` would) and the
 softmax in fp32; W's gradient is summed over chunks in fp32.

@@ -169,7 +169,8 @@ def head(params: dict, x: torch.Tensor, config: GPTConfig) -> torch.Tensor:
 
 def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     """The head, then the mean cross-entropy against targets [B, T] (in fp32); -1 is ignored.
-    A chunk of rows at a time (fgpt.cross_entropy): the [B, T, V] logits never exist."""
+    Past one chunk of rows, a chunk at a time (fgpt.cross_entropy): the [B, T, V] logits
+    never exist whole."""
     x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
     if "scale" in params["wte"]:  # int8 (evaluation only): its own product
         logits = unembed(params["wte"], x)

@@ -22,7 +22,7 @@ import torch
 from fgpt import GPTConfig, model
 from fgpt.cross_entropy import linear_cross_entropy, reference_cross_entropy
 from fgpt.measure import in_child, machine_line, peak_rss_growth, release_freed_memory, repeat_times
-from run import bench_loss
+from run import bench_loss  # this module by its import name, for the child processes
 from run._cli import summary
 
 LOSSES = {"F.cross_entropy": reference_cross_entropy, "fgpt": linear_cross_entropy}

@@ -38,8 +38,8 @@ def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = Fa
 def hf_model(config: GPTConfig, device: str):
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx, n_layer=config.n_layer,
-                                    n_head=config.n_head,
-                                    n_embd=config.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                    n_head=config.n_head, n_embd=config.n_embd,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     return hf.to(device).train()
 
 
