@@ -80,9 +80,10 @@ class Chunk:
 
 # --- listing ----------------------------------------------------------------------------
 
-def list_files(spec: str) -> list[SourceFile]:
+def list_files(spec: str, flag: str = "--data") -> list[SourceFile]:
     """The files named by `spec`: a file, a directory (every file below it, except hidden
-    ones and those in hidden directories such as .git) or a glob, sorted by path."""
+    ones and those in hidden directories such as .git) or a glob, sorted by path. `flag`:
+    the option that named it, for the errors."""
     if glob.has_magic(spec):
         paths, root = [Path(p) for p in glob.glob(spec, recursive=True)], _glob_root(spec)
         paths = [p for p in paths if p.is_file()]
@@ -93,9 +94,9 @@ def list_files(spec: str) -> list[SourceFile]:
     elif Path(spec).is_file():
         paths, root = [Path(spec)], Path(spec).parent
     else:
-        raise FgptError(f"--data {spec}: no such file or directory")
+        raise FgptError(f"{flag} {spec}: no such file or directory")
     if not paths:
-        raise FgptError(f"--data {spec}: matches no files")
+        raise FgptError(f"{flag} {spec}: matches no files")
     return [_source_file(p, p.relative_to(root).as_posix()) for p in sorted(paths)]
 
 

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         questions = read_questions(args.data, limit=args.limit)
         scores = score_endings(params, config, questions, batch_size=args.batch_size, device=device)
         result = accuracy(questions, scores)
-        done = f"{result['n']} questions"
+        done = f"{result['n']} question{'s' if result['n'] != 1 else ''}"
     else:
         tokens = load_tokens(args.data, args.text_field)
         if args.max_tokens is not None:

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     check_at_least("--workers", args.workers, 1)
     start = time.perf_counter()
     files = list_files(args.data)
-    val_files = list_files(args.val) if args.val else None
+    val_files = list_files(args.val, "--val") if args.val else None
     manifest = prepare(files, Path(args.out), val_files=val_files, val_fraction=args.val_fraction,
                        text_field=args.text_field, workers=args.workers, shard_tokens=args.shard_tokens,
                        progress=not args.quiet, description=args.data, val_description=args.val,

@@ -288,6 +288,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     cases = bad_sources(tmp_path)
     for argv, match in [(["--data", str(cases["malformed.jsonl"][0])], "line 4: not valid JSON"),
                         (["--data", str(tmp_path / "nowhere")], "no such file or directory"),
+                        (["--data", str(cases["malformed.jsonl"][0]), "--val", str(tmp_path / "nowhere")],
+                         f"--val {tmp_path / 'nowhere'}: no such file or directory"),
                         (["--data", str(cases["malformed.jsonl"][0]), "--workers", "0"], "--workers must be at least 1")]:
         with pytest.raises(SystemExit) as e:
             from run._cli import main_guard
