@@ -179,6 +179,18 @@ def test_bad_input_from_a_real_process(text_file, tmp_path):
         assert_one_line_error(proc.returncode, stderr, msg)
 
 
+def test_an_error_inside_the_ranks_ends_without_torchruns_traceback(text_file, tmp_path):
+    """Bad input only the ranks can see (a loss that turns NaN mid-run): each rank's one-line
+    error, then exit 2 from the launcher, not torchrun's ChildFailedError traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "run.train", "strategy=ddp", "nproc=2", *TINY_FLAGS, "--steps", "20",
+         "--lr", "1e6", "--batch-size", "4", "--eval-interval", "0", "--data", str(text_file),
+         "--out", str(tmp_path / "run"), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: loss is nan at step" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_sigint_finishes_the_step_checkpoints_and_resumes(text_file, tmp_path):
     import signal
     import time
