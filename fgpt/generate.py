@@ -10,6 +10,7 @@ padding, so positions start at 0 in every row and padding is never attended to.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -34,8 +35,8 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # NaN too
-            raise FgptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN too; inf would sample uniformly
+            raise FgptError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise FgptError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -192,6 +192,8 @@ def main() -> None:
     psi = count_params(config)
     block_psi = sum(torch.Size(s).numel() for k, s in param_shapes(config).items() if k.startswith("h.0."))
     strategies = args.strategies.split(",")
+    if unknown := [s for s in strategies if s not in STRATEGIES]:
+        raise FgptError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
     rows = {}
     with tempfile.TemporaryDirectory() as out:
         for name in strategies:

@@ -212,7 +212,8 @@ def test_sampled_tokens_lie_in_the_top_k_and_the_nucleus(logits, k, p, seed):
 
 def test_validation_errors(small):
     config, params = small
-    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=0.0),
+    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                dict(top_k=0), dict(top_p=0.0),
                 dict(top_p=1.5)):
         with pytest.raises(FgptError):
             Sampling(**bad)
