@@ -128,7 +128,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
     device = resolve_device(run.device)
     if run.strategy == "ddp" and run.reduce_dtype == "bf16" and device != "cuda":  # as DDP would refuse, in each rank
         raise FgptError("ddp: --reduce-dtype bf16 uses torch's bf16_compress_hook, which DDP allows only on "
-                        "CUDA with NCCL; use fsdp or custom-fsdp for a bf16 reduction here")
+                        "CUDA with NCCL (a CPU run uses gloo); use fsdp or custom-fsdp for a bf16 reduction here")
     if run.window_kernel == "flex":  # fail before any work: no backward on CPU
         from fgpt.flex_window import check_trainable
         check_trainable(device)
