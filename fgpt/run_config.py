@@ -126,9 +126,9 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
     if run.window_kernel not in WINDOW_KERNELS:
         raise FgptError(f"--window-kernel must be one of {', '.join(WINDOW_KERNELS)}, got {run.window_kernel!r}")
     device = resolve_device(run.device)
-    if run.strategy == "ddp" and run.reduce_dtype == "bf16" and device != "cuda":  # as DDP would refuse, in each rank
-        raise FgptError("ddp: --reduce-dtype bf16 uses torch's bf16_compress_hook, which DDP allows only on "
-                        "CUDA with NCCL (a CPU run uses gloo); use fsdp or custom-fsdp for a bf16 reduction here")
+    if run.strategy == "ddp" and run.reduce_dtype == "bf16":  # here, not in each rank
+        from fgpt.parallel.ddp import check_bf16_reduction
+        check_bf16_reduction("nccl" if device == "cuda" else "gloo")
     if run.window_kernel == "flex":  # fail before any work: no backward on CPU
         from fgpt.flex_window import check_trainable
         check_trainable(device)

@@ -13,17 +13,22 @@ from fgpt.errors import FgptError
 from fgpt.parallel.module_wrapper import GPTModule, WrappedModuleStrategy
 
 
+def check_bf16_reduction(backend: str) -> None:
+    """DDP.register_comm_hook refuses bf16_compress_hook unless CUDA + NCCL >= 2.10 (torch
+    2.13 checks the hook's name), although gloo all-reduces bf16 fine: one line instead."""
+    if backend != "nccl":
+        raise FgptError("ddp: --reduce-dtype bf16 uses torch's bf16_compress_hook, which DDP "
+                        f"allows only on CUDA with NCCL (this run uses {backend}); "
+                        "use fsdp or custom-fsdp for a bf16 reduction here")
+
+
 class DDP(WrappedModuleStrategy):
     name = "ddp"
 
     def wrap(self, params, precision):
         bf16_reduce = self.reduce_dtype == torch.bfloat16
-        if bf16_reduce and dist.get_backend() != "nccl":
-            # DDP.register_comm_hook refuses bf16_compress_hook unless CUDA + NCCL >= 2.10
-            # (torch 2.13 checks the hook's name), although gloo all-reduces bf16 fine.
-            raise FgptError("ddp: --reduce-dtype bf16 uses torch's bf16_compress_hook, which DDP "
-                            f"allows only on CUDA with NCCL (this run uses {dist.get_backend()}); "
-                            "use fsdp or custom-fsdp for a bf16 reduction here")
+        if bf16_reduce:
+            check_bf16_reduction(dist.get_backend())
         compute_dtype = torch.bfloat16 if precision == "bf16" else None
         module = GPTModule(params, self.config, compute_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
