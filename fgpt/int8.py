@@ -30,6 +30,7 @@ first two, measured once per process (`fastest_kernel`):
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from fgpt import tree
 from fgpt.decode_layout import copies_past_the_caches, fastest, on_one_thread
 from fgpt.errors import FgptError
+from fgpt.measure import cpu_flags
 
 QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0
 # activations for fbgemm: three base-128 digits of a fixed-point integer (module docstring)
@@ -92,6 +94,21 @@ def is_quantized(params: dict) -> bool:
 
 FBGEMM_AVAILABLE = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
     torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")  # x86 with AVX2 or better
+# fbgemm's instruction sets that multiply u8 x s8 with VNNI (vpdpbusd: int32 sums); below
+# them it uses AVX2's vpmaddubsw, whose int16 pair sums saturate. FBGEMM_ENABLE_INSTRUCTIONS
+# caps the set fbgemm uses (AVX2, AVX512, AVX512_E1 = with VNNI, AVX512_VNNI, ...).
+_FBGEMM_VNNI_SETS = ("AVX512_E1", "AVX512_VNNI", "AVX512_VNNI_BF16")
+
+
+def fbgemm_sums_in_int16() -> bool:
+    """Whether fbgemm's u8 x s8 kernel adds products in saturating int16 pairs on this
+    machine: yes unless the CPU has AVX-512 VNNI and FBGEMM_ENABLE_INSTRUCTIONS allows it.
+    The digits stay below 128 so that the answer does not matter for fgpt's products."""
+    cap = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    vnni_allowed = not cap or cap in _FBGEMM_VNNI_SETS
+    return not ({"avx512_vnni", "avx512bw"} <= cpu_flags() and vnni_allowed)
+
+
 _forced: str | None = None
 
 

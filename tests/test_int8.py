@@ -3,9 +3,13 @@ held-out loss of a trained model against fp32's, decoding against int8's own ful
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from helpers import greedy_by_recomputation, wide_params
 from test_generate import run_cli
 
 GREEDY = Sampling(temperature=0)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @given(rows=st.integers(1, 5), cols=st.integers(1, 9), seed=st.integers(0, 2**16),
@@ -99,26 +104,41 @@ def test_digits_write_each_row_in_base_128_to_within_a_step(rows, cols, seed, sp
     assert torch.all(step.double() <= largest / 1_000_000 + 1e-30)  # 20 bits of each row's range
 
 
+EXTREME_DIGITS = """
+import torch
+from fgpt import int8
+K, N = 3072, 6
+q = torch.full((N, K), 127, dtype=torch.int8)
+q[1::2] = -127
+q[2, ::2] = -127
+e = torch.full((4, K), 63.0)
+e[1] = -64
+e[2, ::2] = -64
+e[3] = torch.randint(-64, 64, (K,), generator=torch.Generator().manual_seed(0)).float()
+kernel = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+digits = kernel(e, 1.0, 64, int8._packed(q, torch.ones(N)))
+wide = torch.full((1, K), 255.0)  # 8-bit inputs (uint8 255, zero point 0)
+full = kernel(wide, 1.0, 0, int8._packed(q, torch.ones(N)))
+print(torch.equal(digits.double(), e.double() @ q.double().T),
+      torch.equal(full.double(), wide.double() @ q.double().T), int8.fbgemm_sums_in_int16())
+"""
+
+
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="fbgemm is x86-only")
-def test_fbgemm_sums_the_extreme_digits_exactly():
-    """The digits' claim of exactness: with every input at -64 or 63 and weights at +-127,
-    fbgemm's int16 pair sums would saturate if the digits were a bit wider."""
-    K, N = 3072, 6
-    q = torch.full((N, K), 127, dtype=torch.int8)
-    q[1::2] = -127
-    q[2, ::2] = -127
-    e = torch.full((4, K), 63.0)
-    e[1] = -64
-    e[2, ::2] = -64
-    e[3] = torch.randint(-64, 64, (K,), generator=torch.Generator().manual_seed(0)).float()
-    out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        e, 1.0, 64, int8._packed(q, torch.ones(N)))
-    assert torch.equal(out.double(), e.double() @ q.double().T)
-    # the same kernel on 8-bit inputs (uint8 255, zero point 0) does saturate: the bound matters
-    wide = torch.full((1, K), 255.0)
-    out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        wide, 1.0, 0, int8._packed(q, torch.ones(N)))
-    assert not torch.equal(out.double(), wide.double() @ q.double().T)
+@pytest.mark.parametrize("instructions", [None, "AVX2"])  # this machine's own choice; AVX2's, on every fbgemm CPU
+def test_fbgemm_sums_the_extreme_digits_exactly(instructions):
+    """The digits' claim of exactness: with every input at -64 or 63 and weights at +-127, the
+    products are exact whichever kernel fbgemm runs. Where it adds pairs in int16 (AVX2's
+    vpmaddubsw, not VNNI: detected from the CPU flags and FBGEMM_ENABLE_INSTRUCTIONS), 8-bit
+    inputs do saturate, so the digits' bound matters; with VNNI (int32 sums) they do not."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"FBGEMM_ENABLE_INSTRUCTIONS": instructions} if instructions else {})}
+    out = subprocess.run([sys.executable, "-c", EXTREME_DIGITS], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    digits_exact, eight_bits_exact, int16_sums = out.stdout.split()
+    assert digits_exact == "True"
+    assert int16_sums == str(instructions == "AVX2" or int8.fbgemm_sums_in_int16())
+    assert eight_bits_exact == str(int16_sums == "False")
 
 
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="fbgemm is x86-only")

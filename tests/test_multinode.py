@@ -20,6 +20,7 @@ import pytest
 from fgpt import GPTConfig
 from fgpt.train import TrainConfig, train
 from helpers import children_of
+from train_case import assert_reordered_losses_match
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)
@@ -93,7 +94,7 @@ def test_two_nodes_on_loopback_log_the_single_device_losses(text_file, single_lo
     out = tmp_path / "two-nodes"
     results = finish(start_nodes(text_file, out))
     assert all(code == 0 for code, _ in results), [err[-2000:] for _, err in results]
-    assert logged_losses(out) == pytest.approx(single_losses, rel=1e-5)
+    assert_reordered_losses_match(logged_losses(out), single_losses)  # half batches on 1 thread each
 
 
 def test_restarts_across_nodes_without_a_fresh_store_are_the_documented_error_on_every_node(text_file, tmp_path):
@@ -118,4 +119,4 @@ def test_a_restart_across_nodes_with_a_fresh_store_resumes_to_the_same_losses(te
     results = finish(nodes)
     assert all(code == 0 for code, _ in results), [err[-2000:] for _, err in results]
     assert any("resuming from step" in err for _, err in results)
-    assert logged_losses(out) == pytest.approx(single_losses, rel=1e-5)
+    assert_reordered_losses_match(logged_losses(out), single_losses)  # half batches on 1 thread each

@@ -15,7 +15,7 @@ from fgpt.checkpoint import latest_checkpoint
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
 from fgpt.train import TrainConfig, lr_at, peak_flops, train
-from train_case import TINY, tiny_run
+from train_case import TINY, assert_reordered_losses_match, tiny_run
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -29,8 +29,9 @@ def test_loss_falls(text_file, precision):
 def test_grad_accumulation_matches_one_big_batch(text_file):
     whole = train(tiny_run(text_file, steps=2, batch_size=4, grad_accum=1))
     split = train(tiny_run(text_file, steps=2, batch_size=4, grad_accum=2))
+    # two micro-batches against one batch: the same sums in another order
+    assert_reordered_losses_match([m["loss"] for m in split.metrics], [m["loss"] for m in whole.metrics])
     for a, b in zip(whole.metrics, split.metrics):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     # Adam divides by sqrt(v): near-zero gradients amplify float noise, so compare the
     # parameters to a small fraction of one update (lr = 3e-3).

@@ -21,6 +21,7 @@ from fgpt.attention import dense_window_attention
 from fgpt.kv_cache import KVCache
 from fgpt.train import TrainConfig, train
 from helpers import greedy_by_recomputation, repeat_kv_heads
+from train_case import assert_reordered_losses_match
 
 VOCAB = 37
 POS = ("learned", "rope")
@@ -198,7 +199,7 @@ def test_a_variant_trains_alike_under_every_strategy(tmp_path, monkeypatch):
     config = GPTConfig(n_ctx=16, n_layer=2, n_head=4, n_embd=32, n_kv_head=2, pos_emb="rope", window=(4, None))
     flags = ["--n-layer", "2", "--n-head", "4", "--n-embd", "32", "--n-ctx", "16", "--n-kv-head", "2",
              "--pos-emb", "rope", "--window", "4,none", "--steps", "4", "--batch-size", "4",
-             "--eval-interval", "0", "--data", str(data), "--no-progress"]
+             "--eval-interval", "0", "--precision", "fp32", "--data", str(data), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(root)}
     reference = train(TrainConfig(model=config, steps=4, batch_size=4, eval_interval=0, data=str(data),
                                   progress=False))
@@ -211,7 +212,8 @@ def test_a_variant_trains_alike_under_every_strategy(tmp_path, monkeypatch):
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, (name, stderr[-3000:])
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference.metrics], rel=1e-5), name
+        # 2 ranks of half a batch against one process with the whole batch: reordered sums
+        assert_reordered_losses_match([r["loss"] for r in rows], [r["loss"] for r in reference.metrics])
         assert load_checkpoint(tmp_path / name)[0] == config
 
 
