@@ -87,11 +87,11 @@ def _measure(shape, dtype, device, repeats) -> str:
 
 def decode_layout(params: dict) -> dict:
     """The same parameters with every float matrix of a decode step (block linears and the
-    tied head) stored in its measured fastest layout. Integer (int8) weights keep the layout
-    their kernel reads (fgpt/int8.py)."""
+    tied head) stored in its measured fastest layout. int8 matrices keep the layout their
+    kernel reads (fgpt/int8.py)."""
 
-    def relayout(w: torch.Tensor) -> torch.Tensor:  # w used as x @ w, [in, out]
-        if not w.is_floating_point():
+    def relayout(w):  # w used as x @ w, [in, out]
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             return w
         return _stored(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
 
@@ -100,5 +100,5 @@ def decode_layout(params: dict) -> dict:
                         for part in ("attn", "mlp")}}
 
     wte = params["wte"]["weight"]
-    head = wte if not wte.is_floating_point() else relayout(wte.T).T  # the head computes x @ wte.T
+    head = relayout(wte.T).T if isinstance(wte, torch.Tensor) else wte  # the head computes x @ wte.T
     return {**params, "h": [block(b) for b in params["h"]], "wte": {**params["wte"], "weight": head}}

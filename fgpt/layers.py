@@ -5,17 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fgpt import int8
-
 
 def layer_norm(p: dict, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], p["weight"], p["bias"], eps)
 
 
 def linear(p: dict, x: torch.Tensor) -> torch.Tensor:
-    """HF Conv1D layout: weight is [in, out], so y = x @ w + b with no transpose."""
-    if "scale" in p:  # weight-only int8 (fgpt/int8.py)
-        return int8.linear(p, x)
+    """HF Conv1D layout: weight is [in, out], so y = x @ w + b with no transpose. A weight
+    that is not a tensor (an int8 matrix, fgpt/int8.py) computes its own product."""
+    if not isinstance(p["weight"], torch.Tensor):
+        return p["weight"].linear(x, p["bias"])
     return torch.addmm(p["bias"], x.reshape(-1, x.shape[-1]), p["weight"]).view(*x.shape[:-1], -1)
 
 
@@ -28,15 +27,15 @@ def mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def embedding(p: dict, tokens: torch.Tensor) -> torch.Tensor:
-    if "scale" in p:
-        return int8.embedding(p, tokens)
+    if not isinstance(p["weight"], torch.Tensor):
+        return p["weight"].rows(tokens)
     return F.embedding(tokens, p["weight"])
 
 
 def unembed(p: dict, x: torch.Tensor) -> torch.Tensor:
     """The LM head tied to the embedding table p: [..., d] -> [..., V]."""
-    if "scale" in p:
-        return int8.unembed(p, x)
+    if not isinstance(p["weight"], torch.Tensor):
+        return p["weight"].unembed(x)
     return x @ p["weight"].T
 
 

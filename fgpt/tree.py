@@ -12,6 +12,7 @@ import optree
 import torch
 
 Tree = Any  # nested dict / list of tensors
+NAMESPACE = "fgpt"  # optree's registry of the node types these trees may hold (fgpt/int8.py's)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the --dtype names of the run/ tools
 
 
@@ -21,7 +22,7 @@ def _key(path: tuple) -> str:
 
 def flatten(tree: Tree) -> dict[str, torch.Tensor]:
     """Nested tree -> {"h.0.attn.c_attn.weight": tensor, ...} (optree's sorted leaf order)."""
-    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
     return {_key(p): leaf for p, leaf in zip(paths, leaves)}
 
 
@@ -49,11 +50,11 @@ def _lists_from_digit_dicts(node: Any) -> Any:
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
-    return optree.tree_map(fn, tree)
+    return optree.tree_map(fn, tree, namespace=NAMESPACE)
 
 
-def leaves(tree: Tree) -> list[torch.Tensor]:
-    return optree.tree_leaves(tree)
+def leaves(tree: Tree, is_leaf: Callable[[Any], bool] | None = None) -> list:
+    return optree.tree_leaves(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
 def cast(tree: Tree, dtype: torch.dtype) -> Tree:

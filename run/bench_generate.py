@@ -11,7 +11,6 @@ by once, so it takes at least (those bytes) / (the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
@@ -60,16 +59,10 @@ def bytes_per_step(params: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tree.leaves({k: v for k, v in params.items() if k != "wpe"}))
 
 
-def int8_picks() -> str:
-    picks = int8.measured_kernels().items()
-    return ", ".join(f"{str(dtype).removeprefix('torch.')} {n_in}x{n_out} {kernel}"
-                     for (n_out, n_in, dtype), kernel in picks) or "none (no choice here)"
-
-
-def _with_kernel(kernel: str | None, run):
-    """run() with every int8 product in `kernel` (None: the one fgpt picks)."""
-    with int8.forced_kernel(kernel) if kernel else contextlib.nullcontext():
-        return run()
+def int8_picks(params: dict) -> str:
+    """Each int8 weight shape of the tree (x @ W, [in, out]) and the kernel quantize gave it."""
+    picks = {(tuple(m.q.shape[::-1]), m.kernel) for m in int8.matrices(params)}
+    return ", ".join(f"{n_in}x{n_out} {kernel}" for (n_in, n_out), kernel in sorted(picks)) or "none"
 
 
 def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, repeats: int = 3,
@@ -81,15 +74,14 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
     prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     trees = {name: tree.cast(params, dtype) for name, dtype in FLOAT_DTYPES.items()}
     trees["int8"] = int8.quantize(params)
-    engines, step_bytes = {}, {}
-    runs = [(name, weights, None) for name, weights in trees.items()]
     if device == "cpu":  # the same int8 weights again, every product in torch's own int8 kernel
-        runs.append(("int8, torch's _weight_int8pack_mm", trees["int8"], "int8pack"))
-    for name, weights, kernel in runs:
+        trees["int8, torch's _weight_int8pack_mm"] = int8.quantize(params, kernel="int8pack")
+    engines, step_bytes = {}, {}
+    for name, weights in trees.items():
         fast = decode_layout(weights)
         step_bytes[name] = bytes_per_step(fast)
-        engines["fgpt", name] = lambda fast=fast, kernel=kernel: _with_kernel(kernel, lambda: generate(
-            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0])
+        engines["fgpt", name] = lambda fast=fast: generate(
+            fast, config, [prompt], new_tokens, sampling=Sampling(temperature=0), ignore_eos=True)[0]
         if name in FLOAT_DTYPES:
             hf = hf_model(params, config, FLOAT_DTYPES[name], device)
             engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, new_tokens)
@@ -105,7 +97,7 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
             "bandwidth": bandwidth,
             "same_as_fp32": {name: sum(a == b for a, b in zip(tokens["fgpt", name], tokens["fgpt", "float32"]))
                              for name in step_bytes if name.startswith("int8")},
-            "n_tokens": len(tokens["fgpt", "int8"])}
+            "n_tokens": len(tokens["fgpt", "int8"]), "int8": trees["int8"]}
 
 
 def table(result: dict) -> list[str]:
@@ -125,9 +117,10 @@ def table(result: dict) -> list[str]:
     return lines
 
 
-def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float, int]]:
+def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple[float, int]], list]:
     """One decode step's products (every block weight, then the head), per kernel: (seconds
-    for all of them, bytes they read). Best of `repeats`, kernels interleaved."""
+    for all of them, bytes they read), best of `repeats`, kernels interleaved; and the int8
+    matrices of fgpt's own picks."""
     from fgpt.decode_layout import _stored, fastest_layout
     config = GPTConfig.preset(model)
     params = init_params(config, seed=0)
@@ -142,25 +135,27 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> dict[str, tuple[float
                                                  sum(w.numel() * w.element_size() for w in stored))
     q = [int8.quantize_rows(w.T) for w in weights]  # [out, in] rows, per-output-channel scales
     int8_bytes = sum(w.numel() for w, _ in q)
+    picks = []
     for name, kernel in (("fbgemm, activations as 3 exact digits", "fbgemm"),
-                         ("torch's _weight_int8pack_mm, bf16 inputs", "int8pack"), ("fgpt's pick per shape", None)):
+                         ("torch's _weight_int8pack_mm, bf16 inputs", "int8pack"), ("fgpt's pick per shape", "auto")):
         if kernel == "fbgemm" and not int8.FBGEMM_AVAILABLE:
             continue
-        kernels[f"int8 {name}"] = ([lambda w=w, s=s, x=x[w.shape[1]], kernel=kernel: _with_kernel(
-            kernel, lambda: int8.matmul(x, w, s)) for w, s in q], int8_bytes)
+        matrices = [int8.Int8Matrix(w, s, int8.choose_kernel(*w.shape, torch.float32, kernel=kernel)) for w, s in q]
+        picks = matrices if kernel == "auto" else picks
+        kernels[f"int8 {name}"] = ([lambda m=m, x=x[m.q.shape[1]]: m.matmul(x) for m in matrices], int8_bytes)
     best = dict.fromkeys(kernels, float("inf"))
     for _ in range(repeats + 1):
         for name, (calls, _) in kernels.items():
             best[name] = min(best[name], best_time(lambda calls=calls: [c() for c in calls], 1, warmup=0))
-    return {name: (best[name], nbytes) for name, (_, nbytes) in kernels.items()}
+    return {name: (best[name], nbytes) for name, (_, nbytes) in kernels.items()}, picks
 
 
 def print_kernels(model: str) -> None:
     from fgpt.measure import matmul_flops
-    rates = kernel_rates(model)
+    rates, picked = kernel_rates(model)
     bandwidth = copy_bandwidth()
     print(f"one decode step's products, {model} shapes (blocks then head), best of 5; {machine_line()}")
-    print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks()}")
+    print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks(picked)}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matmul 1024^3: fp32 "
           f"{matmul_flops('cpu', torch.float32) / 1e9:.0f} GFLOP/s, bf16 "
           f"{matmul_flops('cpu', torch.bfloat16) / 1e9:.1f} GFLOP/s")
@@ -186,5 +181,5 @@ def main(argv=None) -> None:
     layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
                         for (_, dtype, (k, m)), layout in measured().items())
     print(f"decode layouts measured for x @ W [in, out]: {layouts}")
-    print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks()}")
+    print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks(result['int8'])}")
     print("\n".join(table(result)))

@@ -8,10 +8,10 @@ import random
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import numpy as np
+import optree
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -55,7 +55,7 @@ TOLERANCE = {"fbgemm": 2e-5, "int8pack": 2e-2, "dequantised": 2e-5}
 SHAPES = {"matvec": (1, 64, 50), "rows": (5, 32, 7), "K-not-a-multiple-of-16": (3, 24, 9), "tiny": (1, 3, 4),
           "gpt2-width": (4, 768, 40)}
 # torch's kernel only where K fits its loop: elsewhere matmul never picks it, and forcing it
-# is an error (test_a_forced_kernel_that_cannot_run_is_an_error)
+# is an error (test_a_named_kernel_that_cannot_run_is_an_error)
 RUNNABLE = [pytest.param(kernel, *shape, id=f"{kernel}-{name}") for kernel in CPU_KERNELS
             for name, shape in SHAPES.items() if kernel != "int8pack" or shape[1] % 16 == 0]
 
@@ -69,8 +69,8 @@ def test_matmul_equals_the_exact_product_with_the_int8_weights(kernel, M, K, N):
         x[1] *= 1e-4  # a quiet row next to a loud one keeps its own precision
     q, scale = int8.quantize_rows(w)
     ref = x.double() @ (q.double() * scale.double()[:, None]).T
-    with int8.forced_kernel(kernel):
-        got, with_bias = int8.matmul(x, q, scale), int8.matmul(x, q, scale, bias)
+    m = int8.Int8Matrix(q, scale, int8.choose_kernel(N, K, x.dtype, kernel=kernel))
+    got, with_bias = m.matmul(x), m.matmul(x, bias)
     assert got.dtype == x.dtype and got.shape == (M, N)
     for row in range(M):  # each row against its own scale (without the bias, which would hide it)
         err = (got[row].double() - ref[row]).abs().max() / ref[row].abs().max()
@@ -82,10 +82,11 @@ def test_matmul_equals_the_exact_product_with_the_int8_weights(kernel, M, K, N):
     ("int8pack", torch.randn(1, 24), "24 inputs"),  # its loop has no tail: it would read past the row
     ("int8pack", torch.randn(1, 32, dtype=torch.float64), "float64"),
     ("fbgemm", torch.randn(1, 32, dtype=torch.float64), "float64")])
-def test_a_forced_kernel_that_cannot_run_is_an_error(kernel, x, why):
-    q, scale = int8.quantize_rows(torch.randn(5, x.shape[1]))
-    with int8.forced_kernel(kernel), pytest.raises(FgptError, match=f"int8 kernel {kernel} cannot run .*{why}"):
-        int8.matmul(x, q, scale)
+def test_a_named_kernel_that_cannot_run_is_an_error(kernel, x, why):
+    with pytest.raises(FgptError, match=f"int8 kernel {kernel} cannot run .*{why}"):
+        int8.choose_kernel(5, x.shape[1], x.dtype, "cpu", kernel)
+    with pytest.raises(FgptError, match="unknown int8 kernel 'avx9'"):
+        int8.choose_kernel(5, x.shape[1], x.dtype, "cpu", "avx9")
 
 
 @given(rows=st.integers(1, 4), cols=st.integers(1, 40), seed=st.integers(0, 2**16),
@@ -116,9 +117,10 @@ e[1] = -64
 e[2, ::2] = -64
 e[3] = torch.randint(-64, 64, (K,), generator=torch.Generator().manual_seed(0)).float()
 kernel = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-digits = kernel(e, 1.0, 64, int8._packed(q, torch.ones(N)))
+pack = int8.Int8Matrix(q, torch.ones(N), "fbgemm").fbgemm_pack
+digits = kernel(e, 1.0, 64, pack)
 wide = torch.full((1, K), 255.0)  # 8-bit inputs (uint8 255, zero point 0)
-full = kernel(wide, 1.0, 0, int8._packed(q, torch.ones(N)))
+full = kernel(wide, 1.0, 0, pack)
 print(torch.equal(digits.double(), e.double() @ q.double().T),
       torch.equal(full.double(), wide.double() @ q.double().T), int8.fbgemm_sums_in_int16())
 """
@@ -142,34 +144,22 @@ def test_fbgemm_sums_the_extreme_digits_exactly(instructions):
 
 
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="fbgemm is x86-only")
-def test_fbgemm_packs_follow_their_tensors():
-    """A pack is made per weight tensor and dies with it: a new tensor (which may reuse a dead
-    one's id) never multiplies by a stale pack."""
-    x = torch.randn(1, 32)
-    for seed in range(3):
-        q, scale = int8.quantize_rows(torch.randn(8, 32, generator=torch.Generator().manual_seed(seed)))
-        with int8.forced_kernel("fbgemm"):
-            got = int8.matmul(x, q, scale)
-        torch.testing.assert_close(got, x @ (q.float() * scale[:, None]).T, rtol=1e-5, atol=1e-5)
-        assert id(q) in int8._packs
-        key = id(q)
-        del q, scale
-        assert key not in int8._packs
-    # an entry left under a live tensor's id by another tensor is not used for it
-    q, scale = int8.quantize_rows(torch.randn(8, 32))
-    other, other_scale = int8.quantize_rows(torch.randn(8, 32))
-    int8._packs[id(q)] = (weakref.ref(other), weakref.ref(other_scale), int8._packed(other, other_scale))
-    with int8.forced_kernel("fbgemm"):
-        got = int8.matmul(x, q, scale)
-    torch.testing.assert_close(got, x @ (q.float() * scale[:, None]).T, rtol=1e-5, atol=1e-5)
+def test_a_pack_belongs_to_its_matrix():
+    """fbgemm's packed copy is made once per matrix and kept with it; a new matrix (a
+    tree_map's copy, another weight) packs its own and multiplies by its own values."""
+    x = torch.randn(2, 32)
+    a, b = (int8.Int8Matrix(*int8.quantize_rows(torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))),
+                            "fbgemm") for seed in (0, 1))
+    for m in (a, b, tree.tree_map(torch.clone, {"w": a})["w"]):
+        torch.testing.assert_close(m.matmul(x), x @ (m.q.float() * m.scale[:, None]).T, rtol=1e-5, atol=1e-5)
+    assert a.fbgemm_pack is a.fbgemm_pack and a.fbgemm_pack is not b.fbgemm_pack
 
 
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="one CPU kernel only: nothing to choose")
 @pytest.mark.parametrize("slowed", ["fbgemm", "int8pack"])
-def test_the_kernel_measured_faster_is_picked_once_per_shape(monkeypatch, slowed):
-    """Either kernel made 3 ms slower loses the measurement; the pick is then kept for the
-    shape (no second measurement) and used by matmul."""
-    monkeypatch.setattr(int8, "_chosen", {})
+def test_quantize_gives_each_shape_the_kernel_measured_faster(monkeypatch, slowed):
+    """Either kernel made 3 ms slower loses the measurement; quantize measures each weight
+    shape once and every matrix of that shape runs in the winner."""
     real = int8._MATMULS[slowed]
 
     def slow(*args):
@@ -178,24 +168,27 @@ def test_the_kernel_measured_faster_is_picked_once_per_shape(monkeypatch, slowed
 
     monkeypatch.setitem(int8._MATMULS, slowed, slow)
     other = "int8pack" if slowed == "fbgemm" else "fbgemm"
-    assert int8.fastest_kernel(24, 32) == other
-    assert int8.measured_kernels() == {(24, 32, torch.float32): other}
-    monkeypatch.setattr(int8, "fastest", lambda *a, **k: pytest.fail("measured twice"))
-    assert int8.kernel_for(torch.zeros(1, 32), torch.zeros(24, 32, dtype=torch.int8)) == other
-    with pytest.raises(FgptError, match="unknown int8 kernel"):
-        with int8.forced_kernel("avx9"):
-            pass
+    measured = []
+    fastest = int8.fastest_kernel
+    monkeypatch.setattr(int8, "fastest_kernel", lambda *shape: measured.append(shape) or fastest(*shape))
+    config = GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, n_embd=32)
+    q = int8.quantize(init_params(config, seed=0))
+    assert {m.kernel for m in int8.matrices(q)} == {other}
+    shapes = {(*m.q.shape, torch.float32) for m in int8.matrices(q)}
+    assert sorted(measured) == sorted(shapes)  # 4 shapes: c_attn, c_proj, c_fc, mlp.c_proj, wte
 
 
-def test_quantized_tree_holds_int8_weights_with_output_channel_scales():
+def test_quantized_tree_holds_int8_matrices_with_output_channel_scales():
     config = GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, n_embd=32)
     params = init_params(config, seed=0)
     q = int8.quantize(params)
     fc = q["h"][1]["mlp"]["c_fc"]
-    assert fc["weight"].dtype == torch.int8 and fc["weight"].shape == (4 * 32, 32)  # [out, in]
-    assert fc["scale"].shape == (4 * 32,) and fc["bias"] is params["h"][1]["mlp"]["c_fc"]["bias"]
-    assert q["wte"]["weight"].shape == (64, 32) and q["wte"]["scale"].shape == (64,)
+    assert isinstance(fc["weight"], int8.Int8Matrix) and fc["bias"] is params["h"][1]["mlp"]["c_fc"]["bias"]
+    assert fc["weight"].q.dtype == torch.int8 and fc["weight"].q.shape == (4 * 32, 32)  # [out, in]
+    assert fc["weight"].scale.shape == (4 * 32,)
+    assert q["wte"]["weight"].q.shape == (64, 32) and q["wte"]["weight"].scale.shape == (64,)
     assert q["ln_f"] is params["ln_f"] and q["wpe"] is params["wpe"]
+    assert "h.1.mlp.c_fc.weight.q" in tree.flatten(q)  # a node of the tree: tree_map reaches q and scale
     nbytes = lambda t: sum(x.numel() * x.element_size() for x in tree.leaves(t))  # noqa: E731
     assert nbytes(q) < nbytes(params) / 3
     with pytest.raises(FgptError, match="already quantized"):
@@ -235,18 +228,15 @@ def held_out_loss(params, config, tokens: np.ndarray, T: int = 64, rows: int = 3
 
 
 def coarser(q: dict, bits: int) -> dict:
-    """The int8 tree on a grid of `bits` bits: every quantized leaf rounded to a multiple of
-    2**(8 - bits) steps."""
+    """The int8 tree on a grid of `bits` bits: every quantized matrix rounded to a multiple
+    of 2**(8 - bits) steps."""
     step = 2 ** (8 - bits)
 
-    def regrid(p):
-        if "scale" not in p:
-            return p
-        return {**p, "weight": (p["weight"].float() / step).round().to(torch.int8), "scale": p["scale"] * step}
-
-    h = [{**b, "attn": {k: regrid(v) for k, v in b["attn"].items()},
-          "mlp": {k: regrid(v) for k, v in b["mlp"].items()}} for b in q["h"]]
-    return {**q, "h": h, "wte": regrid(q["wte"])}
+    def regrid(m):
+        if not isinstance(m, int8.Int8Matrix):
+            return m
+        return int8.Int8Matrix((m.q.float() / step).round().to(torch.int8), m.scale * step, m.kernel)
+    return optree.tree_map(regrid, q, is_leaf=lambda x: isinstance(x, int8.Int8Matrix), namespace=tree.NAMESPACE)
 
 
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
@@ -254,12 +244,12 @@ def test_int8_held_out_loss_is_within_one_percent_of_fp32(trained, kernel):
     config, params, metrics, val = trained
     assert metrics[-1]["loss"] < 1.0 < 5 < metrics[0]["loss"]  # really trained, not a random init
     fp32 = held_out_loss(params, config, val)
-    q = int8.quantize(params)
-    with int8.forced_kernel(kernel):
-        assert held_out_loss(q, config, val) == pytest.approx(fp32, rel=0.01)
-        assert held_out_loss(int8.quantize(params, embedding=False), config, val) == pytest.approx(fp32, rel=0.01)
-        # the bound can see quantization error: a 3-bit grid on the same weights misses it
-        assert abs(held_out_loss(coarser(q, 3), config, val) / fp32 - 1) > 0.01
+    q = int8.quantize(params, kernel=kernel)
+    assert held_out_loss(q, config, val) == pytest.approx(fp32, rel=0.01)
+    without_wte = int8.quantize(params, embedding=False, kernel=kernel)
+    assert held_out_loss(without_wte, config, val) == pytest.approx(fp32, rel=0.01)
+    # the bound can see quantization error: a 3-bit grid on the same weights misses it
+    assert abs(held_out_loss(coarser(q, 3), config, val) / fp32 - 1) > 0.01
 
 
 def test_int8_cached_decoding_equals_its_full_forward():
