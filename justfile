@@ -6,6 +6,10 @@ set positional-arguments
 test *args:
     python -m pytest -q "$@"
 
+# the quick part of the suite (no distributed, report or subprocess-heavy tests)
+test-fast *args:
+    python -m pytest -q -m "not slow" "$@"
+
 # train (default: a small GPT on the built-in corpus, single CPU process)
 train *args:
     python -m run.train "$@"

@@ -21,6 +21,8 @@ from helpers import reference_attention
 import run.generate
 import run.train
 
+pytestmark = pytest.mark.slow  # torch.compile: `just test-fast` leaves it out
+
 CPU = torch.device("cpu")
 # (B, H, H_kv, T, hd, W): GQA with T not a multiple of the 128-wide tile; MQA over whole
 # tiles, some of them full; a window longer than the sequence

@@ -2,6 +2,7 @@
 runs every check's code on the CPU at toy sizes (so a broken check fails here, in CI, and
 not on a lent GPU)."""
 
+import pytest
 import torch
 
 from run import gpu_check
@@ -19,6 +20,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(capsys, monkeypatch):
     assert len(out) == 1 and out[0].startswith("gpu-check: no CUDA device on this machine")
 
 
+@pytest.mark.slow  # every check at toy sizes, strategies on gloo x2
 def test_the_rehearsal_runs_every_check_on_the_cpu(capsys, monkeypatch):
     # one strategy of three keeps the test short; the others differ only in their --strategy
     monkeypatch.setattr(gpu_check, "STRATEGIES", ("custom-fsdp",))

@@ -17,6 +17,8 @@ import torch
 
 from train_case import ROOT
 
+pytestmark = pytest.mark.slow  # signals to torchrun launches: `just test-fast` leaves it out
+
 # About two seconds a step on two CPU cores (the 50k-token head dominates): long enough that a
 # launcher exiting before its ranks finish the step is caught by the check for leftovers.
 # --checkpoint-interval 0: a checkpoint at the stopped step proves the ranks stopped cleanly.

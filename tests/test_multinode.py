@@ -25,7 +25,8 @@ from train_case import assert_reordered_losses_match
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)
 STEPS = 8
-pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+pytestmark = [pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc"),
+              pytest.mark.slow]  # torchrun nodes on loopback: `just test-fast` leaves them out
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from parallel_case import (CASES, CONFIG, HYPER, MAX_NORM, STEPS, STOP_AFTER, TR
                            train_run, train_steps)
 from train_case import assert_reordered_losses_match
 
+pytestmark = pytest.mark.slow  # gloo process groups of 2 and 3 ranks: `just test-fast` leaves it out
+
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZES = (2, 3)
 # checkpointed runs (OUT/STRATEGY.TAG) -> (the world size that starts them, the one that resumes)

@@ -20,6 +20,8 @@ from run.train import expand_launcher_tokens, window_arg
 from helpers import assert_same_tree, children_of
 from train_case import ROOT, TINY, assert_reordered_losses_match, tiny_run
 
+pytestmark = pytest.mark.slow  # subprocess and torchrun launches: `just test-fast` leaves it out
+
 
 
 def test_launcher_tokens_and_window_lists():
