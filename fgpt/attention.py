@@ -41,13 +41,16 @@ def masked_attention(q, k, v, mask: torch.Tensor, dropout_p: float = 0.0) -> tor
     return _sdpa(q, k, v, mask=mask, dropout_p=dropout_p)
 
 
+def visible(i: torch.Tensor, j: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The attention rule, elementwise (broadcasting): key position j is visible from query
+    position i iff i - window < j <= i (window None: causal, j <= i). Every mask is built from it."""
+    ok = j <= i
+    return ok if window is None else ok & (i - j < window)
+
+
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[Tq, Tk] bool: key j visible from query i iff i - window < j <= i (window None = causal)."""
-    diff = q_pos[:, None] - k_pos[None, :]
-    ok = diff >= 0
-    if window is not None:
-        ok &= diff < window
-    return ok
+    """[Tq, Tk] bool: `visible` for every query and key position."""
+    return visible(q_pos[:, None], k_pos[None, :], window)
 
 
 def dense_window_attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from fgpt.attention import visible
 from fgpt.errors import FgptError
 
 MAX_SHAPES = 256  # compiled variants kept per process (each costs seconds to build)
@@ -68,7 +69,7 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
         return tiles.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
     def in_window(b, h, i, j):
-        return (j <= i) & (i - j < window)
+        return visible(i, j, window)
 
     return BlockMask.from_kv_blocks(*sparse(partial), *sparse(full), BLOCK_SIZE=BLOCK,
                                     mask_mod=in_window, seq_lengths=(T, T))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fgpt.attention import masked_attention, attention
+from fgpt.attention import attention, masked_attention, window_mask
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 
@@ -92,12 +92,9 @@ class KVCache:
 
     def _mask(self, q_slots, k_slots, window) -> torch.Tensor:
         """[B, 1, T, S]: causal, in window, not empty, not padding (a pad query sees itself)."""
-        diff = q_slots[:, None] - k_slots[None, :]
-        ok = (diff >= 0) & (k_slots[None, :] >= 0)
-        if window is not None:
-            ok &= diff < window
+        ok = window_mask(q_slots, k_slots, window) & (k_slots[None, :] >= 0)
         ok = ok[None] & (k_slots[None, None, :] >= self.pad[:, None, None])
-        ok |= diff[None] == 0  # keeps rows of pad queries finite; their outputs are ignored
+        ok |= (q_slots[:, None] == k_slots[None, :])[None]  # keeps rows of pad queries finite; their outputs are ignored
         return ok[:, None]
 
 

@@ -21,7 +21,6 @@ from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import resolve_device
 
 SCHEDULES = ("cosine", "wsd")
-REDUCE_DTYPES = ("fp32", "bf16")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
                      "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype"}
@@ -97,7 +96,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError("--batch-size and --grad-accum must be at least 1")
     check_batch_split(run, world_size)
     precision.check(run.precision)
-    if run.reduce_dtype not in REDUCE_DTYPES:
+    if run.reduce_dtype not in precision.DTYPES:
         raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {run.reduce_dtype!r}")
     if run.schedule not in SCHEDULES:
         raise FgptError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {run.schedule!r}")

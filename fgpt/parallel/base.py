@@ -29,6 +29,7 @@ import torch
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel.optimizer_state import SavedOptimizer
+from fgpt.precision import DTYPES
 
 # name -> "module:Class"; modules are imported on demand so single-device runs never
 # import torch.distributed machinery.
@@ -40,14 +41,11 @@ STRATEGIES = {
 }
 
 
-REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def parse_reduce_dtype(name: str) -> torch.dtype:
     """--reduce-dtype: the dtype gradients cross ranks in (accumulation stays fp32)."""
-    if name not in REDUCE_DTYPES:
-        raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {name!r}")
-    return REDUCE_DTYPES[name]
+    if name not in DTYPES:
+        raise FgptError(f"--reduce-dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> list[dict]:

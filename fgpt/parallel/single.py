@@ -11,6 +11,7 @@ from fgpt.model import loss_fn
 from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
+from fgpt.precision import DTYPES
 
 
 def grads_and_value(fn):
@@ -42,7 +43,7 @@ class SingleDevice(Strategy):
 
     def setup(self, params, config: GPTConfig, *, lr, weight_decay, betas, precision):
         self.config = config
-        self.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.compute_dtype = DTYPES[precision]
         self.params = tree.tree_map(lambda x: x.detach().to(self.device, torch.float32).clone(), params)
         self.named = tree.flatten(self.params)  # same tensors, dotted names
         # fused: one kernel over all leaves instead of the default per-tensor loop (`just bench
