@@ -4,6 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from train_case import TEXT
+
 settings.register_profile("ci", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=10)
@@ -19,7 +21,6 @@ def _seed():
 
 # --- training tests (test_train*.py; helpers in train_case.py) ------------------------------
 
-TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
 
 
 @pytest.fixture(scope="session")

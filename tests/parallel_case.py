@@ -10,6 +10,7 @@ import torch
 
 from fgpt import GPTConfig, tree
 from fgpt.train import TrainConfig
+from train_case import TEXT
 
 CONFIG = GPTConfig(vocab_size=96, n_ctx=16, n_layer=2, n_head=4, n_embd=32)
 HYPER = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -62,7 +63,7 @@ def gradient_tree(strategy) -> dict:
 # --- whole runs through fgpt.train: checkpoint resharding and --reduce-dtype -------------
 
 TRAIN_MODEL = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)  # GPT-2 vocabulary: real text
-TRAIN_TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
+TRAIN_TEXT = TEXT
 TRAIN_STEPS, STOP_AFTER = 6, 3
 
 

@@ -10,9 +10,9 @@ from fgpt import GPTConfig, precision
 from fgpt.errors import FgptError
 from fgpt.run_dir import saved_run
 from fgpt.train import TrainConfig, train
+from train_case import TEXT
 
 TINY = GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, n_embd=32)
-TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(200))
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from fgpt import GPTConfig
 from fgpt.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# The training tests' corpus (conftest's `text_file`): small code a tiny model learns within a few steps.
+TEXT = "".join(f"def add_{i % 7}(x):\n    return x + {i % 7}\n\n" for i in range(400))
 TINY = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)
 
 
