@@ -17,12 +17,9 @@ import torch
 
 from fgpt.errors import FgptError
 from fgpt.measure import best_time
+from fgpt.tree import COMPUTE_DTYPES
 
-# The dtypes a run computes in (--precision) and sends gradients between ranks in
-# (--reduce-dtype), by their command-line names. (The inference tools' --dtype spells them as
-# torch does: fgpt.tree.FLOAT_DTYPES.)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PRECISIONS = ("auto", *DTYPES)
+PRECISIONS = ("auto", *COMPUTE_DTYPES)
 FASTER = 1.2  # bf16 must beat fp32 by this factor: below it the casts and the fp32 loss eat the gain
 _PROBE = {"cuda": 4096, "cpu": 512}  # matmul size: large enough to reach the fast kernels
 _ROUNDS = 5

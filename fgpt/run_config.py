@@ -15,7 +15,7 @@ from typing import Any
 
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import GPTConfig
-from fgpt import precision
+from fgpt import precision, tree
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import resolve_device
@@ -96,7 +96,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError("--batch-size and --grad-accum must be at least 1")
     check_batch_split(run, world_size)
     precision.check(run.precision)
-    if run.reduce_dtype not in precision.DTYPES:
+    if run.reduce_dtype not in tree.COMPUTE_DTYPES:
         raise FgptError(f"--reduce-dtype must be fp32 or bf16, got {run.reduce_dtype!r}")
     if run.schedule not in SCHEDULES:
         raise FgptError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {run.schedule!r}")

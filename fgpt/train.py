@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fgpt import data, precision, run_dir
+from fgpt import data, precision, run_dir, tree
 from fgpt.attention import use_window_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
@@ -277,7 +277,7 @@ class StepLog:
         self.metrics = run_dir.MetricsLog(out, keep_until=first) if out else None
         self.tokens_per_step = run.batch_size * model_config.n_ctx
         self.flops_per_step = flops_per_token(model_config, model_config.n_ctx) * self.tokens_per_step
-        peak = peak_flops(strategy.device.type, precision.DTYPES[run.precision]) if strategy.is_main else 1.0
+        peak = peak_flops(strategy.device.type, tree.COMPUTE_DTYPES[run.precision]) if strategy.is_main else 1.0
         self.peak_all_ranks = peak * strategy.world_size
         self.bar = tqdm(total=run.steps, initial=first, desc="train", unit="step", dynamic_ncols=True,
                         disable=not (run.progress and strategy.is_main))

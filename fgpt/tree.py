@@ -13,7 +13,10 @@ import torch
 
 Tree = Any  # nested dict / list of tensors
 NAMESPACE = "fgpt"  # optree's registry of the node types these trees may hold (fgpt/int8.py's)
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the --dtype names of the run/ tools
+# The float dtypes by their command-line names: the inference tools' --dtype spells them as
+# torch does; a training run's --precision and --reduce-dtype as nanoGPT / torchtitan do.
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _key(path: tuple) -> str:

@@ -19,7 +19,7 @@ from fgpt import GPTConfig, init_params
 from fgpt.measure import machine_line, matmul_flops
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 from fgpt.train import flops_per_token
 
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -111,7 +111,7 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - start)
 
-    ceiling = {name: matmul_flops(dev, dtype) for name, dtype in DTYPES.items()
+    ceiling = {name: matmul_flops(dev, dtype) for name, dtype in COMPUTE_DTYPES.items()
                if any(name in contender for contender in times)}
     print(f"training step, {args.model} ({B} x {T} tokens), {dev}, median of {args.rounds} interleaved rounds; "
           f"{machine_line()}")

@@ -20,7 +20,7 @@ from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 from fgpt.run_config import SCHEDULES
 from fgpt.train import TrainConfig, check_launch, train
 from run._cli import ArgumentParser, main_guard
@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--precision", choices=precision.PRECISIONS,
                    help="auto (default): bf16 where this device's bf16 matmul is measurably faster")
-    g.add_argument("--reduce-dtype", choices=list(DTYPES), help="dtype gradients cross ranks in (default fp32)")
+    g.add_argument("--reduce-dtype", choices=list(COMPUTE_DTYPES), help="dtype gradients cross ranks in (default fp32)")
     g.add_argument("--eval-interval", type=int, help=f"0 = off (default {d.eval_interval})")
     g.add_argument("--eval-iters", type=int, help=f"val batches per eval (default {d.eval_iters})")
     g.add_argument("--checkpoint-interval", type=int, help="0 = final checkpoint only")

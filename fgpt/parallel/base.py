@@ -29,7 +29,7 @@ import torch
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel.optimizer_state import SavedOptimizer
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 
 # name -> "module:Class"; modules are imported on demand so single-device runs never
 # import torch.distributed machinery.
@@ -43,9 +43,9 @@ STRATEGIES = {
 
 def parse_reduce_dtype(name: str) -> torch.dtype:
     """--reduce-dtype: the dtype gradients cross ranks in (accumulation stays fp32)."""
-    if name not in DTYPES:
-        raise FgptError(f"--reduce-dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    if name not in COMPUTE_DTYPES:
+        raise FgptError(f"--reduce-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
 
 
 def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> list[dict]:

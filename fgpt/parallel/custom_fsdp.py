@@ -40,7 +40,7 @@ from fgpt.parallel.base import parse_reduce_dtype
 from fgpt.parallel.optimizer_state import MOMENTS, SavedOptimizer, adamw_step, optimizer_pieces
 from fgpt.parallel.process_group import DistributedStrategy, all_gather_into_tensor, reduce_scatter_tensor
 from fgpt.parallel.flat import FlatLayout, Segment
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 
 
 class Unit:
@@ -126,7 +126,7 @@ class CustomFSDP(DistributedStrategy):
 
     def setup(self, params, config, *, lr, weight_decay, betas, precision):
         self.config = config
-        self.compute_dtype = DTYPES[precision]
+        self.compute_dtype = COMPUTE_DTYPES[precision]
         units = [{k: v for k, v in params.items() if k != "h"}] + list(params["h"])
         self.units = [Unit(u, self.world_size, self.rank, self.device, self.compute_dtype) for u in units]
         self.root, self.blocks = self.units[0], self.units[1:]

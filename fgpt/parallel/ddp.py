@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fgpt.errors import FgptError
 from fgpt.parallel.module_wrapper import GPTModule, WrappedModuleStrategy
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 
 
 def check_bf16_reduction(backend: str) -> None:
@@ -30,7 +30,7 @@ class DDP(WrappedModuleStrategy):
         bf16_reduce = self.reduce_dtype == torch.bfloat16
         if bf16_reduce:
             check_bf16_reduction(dist.get_backend())
-        compute_dtype = None if precision == "fp32" else DTYPES[precision]  # autocast for bf16
+        compute_dtype = None if precision == "fp32" else COMPUTE_DTYPES[precision]  # autocast for bf16
         module = GPTModule(params, self.config, compute_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids, device_mesh=self.mesh)

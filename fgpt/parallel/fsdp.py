@@ -10,7 +10,7 @@ import contextlib
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from fgpt.parallel.module_wrapper import GPTModule, WrappedModuleStrategy
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 
 
 class FSDP2(WrappedModuleStrategy):
@@ -18,7 +18,7 @@ class FSDP2(WrappedModuleStrategy):
 
     def wrap(self, params, precision):
         module = GPTModule(params, self.config)
-        policy = MixedPrecisionPolicy(param_dtype=None if precision == "fp32" else DTYPES[precision],
+        policy = MixedPrecisionPolicy(param_dtype=None if precision == "fp32" else COMPUTE_DTYPES[precision],
                                       reduce_dtype=self.reduce_dtype)  # --reduce-dtype
         for blk in module.h:
             fully_shard(blk, mesh=self.mesh, mp_policy=policy)

@@ -11,7 +11,7 @@ from fgpt.model import loss_fn
 from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
-from fgpt.precision import DTYPES
+from fgpt.tree import COMPUTE_DTYPES
 
 
 def grads_and_value(fn):
@@ -43,7 +43,7 @@ class SingleDevice(Strategy):
 
     def setup(self, params, config: GPTConfig, *, lr, weight_decay, betas, precision):
         self.config = config
-        self.compute_dtype = DTYPES[precision]
+        self.compute_dtype = COMPUTE_DTYPES[precision]
         self.params = tree.tree_map(lambda x: x.detach().to(self.device, torch.float32).clone(), params)
         self.named = tree.flatten(self.params)  # same tensors, dotted names
         # fused: one kernel over all leaves instead of the default per-tensor loop (`just bench
