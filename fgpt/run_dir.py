@@ -32,6 +32,7 @@ from fgpt.atomic import atomic_path, atomic_write_text
 from fgpt.checkpoint import CONFIG as CONFIG_FILE, WEIGHTS as MODEL_FILE, load_checkpoint, save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
+from fgpt.outdir import LOCK_FILE, check_not_source, exclusive
 from fgpt.parallel.base import Strategy
 from fgpt.parallel.optimizer_state import SavedOptimizer
 from fgpt.run_config import TrainConfig, absolute_data, resumed
@@ -74,6 +75,17 @@ def saved_run(out_dir: str | Path) -> tuple[TrainConfig, GPTConfig]:
             GPTConfig.from_json(_step_dir(Path(out_dir), state) / CONFIG_FILE))
 
 
+def check_not_input(out: str | Path | None, *, data: str | None, init_from: str | None) -> None:
+    """A run directory is never an input of its run, nor inside or around one."""
+    if out:
+        check_not_source("--out", out, {"--data": data, "--init-from": init_from})
+
+
+def writer_lock(out: str | Path):
+    """The run directory's one-writer lock (fgpt.outdir.exclusive), held for a whole run."""
+    return exclusive(Path(out) / LOCK_FILE, what=f"the run directory {out}")
+
+
 def _committed(out_dir: str | Path) -> dict:
     state = train_state(out_dir)
     if state is None:
@@ -91,7 +103,8 @@ def _step_dir(out_dir: Path, state: dict) -> Path:
 def effective_settings(run: TrainConfig) -> TrainConfig:
     """The settings this session runs with: `run`, or for a resume the checkpoint's own with
     the changes a resume may make. Refuses to start a fresh run over a checkpointed one,
-    and a resume of a run that is already done."""
+    a resume of a run that is already done, and an --out that is an input."""
+    check_not_input(run.out, data=run.data, init_from=run.init_from)
     if not run.resume:
         if train_state(run.out) is not None:
             raise FgptError(f"{run.out} already holds a run; pass --resume to continue it")

@@ -8,6 +8,7 @@ nproc > 1 outside torchrun, it re-launches itself under `torch.distributed.run`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -217,6 +218,20 @@ def main() -> int:
                             "run directory")
         args.out = f"out/train-{job}" if under_torchrun else run_dir.default_out_dir()
         argv += ["--out", args.out]
+    run_dir.check_not_input(args.out, data=args.data, init_from=args.init_from)
+    # One writer per run directory: this process, or under torchrun rank 0 (a launcher's
+    # lock is handed down to the ranks it starts, see fgpt.outdir.exclusive).
+    writer = not under_torchrun or int(os.environ["RANK"]) == 0
+    with run_dir.writer_lock(args.out) if writer else contextlib.nullcontext():
+        code = run(args, argv, under_torchrun)
+    if under_torchrun:  # a torchrun worker: skip finalizers that can abort after gloo
+        from fgpt.parallel.process_group import exit_without_finalizers
+        exit_without_finalizers(code)
+    return code
+
+
+def run(args, argv: list[str], under_torchrun: bool) -> int:
+    """Train (or launch the ranks that do), holding the run directory: the exit code."""
     mine = run_dir.saved_by_this_job(args.out) if under_torchrun else None
     if mine is not None and not args.resume:  # torchrun restarted this job after a failure
         args.resume, args.init_from = True, None  # the checkpoint supersedes --init-from
@@ -242,12 +257,7 @@ def main() -> int:
               f"(sample: python -m run.generate --checkpoint {result.out_dir})")
     # A signal ends with 130, as Ctrl-C does; --stop-after is a stop as asked: 0, which also
     # keeps torchrun from taking it for a failure (and restarting under --max-restarts).
-    code = 130 if result.interrupted and result.step != run.stop_after else 0
-    if under_torchrun:  # a torchrun worker: skip finalizers that can abort after gloo
-        from fgpt.parallel.process_group import exit_without_finalizers
-        exit_without_finalizers(code)
-    return code
-
+    return 130 if result.interrupted and result.step != run.stop_after else 0
 
 if __name__ == "__main__":
     main_guard(main)

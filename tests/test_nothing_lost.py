@@ -1,0 +1,163 @@
+"""Nothing lost, whatever a user types: an output is never an input (prepare, convert,
+train refuse it, --force or not), and a directory has one writer at a time (an OS lock
+that a killed holder does not leave behind)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fgpt import init_params, save_checkpoint
+from fgpt.outdir import LOCK_FILE
+from run import prepare as run_prepare, train as run_train
+from run._cli import main_guard
+from train_case import ROOT, TINY
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+TRAIN_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--n-ctx", "16", "--steps", "1",
+               "--batch-size", "2", "--eval-interval", "0", "--no-progress", "--precision", "fp32"]
+
+
+def run_main(main, argv, capsys, monkeypatch) -> tuple[int, str]:
+    """An entry point as `python -m` runs it, in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def one_error(code, stderr, *fragments):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, stderr)
+    for f in fragments:
+        assert f in lines[0], (f, stderr)
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+# --- 1. an output is never an input -----------------------------------------------------------
+
+def test_prepare_never_writes_over_or_into_its_source(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "v.jsonl"
+    src.write_text('{"text": "hello there"}\n' * 20)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text " * 50)
+    (tmp_path / "link").symlink_to(corpus)
+    monkeypatch.chdir(tmp_path)
+    cases = [  # (--data, --val, --out, what the error says)
+        (str(src), None, str(src), "is the input --data"),
+        ("v.jsonl", None, "./sub/../v.jsonl", "is the input --data"),      # relative spellings
+        (str(corpus), None, str(corpus), "is the input --data"),
+        (str(corpus), None, str(tmp_path / "link"), "is the input --data"),  # a symlink to it
+        (str(corpus), None, str(corpus / "prepared"), "lies inside the input --data"),
+        (str(corpus / "a.txt"), None, str(corpus), "contains the input --data"),
+        (str(tmp_path / "corpus" / "*.txt"), None, str(corpus), "contains the input --data"),
+        (str(corpus), str(src), str(src), "is the input --val"),
+    ]
+    before = snapshot(tmp_path)
+    for data, val, out, msg in cases:
+        for force in ([], ["--force"]):
+            argv = ["--data", data, "--out", out, "--quiet", *force, *(["--val", val] if val else [])]
+            one_error(*run_main(run_prepare.main, argv, capsys, monkeypatch), msg)
+            assert snapshot(tmp_path) == before, (data, out)
+
+
+def test_convert_and_train_never_write_over_their_inputs(tmp_path, text_file, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, TINY, init_params(TINY))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "code.txt").write_text(text_file.read_text())
+    before = snapshot(tmp_path)
+    from run import convert as run_convert
+    code, err = run_main(run_convert.main, ["--checkpoint", str(ckpt / "model.safetensors"), "--to-gqa", "1",
+                                           "--out", str(ckpt), "--force"], capsys, monkeypatch)
+    one_error(code, err, "contains the input --checkpoint")
+    for argv, msg in [(["--data", str(data_dir), "--out", str(data_dir)], "is the input --data"),
+                      (["--data", str(data_dir), "--out", str(data_dir / "run")], "lies inside the input --data"),
+                      (["--data", str(data_dir / "code.txt"), "--out", str(data_dir)], "contains the input --data"),
+                      (["--data", str(text_file), "--init-from", str(ckpt), "--out", str(ckpt / "ft")],
+                       "lies inside the input --init-from")]:
+        one_error(*run_main(run_train.main, [*TRAIN_FLAGS, *argv], capsys, monkeypatch), msg)
+    assert snapshot(tmp_path) == before
+
+
+# --- 2. one writer per directory --------------------------------------------------------------
+
+def hold_lock(lock: Path) -> subprocess.Popen:
+    """Another process holding `lock` as a writer would, until killed."""
+    code = ("import sys, time\nfrom fgpt.outdir import exclusive\n"
+            "with exclusive(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True,
+                              env=ENV, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_train_has_one_writer_per_run_directory(tmp_path, text_file, capsys, monkeypatch):
+    out = tmp_path / "run"
+    holder = hold_lock(out / LOCK_FILE)
+    try:
+        argv = [*TRAIN_FLAGS, "--data", str(text_file), "--out", str(out)]
+        one_error(*run_main(run_train.main, argv, capsys, monkeypatch),
+                  f"is being written by process {holder.pid}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
+    finally:
+        kill_9(holder)
+    assert (out / LOCK_FILE).exists()  # a SIGKILL leaves the file, but not the lock
+    code, err = run_main(run_train.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_a_launcher_hands_its_lock_to_the_ranks(tmp_path, text_file):
+    """strategy=ddp: the launcher holds the run directory, its rank 0 writes into it."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "run.train", "strategy=ddp", "nproc=2", *TRAIN_FLAGS,
+                           "--data", str(text_file), "--out", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_prepare_has_one_writer_per_output(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello world " * 100)
+    out = tmp_path / "prepared"
+    holder = hold_lock(tmp_path / ".prepared.lock")
+    argv = ["--data", str(tmp_path / "a.txt"), "--out", str(out), "--quiet"]
+    try:
+        one_error(*run_main(run_prepare.main, argv, capsys, monkeypatch),
+                  f"--out {out} is being written by process {holder.pid}")
+        assert not out.exists()
+    finally:
+        kill_9(holder)
+    code, err = run_main(run_prepare.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert (out / "manifest.json").exists()
+
+
+def test_the_study_has_one_writer_per_output(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "study"
+    holder = hold_lock(out / LOCK_FILE)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "run.report", "--quick", "--out", str(out)],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        one_error(proc.returncode, proc.stderr, f"is being written by process {holder.pid}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        kill_9(holder)
