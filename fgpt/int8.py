@@ -11,7 +11,7 @@ Activations, biases, layer norms and scales stay in the float dtype of the tree 
 a step reads every weight once, and int8 reads a quarter of fp32's bytes.
 
 Three kernels compute the products; on x86 CPUs each weight shape uses the faster of the
-first two, measured once per process (`fastest_kernel`):
+first two, measured once per machine (`fastest_kernel`; cached as decode_layout caches):
 - fbgemm's int8 x int8 kernel (the one behind torch's quantized linear), fed the
   activations as 21-bit fixed point: each row x becomes the integer
   v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written exactly as three base-128
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
-from fgpt.decode_layout import copies_past_the_caches, fastest, on_one_thread
+from fgpt.decode_layout import copies_past_the_caches, fastest, measured_once, on_one_thread
 from fgpt.errors import FgptError
 
 QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0
@@ -136,18 +136,20 @@ _chosen: dict[tuple[int, int, torch.dtype], str] = {}  # (out, in, dtype) -> fbg
 
 def fastest_kernel(n_out: int, n_in: int, dtype: torch.dtype = torch.float32) -> str:
     """fbgemm's or `_weight_int8pack_mm`, whichever runs x [1, in] @ W.T faster on this
-    machine for activations of `dtype`, measured once per shape per process as
+    machine for activations of `dtype`, measured once per shape per machine as
     decode_layout measures float layouts (one thread; copies that outgrow the caches), and
     then used for any number of rows. The digits cost a few small ops per product, so small
     matrices can favour torch's kernel and large ones fbgemm's."""
     key = (n_out, n_in, dtype)
     if key not in _chosen:
-        x = torch.full((1, n_in), 0.5, dtype=dtype)
-        weights = [(torch.ones(n_out, n_in, dtype=torch.int8), torch.full((n_out,), 0.01, dtype=dtype))
-                   for _ in range(copies_past_the_caches(n_out * n_in))]
-        candidates = {name: [lambda q=q, s=s, f=_MATMULS[name]: f(x, q, s, None) for q, s in weights]
-                      for name in ("fbgemm", "int8pack")}
-        _chosen[key] = on_one_thread(lambda: fastest(candidates))
+        def measure() -> str:
+            x = torch.full((1, n_in), 0.5, dtype=dtype)
+            weights = [(torch.ones(n_out, n_in, dtype=torch.int8), torch.full((n_out,), 0.01, dtype=dtype))
+                       for _ in range(copies_past_the_caches(n_out * n_in))]
+            candidates = {name: [lambda q=q, s=s, f=_MATMULS[name]: f(x, q, s, None) for q, s in weights]
+                          for name in ("fbgemm", "int8pack")}
+            return on_one_thread(lambda: fastest(candidates))
+        _chosen[key] = measured_once("int8 kernels", f"int8 {dtype} {n_out}x{n_in}", measure, ("fbgemm", "int8pack"))
     return _chosen[key]
 
 

@@ -146,10 +146,11 @@ def test_fbgemm_packs_follow_their_tensors():
 
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="one CPU kernel only: nothing to choose")
 @pytest.mark.parametrize("slowed", ["fbgemm", "int8pack"])
-def test_the_kernel_measured_faster_is_picked_once_per_shape(monkeypatch, slowed):
+def test_the_kernel_measured_faster_is_picked_once_per_shape(monkeypatch, tmp_path, slowed):
     """Either kernel made 3 ms slower loses the measurement; the pick is then kept for the
     shape (no second measurement) and used by matmul."""
     monkeypatch.setattr(int8, "_chosen", {})
+    monkeypatch.setenv("FGPT_CACHE", str(tmp_path))  # no pick of an earlier test's
     real = int8._MATMULS[slowed]
 
     def slow(*args):

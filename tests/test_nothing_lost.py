@@ -161,3 +161,24 @@ def test_the_study_has_one_writer_per_output(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
     finally:
         kill_9(holder)
+
+
+# --- 3. the first int8 run says what it measures, and the next one reuses it ----------------------
+
+def test_the_first_int8_run_says_it_measures_and_where_it_caches(tmp_path):
+    from fgpt import GPTConfig
+    save_checkpoint(tmp_path / "m", GPTConfig(n_ctx=32, n_layer=1, n_head=2, n_embd=32), init_params(
+        GPTConfig(n_ctx=32, n_layer=1, n_head=2, n_embd=32)))
+    env = {**ENV, "FGPT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "run.generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "Hi",
+           "--max-new-tokens", "2", "--dtype", "int8", "--temperature", "0"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    cache = tmp_path / "cache" / "measured.json"
+    said = [line for line in first.stderr.splitlines() if line.startswith("measuring")]
+    assert said and all(str(cache) in line and "once per machine" in line for line in said), first.stderr
+    assert any("int8 kernels" in line for line in said) or not __import__("fgpt.int8").int8.FBGEMM_AVAILABLE
+    assert cache.exists()
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "measuring" not in second.stderr, second.stderr
+    assert second.stdout == first.stdout
