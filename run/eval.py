@@ -22,7 +22,7 @@ from fgpt import tree
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
 from fgpt.errors import FgptError, check_at_least
 from fgpt.multiple_choice import accuracy, read_questions, score_endings
-from fgpt.perplexity import check_window_flags, strided_nll
+from fgpt.perplexity import batches, check_window_flags, model_windows, strided_nll, window_nll
 from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.parallel.process_group import resolve_device
@@ -73,6 +73,8 @@ def main(argv=None) -> None:
         tokens = load_tokens(args.data, args.text_field)
         if args.max_tokens is not None:
             tokens = tokens[:args.max_tokens]
+        announce_cost(params, config, tokens, args, device)
+        t0 = time.perf_counter()
         total = strided_nll(params, config, tokens, n_ctx=args.n_ctx, stride=args.stride,
                             batch_size=args.batch_size, byte_lengths=token_byte_lengths(), device=device)
         result = {"loss": total.loss, "ppl": total.ppl, "tokens": total.tokens,
@@ -81,6 +83,22 @@ def main(argv=None) -> None:
     elapsed = time.perf_counter() - t0
     print(f"scored {done} in {elapsed:.1f}s", file=sys.stderr)
     print(json.dumps(result))
+
+
+def announce_cost(params: dict, config, tokens, args: argparse.Namespace, device) -> None:
+    """Before scoring: how many tokens, and about how long, timed on the first batch here."""
+    windows = model_windows(config, len(tokens), args.n_ctx, args.stride)
+    groups = batches(windows, args.batch_size)
+    line = f"scoring {sum(w.end - w.first for w in windows):,} tokens in {len(windows):,} windows"
+    if len(groups) > 1:
+        t0 = time.perf_counter()
+        window_nll(params, config, tokens, groups[0], device)
+        estimate = (time.perf_counter() - t0) * len(groups)
+        line += f", about {estimate / 60:.1f} min" if estimate >= 60 else f", about {estimate:.0f} s"
+        line += " (timed on the first batch here)"
+    if args.max_tokens is None:
+        line += "; --max-tokens N scores only the first N"
+    print(line, file=sys.stderr, flush=True)
 
 
 def check_flags(args: argparse.Namespace) -> None:

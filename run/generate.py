@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", help="a .safetensors file, a directory (HF layout or a training "
                     "output) or a hub name like gpt2; default: the newest checkpoint under out/")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample (default 100)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--top-p", type=float)

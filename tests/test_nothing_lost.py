@@ -182,3 +182,41 @@ def test_the_first_int8_run_says_it_measures_and_where_it_caches(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "measuring" not in second.stderr, second.stderr
     assert second.stdout == first.stdout
+
+
+# --- 4. costs a user can see coming ----------------------------------------------------------------
+
+def test_eval_says_how_many_tokens_it_will_score_before_scoring(tmp_path, capsys, monkeypatch):
+    import json
+    from fgpt import GPTConfig
+    from run import eval as run_eval
+    config = GPTConfig(n_ctx=16, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "m", config, init_params(config))
+    (tmp_path / "t.txt").write_text("one two three four five six seven. " * 12)
+    code, err = run_main(lambda: run_eval.main(["--checkpoint", str(tmp_path / "m"), "--data",
+                                                 str(tmp_path / "t.txt"), "--batch-size", "2"]),
+                         [], capsys, monkeypatch)
+    assert code == 0, err
+    monkeypatch.undo()
+    result = json.loads(run_eval_stdout(run_eval, tmp_path, capsys))
+    lines = err.splitlines()
+    [plan] = [i for i, line in enumerate(lines) if line.startswith("scoring ")]
+    assert lines[plan].startswith(f"scoring {result['tokens']:,} tokens"), lines[plan]
+    assert "about" in lines[plan] and "--max-tokens N" in lines[plan]
+    assert plan < next(i for i, line in enumerate(lines) if line.startswith("scored "))
+
+
+def run_eval_stdout(run_eval, tmp_path, capsys) -> str:
+    """The JSON line of the same evaluation, run once more (the reference for the count)."""
+    with pytest.raises(SystemExit):
+        main_guard(lambda: run_eval.main(["--checkpoint", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt")]))
+    return capsys.readouterr().out.splitlines()[-1]
+
+
+def test_generate_names_its_max_new_tokens_default(capsys):
+    from run import generate as run_generate
+    default = run_generate.parse_args(["--prompt", "x"]).max_new_tokens
+    with pytest.raises(SystemExit):
+        run_generate.parse_args(["--help"])
+    assert f"(default {default})" in " ".join(capsys.readouterr().out.split())
+    assert f"`--max-new-tokens` defaults to {default}" in (ROOT / "README.md").read_text()
