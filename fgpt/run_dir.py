@@ -47,6 +47,14 @@ def default_out_dir(name: str = "train") -> str:
     return f"out/{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def latest_run(root: str | Path = "out") -> Path | None:
+    """The training run under `root` that committed a checkpoint last (it holds metrics.jsonl
+    and train_state.pt: a run.convert output or a downloaded model does not), or None."""
+    runs = [state.parent for state in Path(root).glob(f"**/{STATE_FILE}")
+            if (state.parent / METRICS_FILE).is_file() and (state.parent / MODEL_FILE).is_file()]
+    return max(runs, key=lambda d: ((d / STATE_FILE).stat().st_mtime, -len(d.parts)), default=None)
+
+
 # --- the commit record ---------------------------------------------------------------------
 
 def train_state(out_dir: str | Path | None) -> dict | None:

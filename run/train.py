@@ -17,6 +17,8 @@ import sys
 
 from fgpt import precision, run_dir
 from fgpt.attention import WINDOW_KERNELS
+from fgpt.checkpoint import checkpoint_config
+from fgpt.data import check_text_field
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
@@ -122,7 +124,10 @@ def build_config(args) -> TrainConfig:
         saved, saved_model = run_dir.saved_run(args.out)
         model = model_config(args, saved_model)
         return dataclasses.replace(saved, **given, **({"model": model} if model else {}))
-    return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, None))
+    # flags given with --init-from change its model (and contradict it, which training refuses
+    # naming the field), not the tiny preset's
+    base = checkpoint_config(args.init_from) if args.init_from and not args.model else None
+    return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, base))
 
 
 LAUNCHER_FLAGS = ("--nproc", "--max-restarts")
@@ -219,6 +224,7 @@ def main() -> int:
         args.out = f"out/train-{job}" if under_torchrun else run_dir.default_out_dir()
         argv += ["--out", args.out]
     run_dir.check_not_input(args.out, data=args.data, init_from=args.init_from)
+    check_text_field(args.data, args.text_field)
     # One writer per run directory: this process, or under torchrun rank 0 (a launcher's
     # lock is handed down to the ranks it starts, see fgpt.outdir.exclusive).
     writer = not under_torchrun or int(os.environ["RANK"]) == 0

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fgpt import init_params, save_checkpoint
@@ -220,3 +221,90 @@ def test_generate_names_its_max_new_tokens_default(capsys):
         run_generate.parse_args(["--help"])
     assert f"(default {default})" in " ".join(capsys.readouterr().out.split())
     assert f"`--max-new-tokens` defaults to {default}" in (ROOT / "README.md").read_text()
+
+
+# --- 5. misleading or silent cases ---------------------------------------------------------------
+
+def test_sources_name_what_they_are(tmp_path, capsys, monkeypatch):
+    """A FIFO is not 'no such file', UTF-16 is not 'binary', a UTF-8 BOM is read (and dropped)."""
+    import codecs
+    from fgpt.prepare import encode
+    from fgpt.shards import open_shards
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "u16.txt").write_text("hello in sixteen bits " * 20, encoding="utf-16")
+    (tmp_path / "u16be.txt").write_bytes(("hello big end " * 20).encode("utf-16-be"))
+    for name, msg in [("pipe", "not a regular file (a FIFO)"), ("u16.txt", "is UTF-16 text"),
+                      ("u16be.txt", "is UTF-16 text")]:
+        argv = ["--data", str(tmp_path / name), "--out", str(tmp_path / f"o-{name}"), "--quiet"]
+        one_error(*run_main(run_prepare.main, argv, capsys, monkeypatch), msg)
+        assert not (tmp_path / f"o-{name}").exists()
+    body = "caf\u00e9 text with a byte-order mark. " * 30
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "a.txt").write_bytes(codecs.BOM_UTF8 + body.encode())
+    (tmp_path / "bom" / "b.jsonl").write_bytes(codecs.BOM_UTF8 + ('{"text": "%s"}\n' % body).encode() * 2)
+    argv = ["--data", str(tmp_path / "bom"), "--out", str(tmp_path / "p"), "--quiet", "--val-fraction", "0"]
+    code, err = run_main(run_prepare.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    train, _, _ = open_shards(tmp_path / "p")
+    expected = np.concatenate([encode(body), [50256], encode(body), [50256], encode(body)])
+    np.testing.assert_array_equal(np.asarray(train[0:len(train)]), expected)  # tiktoken, no BOM token
+
+
+def test_text_field_with_token_shards_and_mc_mistakes_are_one_line(tmp_path, text_file, capsys, monkeypatch):
+    import json
+    from run import eval as run_eval
+    from fgpt import GPTConfig
+    (tmp_path / "a.txt").write_text(text_file.read_text())
+    code, err = run_main(run_prepare.main, ["--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "shards"),
+                                            "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    config = GPTConfig(n_ctx=16, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "m", config, init_params(config))
+    one_error(*run_main(run_train.main, [*TRAIN_FLAGS, "--data", str(tmp_path / "shards"), "--text-field", "body",
+                                         "--out", str(tmp_path / "run")], capsys, monkeypatch),
+              "--text-field body: --data", "holds token shards")
+    assert not (tmp_path / "run").exists()
+    ckpt = ["--checkpoint", str(tmp_path / "m")]
+    one_error(*run_main(lambda: run_eval.main([*ckpt, "--data", str(tmp_path / "shards"), "--text-field", "body"]),
+                        [], capsys, monkeypatch), "holds token shards")
+    one_error(*run_main(lambda: run_eval.main([*ckpt, "--task", "mc", "--data", str(tmp_path)]), [], capsys,
+                        monkeypatch), f"--data {tmp_path} is a directory")
+    q = {"ctx": "The cat", "endings": ["sat down", "", "ran"], "label": 0}
+    (tmp_path / "mc.jsonl").write_text(json.dumps(q) + "\n")
+    one_error(*run_main(lambda: run_eval.main([*ckpt, "--task", "mc", "--data", str(tmp_path / "mc.jsonl")]), [],
+                        capsys, monkeypatch), "mc.jsonl:1: ending 1 is empty")
+
+
+def test_flags_are_named_one_at_a_time(tmp_path, text_file, capsys, monkeypatch):
+    from run import generate as run_generate
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, TINY, init_params(TINY))
+    line = one_error(*run_main(run_train.main, ["--data", str(text_file), "--init-from", str(ckpt), "--n-layer", "3",
+                                                "--n-head", str(TINY.n_head), "--out", str(tmp_path / "run"),
+                                                "--no-progress"], capsys, monkeypatch),
+                     f"n_layer=3 (the checkpoint's: {TINY.n_layer})")
+    assert "n_head" not in line  # the flag that agrees is not named
+    line = one_error(*run_main(run_generate.main, ["--checkpoint", str(ckpt), "--prompt", "x", "--num-samples", "0"],
+                               capsys, monkeypatch), "--num-samples must be at least 1")
+    assert "--max-new-tokens" not in line
+
+
+# --- 6. the default checkpoint is the newest training run ---------------------------------------
+
+def test_the_default_checkpoint_is_the_newest_training_run(tmp_path, text_file):
+    from fgpt.train import train
+    from train_case import tiny_run
+    train(tiny_run(text_file, out=str(tmp_path / "out" / "run"), steps=1))
+    time.sleep(0.05)
+    converted = tmp_path / "out" / "converted"  # newer, but a run.convert output, not a run
+    save_checkpoint(converted, TINY, init_params(TINY, seed=5))
+    os.utime(converted / "model.safetensors", (time.time() + 60, time.time() + 60))
+    prompt = ["--prompt", "def add", "--max-new-tokens", "4", "--temperature", "0"]
+    default = subprocess.run([sys.executable, "-m", "run.generate", *prompt], cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+    assert default.returncode == 0, default.stderr
+    assert f"no --checkpoint: using the newest training run, {Path('out') / 'run'}" in default.stderr
+    named = subprocess.run([sys.executable, "-m", "run.generate", "--checkpoint", "out/run", *prompt],
+                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert named.returncode == 0 and default.stdout == named.stdout
