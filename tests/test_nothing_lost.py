@@ -308,3 +308,17 @@ def test_the_default_checkpoint_is_the_newest_training_run(tmp_path, text_file):
     named = subprocess.run([sys.executable, "-m", "run.generate", "--checkpoint", "out/run", *prompt],
                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert named.returncode == 0 and default.stdout == named.stdout
+
+
+# --- 7. an install that is right on any machine ----------------------------------------------------
+
+def test_the_readme_install_is_cpu_gpu_venv_and_names_the_minimum_python():
+    import re
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("<!-- section: install -->"):readme.index("<!-- /section: install -->")]
+    [minimum] = re.findall(r'^requires-python = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert f"Python {minimum.removeprefix('>=')} or newer" in install
+    [pin] = re.findall(r"torch==[\d.]+", (ROOT / ".ci" / "run").read_text())  # what CI installs
+    assert f"pip install {pin} --index-url https://download.pytorch.org/whl/cpu" in install
+    assert re.search(rf"^pip install {re.escape(pin)}$", install, re.M)  # the GPU (PyPI CUDA) line
+    assert "python3 -m venv" in install
