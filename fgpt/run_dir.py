@@ -4,6 +4,7 @@
     train_state.pt                   the commit record: step, run config, elapsed time,
                                      which step directory is whole, its model's digest
     metrics.jsonl                    one JSON object per optimizer step
+    .fgpt.lock                       the one-writer lock (fgpt.outdir), while a run writes
     checkpoints/step-N/              model.safetensors, config.json, and optimizer.rank{r}.pt:
                                      optimizer and RNG state of rank r (custom-fsdp's and
                                      ddp's resume on another world size too)

@@ -125,16 +125,6 @@ def test_train_has_one_writer_per_run_directory(tmp_path, text_file, capsys, mon
     assert (out / "metrics.jsonl").read_text().count("\n") == 1 and not (out / LOCK_FILE).exists()
 
 
-def test_a_launcher_hands_its_lock_to_the_ranks(tmp_path, text_file):
-    """strategy=ddp: the launcher holds the run directory, its rank 0 writes into it."""
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "run.train", "strategy=ddp", "nproc=2", *TRAIN_FLAGS,
-                           "--data", str(text_file), "--out", str(out)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "metrics.jsonl").read_text().count("\n") == 1 and not (out / LOCK_FILE).exists()
-
-
 def test_prepare_has_one_writer_per_output(tmp_path, capsys, monkeypatch):
     (tmp_path / "a.txt").write_text("hello world " * 100)
     out = tmp_path / "prepared"
@@ -187,31 +177,24 @@ def test_the_first_int8_run_says_it_measures_and_where_it_caches(tmp_path):
 
 # --- 4. costs a user can see coming ----------------------------------------------------------------
 
-def test_eval_says_how_many_tokens_it_will_score_before_scoring(tmp_path, capsys, monkeypatch):
+def test_eval_says_how_many_tokens_it_will_score_before_scoring(tmp_path, capsys):
     import json
     from fgpt import GPTConfig
     from run import eval as run_eval
     config = GPTConfig(n_ctx=16, n_layer=1, n_head=2, n_embd=32)
     save_checkpoint(tmp_path / "m", config, init_params(config))
     (tmp_path / "t.txt").write_text("one two three four five six seven. " * 12)
-    code, err = run_main(lambda: run_eval.main(["--checkpoint", str(tmp_path / "m"), "--data",
-                                                 str(tmp_path / "t.txt"), "--batch-size", "2"]),
-                         [], capsys, monkeypatch)
-    assert code == 0, err
-    monkeypatch.undo()
-    result = json.loads(run_eval_stdout(run_eval, tmp_path, capsys))
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(lambda: run_eval.main(["--checkpoint", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"),
+                                          "--batch-size", "2"]))
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0, err
+    result = json.loads(out.splitlines()[-1])  # the count it then scored: the reference
     lines = err.splitlines()
     [plan] = [i for i, line in enumerate(lines) if line.startswith("scoring ")]
     assert lines[plan].startswith(f"scoring {result['tokens']:,} tokens"), lines[plan]
     assert "about" in lines[plan] and "--max-tokens N" in lines[plan]
     assert plan < next(i for i, line in enumerate(lines) if line.startswith("scored "))
-
-
-def run_eval_stdout(run_eval, tmp_path, capsys) -> str:
-    """The JSON line of the same evaluation, run once more (the reference for the count)."""
-    with pytest.raises(SystemExit):
-        main_guard(lambda: run_eval.main(["--checkpoint", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt")]))
-    return capsys.readouterr().out.splitlines()[-1]
 
 
 def test_generate_names_its_max_new_tokens_default(capsys):
@@ -292,22 +275,24 @@ def test_flags_are_named_one_at_a_time(tmp_path, text_file, capsys, monkeypatch)
 
 # --- 6. the default checkpoint is the newest training run ---------------------------------------
 
-def test_the_default_checkpoint_is_the_newest_training_run(tmp_path, text_file):
+def test_the_default_checkpoint_is_the_newest_training_run(tmp_path, text_file, capsys, monkeypatch):
     from fgpt.train import train
+    from run import generate as run_generate
     from train_case import tiny_run
     train(tiny_run(text_file, out=str(tmp_path / "out" / "run"), steps=1))
-    time.sleep(0.05)
     converted = tmp_path / "out" / "converted"  # newer, but a run.convert output, not a run
     save_checkpoint(converted, TINY, init_params(TINY, seed=5))
     os.utime(converted / "model.safetensors", (time.time() + 60, time.time() + 60))
+    monkeypatch.chdir(tmp_path)
     prompt = ["--prompt", "def add", "--max-new-tokens", "4", "--temperature", "0"]
-    default = subprocess.run([sys.executable, "-m", "run.generate", *prompt], cwd=tmp_path, env=ENV,
-                             capture_output=True, text=True, timeout=120)
-    assert default.returncode == 0, default.stderr
-    assert f"no --checkpoint: using the newest training run, {Path('out') / 'run'}" in default.stderr
-    named = subprocess.run([sys.executable, "-m", "run.generate", "--checkpoint", "out/run", *prompt],
-                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    assert named.returncode == 0 and default.stdout == named.stdout
+    outputs = []
+    for checkpoint in ([], ["--checkpoint", "out/run"]):  # the default, and the run named
+        code, err = run_main(lambda: run_generate.main([*checkpoint, *prompt]), [], capsys, monkeypatch)
+        assert code == 0, err
+        outputs.append(err)
+    assert f"no --checkpoint: using the newest training run, {Path('out') / 'run'}" in outputs[0]
+    loaded = [line for line in outputs[0].splitlines() if line.startswith("loaded ")]
+    assert loaded and loaded[0].startswith(f"loaded {Path('out') / 'run'} ")
 
 
 # --- 7. an install that is right on any machine ----------------------------------------------------
