@@ -54,6 +54,26 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """A safetensors file, a directory holding one (or a sharded set with its index), or a
     hub name -> (config, params). The config comes from the config.json beside the weights,
     else from tensor shapes (see `infer_config`). `dtype` casts floating-point tensors."""
+    config, where, keys = _opened(path, device)
+
+    def read(hf_key: str) -> torch.Tensor:
+        t = where[hf_key].tensor(hf_key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    flat = {ours: read(hf) for ours, hf in keys.items()}
+    if "lm_head.weight" in where:
+        _check_tied(read("lm_head.weight"), flat["wte.weight"], path)
+    return config, tree.unflatten(flat)
+
+
+def checkpoint_config(path: str | os.PathLike) -> GPTConfig:
+    """The config `load_checkpoint(path)` would return, checked against the tensors' shapes
+    without reading the tensors."""
+    return _opened(path, "cpu")[0]
+
+
+def _opened(path, device) -> tuple[GPTConfig, dict, dict[str, str]]:
+    """(config, {HF key: the open file holding it}, {our key: HF key}) of a checkpoint."""
     files, config_json = _resolve(path)
     handles = [_open(f, device) for f in files]
     where = {}  # HF key -> the open file holding it
@@ -66,15 +86,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     if config_json is None:
         log.warning("no config.json beside %s: inferred n_layer=%d n_head=%d n_kv_head=%s pos_emb=%s "
                     "from tensor shapes", path, config.n_layer, config.n_head, config.n_kv_head, config.pos_emb)
-
-    def read(hf_key: str) -> torch.Tensor:
-        t = where[hf_key].tensor(hf_key)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-    flat = {ours: read(hf) for ours, hf in keys.items()}
-    if "lm_head.weight" in where:
-        _check_tied(read("lm_head.weight"), flat["wte.weight"], path)
-    return config, tree.unflatten(flat)
+    return config, where, keys
 
 
 def _resolve(path) -> tuple[list[Path], Path | None]:

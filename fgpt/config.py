@@ -14,6 +14,10 @@ GPT2_VOCAB = 50257
 # Variants (rotary, GQA, windowed) are written under fgpt's own model type: transformers then
 # refuses them (AutoModel*, pipeline) instead of loading them as full-attention GPT-2.
 FGPT_MODEL_TYPE, FGPT_ARCHITECTURE = "fgpt", "FgptForCausalLM"
+# A variant's activation_function: still gelu_new, but a name transformers' GPT-2 code cannot
+# look up, so GPT2LMHeadModel.from_pretrained raises with this text rather than run a rotary
+# or windowed model with learned positions (a random wpe) or full attention
+VARIANT_ACTIVATION = "gelu_new; an fgpt variant that GPT-2's code would run wrongly: load it with fgpt"
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,9 @@ class GPTConfig:
     # HF config.json ------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF GPT-2 config.json; fgpt's extra fields ride along (HF ignores unknown keys).
-        A variant says `model_type: fgpt`, which transformers does not know, so it refuses the
-        checkpoint rather than run it with GPT-2's attention."""
+        A variant says `model_type: fgpt`, which transformers' Auto classes do not know, and an
+        activation_function that GPT2LMHeadModel cannot build, so transformers refuses the
+        checkpoint rather than run it with GPT-2's positions and attention."""
         plain = self.is_plain_gpt2
         d = {
             "architectures": ["GPT2LMHeadModel" if plain else FGPT_ARCHITECTURE],
@@ -107,7 +112,7 @@ class GPTConfig:
             "n_layer": self.n_layer,
             "n_head": self.n_head,
             "n_embd": self.n_embd,
-            "activation_function": "gelu_new",
+            "activation_function": "gelu_new" if plain else VARIANT_ACTIVATION,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "resid_pdrop": self.dropout,
             "embd_pdrop": self.dropout,
@@ -126,7 +131,7 @@ class GPTConfig:
         an fgpt variant's (model_type fgpt; older fgpt files said gpt2 with the same fields)."""
         if d.get("model_type", "gpt2") not in ("gpt2", FGPT_MODEL_TYPE):
             raise FgptError(f"config.json describes a {d.get('model_type')!r} model, not gpt2")
-        if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", VARIANT_ACTIVATION):
             raise FgptError(f"unsupported activation_function {d['activation_function']!r}")
         if d.get("n_inner") not in (None, 4 * d.get("n_embd", 768)):
             raise FgptError("n_inner other than 4*n_embd is not supported")

@@ -72,6 +72,14 @@ def is_prepared(data: str | None) -> bool:
     return data is not None and layout(Path(data)) is not None
 
 
+def check_text_field(data: str | None, text_field: str | None) -> None:
+    """A --text-field given (None: not) names a field of JSONL / Parquet documents; a
+    directory of token shards has none, so it would be ignored: refused instead."""
+    if text_field is not None and is_prepared(data):
+        raise FgptError(f"--text-field {text_field}: --data {data} holds token shards (already tokenised), "
+                        "which have no text field; leave --text-field out")
+
+
 def build_cache(data: str | None, *, text_field: str = "text", progress: bool = True,
                 workers: int | None = None) -> Path:
     """The prepared directory for `data`: the directory itself when it already holds token

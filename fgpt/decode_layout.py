@@ -4,8 +4,10 @@ A decode step multiplies one row vector by every weight W [in, out] (the head: W
 The same W can be stored row-major as [in, out] or as [out, in] (its transpose's rows), and
 which of the two the matrix-vector kernels read faster depends on the dtype, the shape and
 the machine: MKL's fp32 product and torch's bf16 one disagree, and an AVX-512 CPU is not an
-AVX2 one. So the choice is measured, once per (device, dtype, shape) per process,
-on enough copies of a matrix of that shape that they outgrow the caches as the model does.
+AVX2 one. So the choice is measured, once per (dtype, shape) per CPU machine (cached in
+$FGPT_CACHE/measured.json, default ~/.cache/fgpt; `measured_once`, which says so on stderr
+the first time), on enough copies of a matrix of that shape that they outgrow the caches
+as the model does.
 Only strides change: shapes and values stay, so `forward` runs on the result unchanged.
 `just bench generate` shows the decode rates the chosen layouts reach. fgpt/int8.py picks
 its kernel per shape with the same measurement (`fastest`).
@@ -13,11 +15,16 @@ its kernel per shape with the same measurement (`fastest`).
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fgpt.measure import best_time
+from fgpt.atomic import atomic_write_text
+from fgpt.measure import best_time, cpu_name
 
 IN_OUT, OUT_IN = "in_out", "out_in"
 _MEASURE_BYTES = 64 << 20  # per layout: past a 32 MiB L3, as a model's weights are
@@ -37,8 +44,57 @@ def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
     one thread no product waits at a barrier for a thread that other work descheduled."""
     key = (str(device), dtype, tuple(shape))
     if key not in _chosen:
-        _chosen[key] = on_one_thread(lambda: _measure(tuple(shape), dtype, torch.device(device), repeats))
+        measure = lambda: on_one_thread(lambda: _measure(tuple(shape), dtype, torch.device(device), repeats))  # noqa: E731
+        _chosen[key] = (measured_once("weight layouts", f"layout {dtype} {tuple(shape)}", measure, (IN_OUT, OUT_IN))
+                        if torch.device(device).type == "cpu" else measure())
     return _chosen[key]
+
+
+# --- the per-machine cache of measured choices -------------------------------------------------
+
+_announced: set[str] = set()
+
+
+def measured_cache() -> Path:
+    """Where measured choices are kept: $FGPT_CACHE/measured.json (default ~/.cache/fgpt)."""
+    return Path(os.environ.get("FGPT_CACHE", Path.home() / ".cache" / "fgpt")) / "measured.json"
+
+
+def _machine() -> str:
+    """What a measured choice depends on: the CPU, its core count, torch and its kernels."""
+    return f"{cpu_name()} | {os.cpu_count()} cpus | torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def measured_once(what: str, key: str, measure: Callable[[], str], choices: tuple[str, ...]) -> str:
+    """This CPU machine's choice for `key`: from the cache file, or `measure()`d now (saying
+    so on stderr, once per process and `what`) and added to it. A cache that is unreadable
+    or names an unknown choice is measured over."""
+    path, machine = measured_cache(), _machine()
+    choice = _read_cache(path).get(machine, {}).get(key)
+    if choice in choices:
+        return choice
+    if what not in _announced:
+        _announced.add(what)
+        logging.getLogger("fgpt").warning(
+            "measuring the fastest %s for each weight shape on this machine: once per machine, a few "
+            "seconds; cached in %s", what, path)
+    choice = measure()
+    cache = _read_cache(path)  # again: another process may have added to it meanwhile
+    entries = cache.get(machine) if isinstance(cache.get(machine), dict) else {}
+    cache[machine] = {**entries, key: choice}
+    try:
+        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return choice
 
 
 def on_one_thread(fn: Callable[[], str]) -> str:

@@ -14,7 +14,7 @@ Activations, biases, layer norms and scales stay in the float dtype of the tree 
 a step reads every weight once, and int8 reads a quarter of fp32's bytes.
 
 Three kernels compute the products; on x86 CPUs `quantize` gives each weight shape the
-faster of the first two, measured once per shape (`fastest_kernel`):
+faster of the first two, measured once per machine (`fastest_kernel`; cached as decode_layout caches):
 - fbgemm's int8 x int8 kernel (the one behind torch's quantized linear), fed the
   activations as 21-bit fixed point: each row x becomes the integer
   v = round(x * SPAN / max|x|), |v| <= SPAN = 1,040,319, written exactly as three base-128
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
-from fgpt.decode_layout import copies_past_the_caches, fastest, on_one_thread
+from fgpt.decode_layout import copies_past_the_caches, fastest, measured_once, on_one_thread
 from fgpt.errors import FgptError
 from fgpt.measure import cpu_flags
 
@@ -200,15 +200,17 @@ def choose_kernel(n_out: int, n_in: int, dtype: torch.dtype, device: torch.devic
 
 def fastest_kernel(n_out: int, n_in: int, dtype: torch.dtype = torch.float32) -> str:
     """fbgemm's or `_weight_int8pack_mm`, whichever runs x [1, in] @ W.T faster on this
-    machine for activations of `dtype`, measured as decode_layout measures float layouts (one
-    thread; copies that outgrow the caches); the pick then serves any number of rows. The
-    digits cost a few small ops per product, so small matrices can favour torch's kernel
-    and large ones fbgemm's. On a machine's first quantization this takes a few seconds."""
-    x = torch.full((1, n_in), 0.5, dtype=dtype)
-    q = [torch.ones(n_out, n_in, dtype=torch.int8) for _ in range(copies_past_the_caches(n_out * n_in))]
-    candidates = {name: [lambda m=Int8Matrix(w, torch.full((n_out,), 0.01, dtype=dtype), name): m.matmul(x)
-                         for w in q] for name in ("fbgemm", "int8pack")}
-    return on_one_thread(lambda: fastest(candidates))
+    machine for activations of `dtype`, measured once per shape per machine as decode_layout
+    measures float layouts (one thread; copies that outgrow the caches); the pick then serves
+    any number of rows. The digits cost a few small ops per product, so small matrices can
+    favour torch's kernel and large ones fbgemm's."""
+    def measure() -> str:
+        x = torch.full((1, n_in), 0.5, dtype=dtype)
+        q = [torch.ones(n_out, n_in, dtype=torch.int8) for _ in range(copies_past_the_caches(n_out * n_in))]
+        candidates = {name: [lambda m=Int8Matrix(w, torch.full((n_out,), 0.01, dtype=dtype), name): m.matmul(x)
+                             for w in q] for name in ("fbgemm", "int8pack")}
+        return on_one_thread(lambda: fastest(candidates))
+    return measured_once("int8 kernels", f"int8 {dtype} {n_out}x{n_in}", measure, ("fbgemm", "int8pack"))
 
 
 def digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,10 +42,14 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     """A JSONL file in HellaSwag's layout, tokenised with GPT-2's BPE. `label` may be an
     integer or a string of digits (HF datasets store HellaSwag's labels as strings)."""
     enc = gpt2_encoding()
+    if Path(path).is_dir():
+        raise FgptError(f"--data {path} is a directory: --task mc reads one JSONL file of questions")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FgptError(f"cannot read {path}: {e}") from None
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is dropped
+    except OSError as e:
+        raise FgptError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise FgptError(f"{path} is not UTF-8 text (byte {e.start})") from None
     questions = []
     for number, line in enumerate(lines, 1):
         if limit is not None and len(questions) == limit:
@@ -75,6 +79,9 @@ def _fields(line: str, where: str) -> tuple[str, list[str], int]:
         raise FgptError(f"{where}: ctx must be a non-empty string")
     if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
         raise FgptError(f"{where}: endings must be a list of at least two strings")
+    empty = [i for i, e in enumerate(endings) if not e.strip()]
+    if empty:
+        raise FgptError(f"{where}: ending {empty[0]} is empty (an empty ending would be scored as one space)")
     if isinstance(label, str) and label.isdigit():
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool):

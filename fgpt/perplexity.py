@@ -86,6 +86,17 @@ def plan_windows(n_tokens: int, n_ctx: int, stride: int) -> list[Window]:
     return windows
 
 
+def model_windows(config: GPTConfig, n_tokens: int, n_ctx: int | None = None,
+                  stride: int | None = None) -> list[Window]:
+    """The windows `strided_nll` scores a stream of `n_tokens` in. Defaults: n_ctx = the
+    model's, stride = n_ctx // 2."""
+    n_ctx = config.n_ctx if n_ctx is None else n_ctx
+    stride = n_ctx // 2 if stride is None else stride
+    if n_ctx > config.n_ctx and config.pos_emb == "learned":
+        raise FgptError(f"--n-ctx {n_ctx} exceeds the model's n_ctx={config.n_ctx} (learned positions stop there)")
+    return plan_windows(n_tokens, n_ctx, stride)
+
+
 def batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
     """Runs of at most `batch_size` windows of one length (only the last window can be shorter)."""
     out: list[list[Window]] = []
@@ -129,12 +140,8 @@ def strided_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndar
     """The strided perplexity of a token stream (anything with len() and slicing: a list, a
     numpy array, a memory-mapped shard). Defaults: n_ctx = the model's, stride = n_ctx // 2.
     `byte_lengths[id]`: the UTF-8 bytes of each token id, to count the scored text's bytes."""
-    n_ctx = config.n_ctx if n_ctx is None else n_ctx
-    stride = n_ctx // 2 if stride is None else stride
     check_at_least("--batch-size", batch_size, 1)
-    if n_ctx > config.n_ctx and config.pos_emb == "learned":
-        raise FgptError(f"--n-ctx {n_ctx} exceeds the model's n_ctx={config.n_ctx} (learned positions stop there)")
-    windows = plan_windows(len(tokens), n_ctx, stride)
+    windows = model_windows(config, len(tokens), n_ctx, stride)
     nll, count = 0.0, 0
     with tqdm(total=sum(w.end - w.first for w in windows), unit="tok", unit_scale=True,
               desc="perplexity", disable=not progress, dynamic_ncols=True) as bar:

@@ -32,7 +32,7 @@ from fgpt.atomic import atomic_path
 from fgpt.errors import FgptError
 from fgpt.shards import (FORMAT, MANIFEST, Shard, ShardWriter, TokenStream, dtype_for, shard_entries,
                          shard_name, split_files)
-from fgpt.sources import Chunk, SourceFile, read_chunks
+from fgpt.sources import BOM, Chunk, SourceFile, read_chunks
 from fgpt.tokenizer import EOT, gpt2_encoding
 
 VAL_FRACTION = 0.1  # share of documents (or, when that leaves a split empty, of tokens) held out
@@ -107,6 +107,8 @@ def _jsonl_records(chunk: Chunk, text_field: str) -> Iterator[tuple[str, str]]:
     except UnicodeDecodeError as e:
         line = chunk.first_line + chunk.raw.count(b"\n", 0, e.start)
         raise FgptError(f"{path} line {line}: not UTF-8 text") from None
+    if chunk.first_line == 1:
+        text = text.removeprefix(BOM)  # a UTF-8 byte-order mark, as Windows tools write
     for i, raw_line in enumerate(text.split("\n")):
         if not raw_line.strip():
             continue

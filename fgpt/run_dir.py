@@ -4,6 +4,7 @@
     train_state.pt                   the commit record: step, run config, elapsed time,
                                      which step directory is whole, its model's digest
     metrics.jsonl                    one JSON object per optimizer step
+    .fgpt.lock                       the one-writer lock (fgpt.outdir), while a run writes
     checkpoints/step-N/              model.safetensors, config.json, and optimizer.rank{r}.pt:
                                      optimizer and RNG state of rank r (custom-fsdp's and
                                      ddp's resume on another world size too)
@@ -32,6 +33,7 @@ from fgpt.atomic import atomic_path, atomic_write_text
 from fgpt.checkpoint import CONFIG as CONFIG_FILE, WEIGHTS as MODEL_FILE, load_checkpoint, save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
+from fgpt.outdir import LOCK_FILE, check_not_source, exclusive
 from fgpt.parallel.base import Strategy
 from fgpt.parallel.optimizer_state import SavedOptimizer
 from fgpt.run_config import TrainConfig, absolute_data, resumed
@@ -44,6 +46,14 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def default_out_dir(name: str = "train") -> str:
     return f"out/{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run(root: str | Path = "out") -> Path | None:
+    """The training run under `root` that committed a checkpoint last (it holds metrics.jsonl
+    and train_state.pt: a run.convert output or a downloaded model does not), or None."""
+    runs = [state.parent for state in Path(root).glob(f"**/{STATE_FILE}")
+            if (state.parent / METRICS_FILE).is_file() and (state.parent / MODEL_FILE).is_file()]
+    return max(runs, key=lambda d: ((d / STATE_FILE).stat().st_mtime, -len(d.parts)), default=None)
 
 
 # --- the commit record ---------------------------------------------------------------------
@@ -74,6 +84,17 @@ def saved_run(out_dir: str | Path) -> tuple[TrainConfig, GPTConfig]:
             GPTConfig.from_json(_step_dir(Path(out_dir), state) / CONFIG_FILE))
 
 
+def check_not_input(out: str | Path | None, *, data: str | None, init_from: str | None) -> None:
+    """A run directory is never an input of its run, nor inside or around one."""
+    if out:
+        check_not_source("--out", out, {"--data": data, "--init-from": init_from})
+
+
+def writer_lock(out: str | Path):
+    """The run directory's one-writer lock (fgpt.outdir.exclusive), held for a whole run."""
+    return exclusive(Path(out) / LOCK_FILE, what=f"the run directory {out}")
+
+
 def _committed(out_dir: str | Path) -> dict:
     state = train_state(out_dir)
     if state is None:
@@ -91,7 +112,8 @@ def _step_dir(out_dir: Path, state: dict) -> Path:
 def effective_settings(run: TrainConfig) -> TrainConfig:
     """The settings this session runs with: `run`, or for a resume the checkpoint's own with
     the changes a resume may make. Refuses to start a fresh run over a checkpointed one,
-    and a resume of a run that is already done."""
+    a resume of a run that is already done, and an --out that is an input."""
+    check_not_input(run.out, data=run.data, init_from=run.init_from)
     if not run.resume:
         if train_state(run.out) is not None:
             raise FgptError(f"{run.out} already holds a run; pass --resume to continue it")

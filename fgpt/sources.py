@@ -22,6 +22,7 @@ import codecs
 import glob
 import gzip
 import re
+import stat
 import sysconfig
 import zlib
 from dataclasses import dataclass, field
@@ -93,11 +94,21 @@ def list_files(spec: str, flag: str = "--data") -> list[SourceFile]:
                  and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     elif Path(spec).is_file():
         paths, root = [Path(spec)], Path(spec).parent
+    elif Path(spec).exists():  # a FIFO, a socket, a device: no size to plan by, maybe endless
+        raise FgptError(f"{flag} {spec}: not a regular file ({_kind(Path(spec))}); give a file, "
+                        "a directory or a glob")
     else:
         raise FgptError(f"{flag} {spec}: no such file or directory")
     if not paths:
         raise FgptError(f"{flag} {spec}: matches no files")
     return [_source_file(p, p.relative_to(root).as_posix()) for p in sorted(paths)]
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _glob_root(spec: str) -> Path:
@@ -158,15 +169,38 @@ def read_chunks(files: list[SourceFile], *, text_field: str = "text", lenient: b
 
 
 def read_text(path: Path) -> str:
-    """A whole file as UTF-8 text; FgptError for a binary (a NUL byte) or non-UTF-8 file."""
+    """A whole file as UTF-8 text (a leading byte-order mark dropped); FgptError for a binary
+    (a NUL byte) or non-UTF-8 file, naming UTF-16 where that is what it is."""
     raw = _read_bytes(path)
     if b"\0" in raw:
-        hint = " (for token shards, give the directory that holds them)" if path.suffix == ".bin" else ""
-        raise FgptError(f"{path} is a binary file, not text{hint}")
+        raise _not_text(path, raw)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise FgptError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        bom = " (it starts with a UTF-16 byte-order mark)" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        raise FgptError(f"{path} is not UTF-8 text (byte {e.start}){bom}") from None
+
+
+BOM = "\ufeff"  # UTF-8's byte-order mark: Windows tools start text files with it; dropped
+
+
+def _not_text(path: Path, head: bytes) -> FgptError:
+    """The error for a file with NUL bytes: UTF-16 / UTF-32 text (by its byte-order mark, or
+    NULs at every other byte of ASCII-range text) is named, since converting it is the fix."""
+    if head.startswith((b"\xff\xfe\0\0", b"\0\0\xfe\xff")):
+        encoding = "UTF-32"
+    elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "UTF-16"
+    else:
+        sample = head[:4096]
+        even, odd = sample[0::2], sample[1::2]
+        encoding = "UTF-16" if len(sample) >= 4 and (even.count(0) > 0.9 * len(even) or
+                                                      odd.count(0) > 0.9 * len(odd)) else None
+    if encoding:
+        return FgptError(f"{path} is {encoding} text; fgpt reads UTF-8: convert it first "
+                         f"(iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix})")
+    hint = " (for token shards, give the directory that holds them)" if path.suffix == ".bin" else ""
+    return FgptError(f"{path} is a binary file, not text{hint}")
 
 
 def _whole_text(f: SourceFile, lenient: bool) -> str | None:
@@ -187,13 +221,13 @@ def _read_bytes(path: Path) -> bytes:
 
 def _text_pieces(f: SourceFile, chunk_bytes: int) -> Iterator[Chunk]:
     """One large text file as pieces cut at safe points, each about `chunk_bytes`."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # drops a leading byte-order mark
     pending, offset, unreported, first = "", 0, 0, True
     with open(f.path, "rb") as fh:
         while True:
             block = fh.read(chunk_bytes)
             if b"\0" in block:
-                raise FgptError(f"{f.path} is a binary file, not text")
+                raise _not_text(f.path, block if offset == 0 else b"")
             try:
                 pending += decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:

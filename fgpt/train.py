@@ -126,7 +126,11 @@ def initial_params(run: TrainConfig) -> tuple[GPTConfig, dict]:
     if run.init_from:
         model_config, params = load_checkpoint(run.init_from)
         if run.model is not None and run.model != model_config:
-            raise FgptError(f"--init-from {run.init_from}: its model config contradicts the one given")
+            differ = [f"{f.name}={getattr(run.model, f.name)} (the checkpoint's: {getattr(model_config, f.name)})"
+                      for f in dataclasses.fields(GPTConfig)
+                      if getattr(run.model, f.name) != getattr(model_config, f.name)]
+            raise FgptError(f"--init-from {run.init_from}: its model config contradicts {', '.join(differ)}; "
+                            "leave the model flags out to train the checkpoint's model")
         return model_config, params
     model_config = run.model or GPTConfig.preset("tiny")
     return model_config, init_params(model_config, seed=run.seed)

@@ -36,6 +36,23 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def checkpoint_or_default(given: str | None) -> str:
+    """--checkpoint as given; else the newest training run under out/ (else the newest
+    checkpoint of any kind there), said on stderr."""
+    if given:
+        return given
+    from fgpt import run_dir
+    from fgpt.checkpoint import latest_checkpoint
+    run = run_dir.latest_run("out")
+    if run is not None:
+        print(f"no --checkpoint: using the newest training run, {run}", file=sys.stderr)
+        return str(run)
+    path = latest_checkpoint("out")
+    print(f"no --checkpoint: no training run under out/, using the newest checkpoint there, {path}",
+          file=sys.stderr)
+    return str(path)
+
+
 def summary(doc: str) -> str:
     """A module docstring's first paragraph on one line: an --help description."""
     return " ".join(doc.split("\n\n")[0].split())

@@ -13,6 +13,7 @@ from pathlib import Path
 from fgpt.checkpoint import CONFIG, WEIGHTS, load_checkpoint, save_checkpoint
 from fgpt.convert import to_gqa
 from fgpt.errors import FgptError
+from fgpt.outdir import check_not_source
 from run._cli import ArgumentParser, main_guard, summary
 
 log = logging.getLogger("run.convert")
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_out(out: str, force: bool) -> None:
-    """Refuse to write over a checkpoint (the input's own folder, say) unless told to."""
+    """Refuse to write over a checkpoint unless told to (never over the input: main checks)."""
     there = [f for f in (WEIGHTS, CONFIG) if (Path(out) / f).exists()]
     if there and not force:
         raise FgptError(f"--out {out} already holds {' and '.join(there)}; give another --out, "
@@ -42,6 +43,7 @@ def check_out(out: str, force: bool) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    check_not_source("--out", args.out, {"--checkpoint": args.checkpoint})
     check_out(args.out, args.force)
     config, params = load_checkpoint(args.checkpoint)
     if args.to_safetensors:

@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from fgpt import tree
-from fgpt.checkpoint import latest_checkpoint, load_checkpoint
+from fgpt.checkpoint import load_checkpoint
+from fgpt.data import check_text_field
 from fgpt.errors import FgptError, check_at_least
 from fgpt.multiple_choice import accuracy, read_questions, score_endings
-from fgpt.perplexity import check_window_flags, strided_nll
+from fgpt.perplexity import batches, check_window_flags, model_windows, strided_nll, window_nll
 from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
 from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.parallel.process_group import resolve_device
 from fgpt.tree import FLOAT_DTYPES
-from run._cli import ArgumentParser, main_guard, summary
+from run._cli import ArgumentParser, checkpoint_or_default, main_guard, summary
 
 # single files that are corpora rather than one text (the formats fgpt.sources reads as
 # records): handed to the data module, which evaluates their validation split as training would
@@ -37,13 +38,13 @@ CORPUS_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgumentParser(prog="python -m run.eval", description=summary(__doc__))
     ap.add_argument("--checkpoint", help="a .safetensors or pytorch_model.bin file, a directory or a hub "
-                    "name; default: the newest checkpoint under out/")
+                    "name; default: the newest training run under out/")
     ap.add_argument("--task", choices=["ppl", "mc"], default="ppl",
                     help="ppl: strided perplexity (default); mc: multiple choice (HellaSwag layout)")
     ap.add_argument("--data", help="ppl: a text file (scored whole, as one stream) or anything "
                     "run.train --data takes (its validation split; default: the built-in corpus's); "
                     "mc: a JSONL file of {ctx, endings, label}")
-    ap.add_argument("--text-field", default="text", help="ppl: the JSONL field / Parquet column of --data "
+    ap.add_argument("--text-field", help="ppl: the JSONL field / Parquet column of --data "
                     "holding the text (default text)")
     ap.add_argument("--n-ctx", type=int, help="ppl: window length (default: the model's n_ctx)")
     ap.add_argument("--stride", type=int, help="ppl: tokens between window starts (default: n_ctx // 2)")
@@ -60,19 +61,21 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     check_flags(args)
     device = resolve_device(args.device)
-    path = args.checkpoint or latest_checkpoint()
+    questions = read_questions(args.data, limit=args.limit) if args.task == "mc" else None  # before loading
+    path = checkpoint_or_default(args.checkpoint)
     config, params = load_checkpoint(path, dtype=FLOAT_DTYPES[args.dtype], device=device)
     print(f"loaded {path} ({tree.count(params):,} parameters, {args.dtype}, {device})", file=sys.stderr)
     t0 = time.perf_counter()
     if args.task == "mc":
-        questions = read_questions(args.data, limit=args.limit)
         scores = score_endings(params, config, questions, batch_size=args.batch_size, device=device)
         result = accuracy(questions, scores)
         done = f"{result['n']} question{'s' if result['n'] != 1 else ''}"
     else:
-        tokens = load_tokens(args.data, args.text_field)
+        tokens = load_tokens(args.data, args.text_field or "text")
         if args.max_tokens is not None:
             tokens = tokens[:args.max_tokens]
+        announce_cost(params, config, tokens, args, device)
+        t0 = time.perf_counter()
         total = strided_nll(params, config, tokens, n_ctx=args.n_ctx, stride=args.stride,
                             batch_size=args.batch_size, byte_lengths=token_byte_lengths(), device=device)
         result = {"loss": total.loss, "ppl": total.ppl, "tokens": total.tokens,
@@ -83,9 +86,26 @@ def main(argv=None) -> None:
     print(json.dumps(result))
 
 
+def announce_cost(params: dict, config, tokens, args: argparse.Namespace, device) -> None:
+    """Before scoring: how many tokens, and about how long, timed on the first batch here."""
+    windows = model_windows(config, len(tokens), args.n_ctx, args.stride)
+    groups = batches(windows, args.batch_size)
+    line = f"scoring {sum(w.end - w.first for w in windows):,} tokens in {len(windows):,} windows"
+    if len(groups) > 1:
+        t0 = time.perf_counter()
+        window_nll(params, config, tokens, groups[0], device)
+        estimate = (time.perf_counter() - t0) * len(groups)
+        line += f", about {estimate / 60:.1f} min" if estimate >= 60 else f", about {estimate:.0f} s"
+        line += " (timed on the first batch here)"
+    if args.max_tokens is None:
+        line += "; --max-tokens N scores only the first N"
+    print(line, file=sys.stderr, flush=True)
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Flags of the other task, and values that cannot work, fail before any loading."""
-    ppl_only = {"--n-ctx": args.n_ctx, "--stride": args.stride, "--max-tokens": args.max_tokens}
+    ppl_only = {"--n-ctx": args.n_ctx, "--stride": args.stride, "--max-tokens": args.max_tokens,
+                "--text-field": args.text_field}
     if args.task == "mc":
         given = [flag for flag, value in ppl_only.items() if value is not None]
         if given:
@@ -96,6 +116,7 @@ def check_flags(args: argparse.Namespace) -> None:
     elif args.limit is not None:
         raise FgptError("--limit applies to --task mc only (--max-tokens limits perplexity)")
     check_at_least("--batch-size", args.batch_size, 1)
+    check_text_field(args.data, args.text_field)
     check_window_flags(args.n_ctx, args.stride)  # the rest once the model's n_ctx is known
     check_at_least("--max-tokens", args.max_tokens, 2)
 

@@ -16,21 +16,21 @@ import torch
 
 from fgpt import int8, tree
 from fgpt.attention import WINDOW_KERNELS, use_window_kernel
-from fgpt.checkpoint import latest_checkpoint, load_checkpoint
-from fgpt.errors import FgptError
+from fgpt.checkpoint import load_checkpoint
+from fgpt.errors import FgptError, check_at_least
 from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
 from fgpt.tokenizer import EOT, gpt2_encoding
 from fgpt.tree import FLOAT_DTYPES
-from run._cli import ArgumentParser, main_guard, summary
+from run._cli import ArgumentParser, checkpoint_or_default, main_guard, summary
 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgumentParser(prog="python -m run.generate", description=summary(__doc__))
     ap.add_argument("--checkpoint", help="a .safetensors file, a directory (HF layout or a training "
-                    "output) or a hub name like gpt2; default: the newest checkpoint under out/")
+                    "output) or a hub name like gpt2; default: the newest training run under out/")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample (default 100)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--top-p", type=float)
@@ -55,15 +55,15 @@ def main(argv=None) -> None:
 def sample_and_print(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # validates before any loading
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise FgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    check_at_least("--max-new-tokens", args.max_new_tokens, 0)
+    check_at_least("--num-samples", args.num_samples, 1)
     if args.seed is not None and not 0 <= args.seed < 2 ** 63 - args.num_samples:  # sample i uses seed + i
         raise FgptError(f"--seed must be in [0, 2**63 - --num-samples), got {args.seed}")
     enc = gpt2_encoding()
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not prompt:
         raise FgptError("empty prompt: give at least one token")
-    path = args.checkpoint or latest_checkpoint()
+    path = checkpoint_or_default(args.checkpoint)
     t0 = time.perf_counter()
     # int8: weight-only (fgpt/int8.py), loaded in fp32 then quantized; activations stay fp32
     config, params = load_checkpoint(path, dtype=FLOAT_DTYPES.get(args.dtype, torch.float32))

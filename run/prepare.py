@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fgpt.errors import check_at_least
+from fgpt.outdir import check_not_source, exclusive
 from fgpt.prepare import SHARD_TOKENS, VAL_FRACTION, default_workers, prepare
 from fgpt.sources import list_files
 from run._cli import ArgumentParser, main_guard, summary
@@ -40,6 +41,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_at_least("--shard-tokens", args.shard_tokens, 1)
     check_at_least("--workers", args.workers, 1)
+    check_not_source("--out", args.out, {"--data": args.data, "--val": args.val})
+    out = Path(args.out)
+    with exclusive(out.parent / f".{out.name}.lock", what=f"--out {args.out}"):
+        prepare_locked(args)
+
+
+def prepare_locked(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     files = list_files(args.data)
     val_files = list_files(args.val, "--val") if args.val else None

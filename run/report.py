@@ -22,6 +22,7 @@ from pathlib import Path
 from fgpt.atomic import atomic_write_text
 from fgpt.errors import FgptError, require_extra
 from fgpt.measure import machine, machine_line
+from fgpt.outdir import LOCK_FILE, exclusive
 from fgpt.report.budget import FULL, QUICK, Budget
 from fgpt.report.claims import derive
 from fgpt.report.study import run_study
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FgptError(f"--out {out}: {e.strerror}") from None
+    with exclusive(out / LOCK_FILE, what=f"--out {out}"):  # one study writes a directory at a time
+        study(args, argv, budget, out, write_plots)
+
+
+def study(args, argv: list[str], budget, out: Path, write_plots) -> None:
     asset_dir = out / "report"
     if args.render:
         results = read_results(args.render)

@@ -8,6 +8,7 @@ nproc > 1 outside torchrun, it re-launches itself under `torch.distributed.run`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -16,6 +17,8 @@ import sys
 
 from fgpt import precision, run_dir
 from fgpt.attention import WINDOW_KERNELS
+from fgpt.checkpoint import checkpoint_config
+from fgpt.data import check_text_field
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
@@ -122,7 +125,10 @@ def build_config(args) -> TrainConfig:
         saved, saved_model = run_dir.saved_run(args.out)
         model = model_config(args, saved_model)
         return dataclasses.replace(saved, **given, **({"model": model} if model else {}))
-    return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, None))
+    # flags given with --init-from change its model (and contradict it, which training refuses
+    # naming the field), not the tiny preset's
+    base = checkpoint_config(args.init_from) if args.init_from and not args.model else None
+    return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, base))
 
 
 LAUNCHER_FLAGS = ("--nproc", "--max-restarts")
@@ -218,6 +224,21 @@ def main() -> int:
                             "run directory")
         args.out = f"out/train-{job}" if under_torchrun else run_dir.default_out_dir()
         argv += ["--out", args.out]
+    run_dir.check_not_input(args.out, data=args.data, init_from=args.init_from)
+    check_text_field(args.data, args.text_field)
+    # One writer per run directory: this process, or under torchrun rank 0 (a launcher's
+    # lock is handed down to the ranks it starts, see fgpt.outdir.exclusive).
+    writer = not under_torchrun or int(os.environ["RANK"]) == 0
+    with run_dir.writer_lock(args.out) if writer else contextlib.nullcontext():
+        code = run(args, argv, under_torchrun)
+    if under_torchrun:  # a torchrun worker: skip finalizers that can abort after gloo
+        from fgpt.parallel.process_group import exit_without_finalizers
+        exit_without_finalizers(code)
+    return code
+
+
+def run(args, argv: list[str], under_torchrun: bool) -> int:
+    """Train (or launch the ranks that do), holding the run directory: the exit code."""
     mine = run_dir.saved_by_this_job(args.out) if under_torchrun else None
     if mine is not None and not args.resume:  # torchrun restarted this job after a failure
         args.resume, args.init_from = True, None  # the checkpoint supersedes --init-from
@@ -243,12 +264,7 @@ def main() -> int:
               f"(sample: python -m run.generate --checkpoint {result.out_dir})")
     # A signal ends with 130, as Ctrl-C does; --stop-after is a stop as asked: 0, which also
     # keeps torchrun from taking it for a failure (and restarting under --max-restarts).
-    code = 130 if result.interrupted and result.step != run.stop_after else 0
-    if under_torchrun:  # a torchrun worker: skip finalizers that can abort after gloo
-        from fgpt.parallel.process_group import exit_without_finalizers
-        exit_without_finalizers(code)
-    return code
-
+    return 130 if result.interrupted and result.step != run.stop_after else 0
 
 if __name__ == "__main__":
     main_guard(main)

@@ -94,16 +94,30 @@ def test_cli_writes_a_loadable_gqa_checkpoint(tmp_path):
 def test_cli_never_overwrites_a_checkpoint_unless_forced(tmp_path):
     config = tiny(4)
     save_checkpoint(tmp_path / "mha", config, init_params(config))
-    before = (tmp_path / "mha" / "model.safetensors").read_bytes()
+    save_checkpoint(tmp_path / "old", config, init_params(config, seed=1))
+    before = (tmp_path / "old" / "model.safetensors").read_bytes()
     cmd = [sys.executable, "-m", "run.convert", "--checkpoint", str(tmp_path / "mha"), "--to-gqa", "2",
-           "--out", str(tmp_path / "mha")]
+           "--out", str(tmp_path / "old")]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 2
-    assert run.stderr.strip() == (f"error: --out {tmp_path / 'mha'} already holds model.safetensors and "
+    assert run.stderr.strip() == (f"error: --out {tmp_path / 'old'} already holds model.safetensors and "
                                   "config.json; give another --out, or --force to overwrite")
-    assert (tmp_path / "mha" / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == before
     assert subprocess.run([*cmd, "--force"], capture_output=True).returncode == 0
-    assert load_checkpoint(tmp_path / "mha")[0].kv_heads == 2
+    assert load_checkpoint(tmp_path / "old")[0].kv_heads == 2
+
+
+def test_cli_never_writes_over_its_input_even_forced(tmp_path):
+    config = tiny(4)
+    save_checkpoint(tmp_path / "mha", config, init_params(config))
+    before = (tmp_path / "mha" / "model.safetensors").read_bytes()
+    run = subprocess.run([sys.executable, "-m", "run.convert", "--checkpoint", str(tmp_path / "mha"),
+                          "--to-gqa", "2", "--out", str(tmp_path / "mha"), "--force"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"error: --out {tmp_path / 'mha'} is the input --checkpoint")
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "mha" / "model.safetensors").read_bytes() == before
 
 
 def test_cli_bad_target_is_a_one_line_error(tmp_path):

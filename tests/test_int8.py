@@ -157,9 +157,10 @@ def test_a_pack_belongs_to_its_matrix():
 
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="one CPU kernel only: nothing to choose")
 @pytest.mark.parametrize("slowed", ["fbgemm", "int8pack"])
-def test_quantize_gives_each_shape_the_kernel_measured_faster(monkeypatch, slowed):
+def test_quantize_gives_each_shape_the_kernel_measured_faster(monkeypatch, tmp_path, slowed):
     """Either kernel made 3 ms slower loses the measurement; quantize measures each weight
     shape once and every matrix of that shape runs in the winner."""
+    monkeypatch.setenv("FGPT_CACHE", str(tmp_path))  # no pick of an earlier test's
     real = int8._MATMULS[slowed]
 
     def slow(*args):

@@ -88,9 +88,10 @@ def test_a_fresh_run_never_writes_over_a_checkpoint_or_reads_a_damaged_state(tex
     save_checkpoint(hf, TINY, init_params(TINY))
     before = {f: (hf / f).read_bytes() for f in ("model.safetensors", "config.json")}
     clash = "already holds a checkpoint (model.safetensors, config.json)"
-    for args in (["--init-from", str(hf), "--out", str(hf)], [*TINY_FLAGS, "--out", str(hf)]):
+    for args, msg in ((["--init-from", str(hf), "--out", str(hf)], f"is the input --init-from {hf}"),
+                      ([*TINY_FLAGS, "--out", str(hf)], clash)):
         flags = ["--data", str(text_file), "--steps", "1", *args]
-        assert_one_line_error(*run_cli_inprocess(flags, capsys, monkeypatch), clash)
+        assert_one_line_error(*run_cli_inprocess(flags, capsys, monkeypatch), msg)
     assert {f: (hf / f).read_bytes() for f in before} == before
     trained = tmp_path / "trained"
     train(tiny_run(text_file, out=str(trained), steps=1))

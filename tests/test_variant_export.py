@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, pipeline
 
 from fgpt import GPTConfig, forward, init_params, load_checkpoint, save_checkpoint, tree
 from hf_reference import hf_logits, rel_err
@@ -33,6 +33,10 @@ def test_transformers_refuses_every_variant_and_fgpt_loads_it(variant, tmp_path)
                  lambda path: pipeline("text-generation", model=str(path))):
         with pytest.raises(ValueError, match="model type `fgpt`"):
             load(tmp_path)
+    # named directly, GPT-2's class cannot build the variant's activation (it used to load a
+    # rotary or windowed one with a random wpe / full attention, and fail GQA on shapes)
+    with pytest.raises(KeyError, match="an fgpt variant"):
+        GPT2LMHeadModel.from_pretrained(tmp_path)
     loaded_config, loaded = load_checkpoint(tmp_path)
     assert loaded_config == config
     tokens = torch.randint(0, 53, (2, 16))
