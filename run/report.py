@@ -101,6 +101,8 @@ def save_results(asset_dir: Path, results: dict) -> None:
 
 def dry_run(budget: Budget, launch: Launch, data_spec: str | None) -> None:
     from fgpt.report import plan
+    if launch.precision == "auto":  # what the study would resolve it to (fgpt.report.study.study_precision)
+        launch.precision = precision.choose(launch.device)
     flops_per_s = plan.pilot_flops_per_s(budget, launch)
     steps = plan.fitted_steps(budget, flops_per_s)
     tokens = None

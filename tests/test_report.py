@@ -73,7 +73,8 @@ def unquoted_numbers(markdown: str, results: dict) -> list[str]:
 def quick_report(tmp_path_factory):
     from run.report import main
     out = tmp_path_factory.mktemp("report")
-    main(["--budget", "quick", "--strategy", "ddp", "--nproc", "2", "--out", str(out)])
+    # fp32: --precision auto measures which is faster, and the two runs compared must agree on it
+    main(["--budget", "quick", "--strategy", "ddp", "--nproc", "2", "--precision", "fp32", "--out", str(out)])
     markdown = (out / "report.md").read_text()
     results = json.loads((out / "report" / "results.json").read_text())
     return out, markdown, results
@@ -145,7 +146,12 @@ def test_every_claim_has_a_verdict_from_the_rule(quick_report):
             assert c["verdict"] == expected
             assert bool(c["why"]) == (expected == stats.NOT_TESTABLE or (
                 expected == stats.CONTRADICTED and not any(st.startswith("passes") for st in statuses)))
-        else:
+        elif c["kind"] == "exact":  # the KV cache's bytes, measured on the allocation: GQA-4 holds 4/12 of MHA's
+            kv = results["efficiency"]["kv_cache"]
+            ratio = kv["GQA-4"][-1]["bytes"] / kv["GPT-2 124M (MHA)"][-1]["bytes"]
+            assert c["interval"]["mean"] == pytest.approx(ratio)
+            assert c["verdict"] == (stats.SUPPORTED if abs(ratio - 4 / 12) < 1e-9 else stats.CONTRADICTED)
+        else:  # descriptive only (generation): no rule, so no verdict but "not testable" with its reason
             assert c["verdict"] == stats.NOT_TESTABLE and c["why"], c
         assert f"**{c['verdict']}**" in markdown
     assert "agrees" not in markdown  # the old report's word for a null result
@@ -456,7 +462,7 @@ def test_a_study_stopped_after_its_first_run_and_rerun_ends_as_an_uninterrupted_
     from fgpt import run_dir
     from run.report import main
     full_out, _, full = quick_report
-    argv = ["--budget", "quick", "strategy=ddp", "nproc=2", "--out", str(tmp_path)]
+    argv = ["--budget", "quick", "strategy=ddp", "nproc=2", "--precision", "fp32", "--out", str(tmp_path)]
     main([*argv, "--stop-after-runs", "1"])
     runs = tmp_path / "runs"
     assert run_dir.train_state(runs / "baseline-seed0")["step"] == full["pilot"]["steps"]  # an ordinary run dir
@@ -594,3 +600,39 @@ def test_every_preset_is_consistent():
         assert b.smoke or len(b.seeds) >= 3
     assert PRESETS["gpt2"].base_config().replace(vocab_size=50257) == GPTConfig.preset("gpt2")
     assert not PRESETS["gpt2"].restrict_vocab and PRESETS["cpu"].restrict_vocab
+
+
+def test_train_runs_resumes_a_half_trained_run_and_skips_a_finished_one(tmp_path):
+    """A study run is a run.train run directory: stopped halfway, train_runs resumes it from
+    its checkpoint to the same weights as an uninterrupted run; a finished one is skipped.
+    The corpus it reads is the restricted one written as shards, UNK left out of the loss."""
+    from fgpt import data, run_dir
+    from fgpt.checkpoint import load_checkpoint
+    from fgpt.report.runs import Launch, run_config, train_runs, write_corpus
+    from fgpt.train import train
+    from fgpt.tree import flatten
+    rng = np.random.default_rng(0)
+    corpus = Corpus(train=rng.integers(0, 64, 4000).astype(np.uint16), val=rng.integers(0, 64, 600).astype(np.uint16),
+                    cache_dir=None, description="random", ignore_id=63)
+    directory = write_corpus(corpus, tmp_path / "corpus")
+    opened = data.load_corpus(str(directory))
+    assert opened.ignore_id == 63 and np.array_equal(np.asarray(opened.train), corpus.train)
+    config = GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, n_embd=32)
+    launch = Launch(device="cpu", precision="fp32")
+    settings = dict(batch_size=4, lr=3e-3, warmup=1, eval_interval=2, eval_iters=1, checkpoint_interval=1)
+
+    def run(name):
+        return run_config(config, seed=0, steps=4, out=tmp_path / name, data_dir=directory, launch=launch,
+                          settings=settings)
+    train(dataclasses.replace(run("half"), stop_after=2))
+    assert run_dir.train_state(tmp_path / "half")["step"] == 2
+    train_runs([run("half"), run("whole")], launch, tmp_path, log=lambda m: None)
+    half, whole = (load_checkpoint(tmp_path / n)[1] for n in ("half", "whole"))
+    flat_half, flat_whole = flatten(half), flatten(whole)
+    assert flat_half.keys() == flat_whole.keys()
+    assert all(torch.equal(flat_half[k], flat_whole[k]) for k in flat_half)
+    rows = [json.loads(line) for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    stamp = (tmp_path / "whole" / "train_state.pt").stat().st_mtime_ns
+    train_runs([run("whole")], launch, tmp_path, log=lambda m: None)
+    assert (tmp_path / "whole" / "train_state.pt").stat().st_mtime_ns == stamp

@@ -298,11 +298,11 @@ QUICK = Budget(
 )
 
 # gpu: about an hour of one modern GPU (bf16): 6 layers of 384, n_ctx 1024, GPT-2's vocabulary,
-# ~300M tokens per run; probes and efficiency as the cpu budget's.
+# ~200M tokens per run; probes and efficiency as the cpu budget's.
 GPU = dataclasses.replace(
     CPU, name="gpu", vocab_size=GPT2_VOCAB, restrict_vocab=False, n_layer=6, n_head=6, n_embd=384, n_ctx=1024,
     batch_size=256, micro_batch=64, lr=1.5e-3, warmup_frac=0.02, evals_per_run=8, eval_batches=4,
-    final_eval_windows=512, tokens_per_run=300_000_000, seeds=(0, 1, 2), sweep_seeds=(0,), window=256,
+    final_eval_windows=512, tokens_per_run=200_000_000, seeds=(0, 1, 2), sweep_seeds=(0,), window=256,
     main_kv_head=2, context_cuts=(32, 64, 128, 256, 512), context_targets=1024, length_stride=128,
     copy_distances=(64, 128, 256, 512, 1024, 2048, 3072), prompt_tokens=48, new_tokens=64)
 

@@ -21,6 +21,7 @@ from fgpt.model import count_params
 from fgpt.report.budget import GPT2_VOCAB, Budget
 from fgpt.report.runs import Launch
 
+CPU_PILOT_FLOPS = 2e11  # the dry-run pilot's step on a CPU: a second or so
 BYTES_PER_PARAM_ON_DISK = 12  # fp32 weights (4) + AdamW's two fp32 moments (8), per run directory
 
 
@@ -61,11 +62,13 @@ def _run(name: str, config: GPTConfig, steps: int, tokens_per_step: int) -> dict
 
 def pilot_flops_per_s(budget: Budget, launch: Launch, steps: int = 2) -> float:
     """Training FLOP/s of the baseline arm on this device, one process: a warm-up step, then
-    `steps` timed ones, on random tokens, at one rank's micro-batch (a single sequence on a
-    CPU, where a bigger one would take minutes)."""
+    `steps` timed ones, on random tokens, at one rank's micro-batch (on a CPU at most
+    CPU_PILOT_FLOPS a step, where a 124M model's micro-batch would take minutes)."""
     from fgpt.train import TrainConfig, train
     config = budget.base_config().replace(vocab_size=vocab_size(budget))
-    batch = 1 if launch.device == "cpu" else min(budget.batch_size, budget.micro_batch or budget.batch_size)
+    batch = budget.micro_batch or budget.batch_size
+    if launch.device == "cpu":
+        batch = max(1, min(batch, int(CPU_PILOT_FLOPS // (flops_per_token(config) * config.n_ctx))))
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, 4 * (batch + 1) * (config.n_ctx + 1))
     corpus = data.Corpus(train=tokens, val=tokens[:2 * config.n_ctx + 2], cache_dir=None, description="random")
     result = train(TrainConfig(model=config, steps=1 + steps, batch_size=batch, eval_interval=0, checkpoint_interval=0,
@@ -114,7 +117,9 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgpt import data, run_dir
+from fgpt import data, precision, run_dir
 from fgpt.checkpoint import load_checkpoint, save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.convert import to_gqa
+from fgpt.errors import FgptError
 from fgpt.measure import copy_bandwidth, in_child, machine
 from fgpt.model import count_params
 from fgpt.report import efficiency, probes, relay
@@ -34,6 +35,7 @@ from fgpt.report.stats import bootstrap_interval
 from fgpt.report.vocab import Vocab, full_vocab, restrict
 from fgpt.run_config import TrainConfig, absolute_data
 from fgpt.train import TrainResult, train
+from fgpt.tree import tree_map
 
 
 class Progress:
@@ -153,13 +155,14 @@ class Trainer:
                 if seed in budget.seeds_of(name) and (only is None or only == (name, seed))]
 
 
-def load_run(study: StudyDir, name: str) -> dict:
-    """A finished run's final parameters (fp32, CPU)."""
-    return load_checkpoint(study.root / name)[1]
+def load_run(study: StudyDir, name: str, device: str = "cpu") -> dict:
+    """A finished run's final parameters (fp32), on `device` (where the probes then run)."""
+    params = load_checkpoint(study.root / name)[1]
+    return params if device == "cpu" else tree_map(lambda t: t.to(device), params)
 
 
 def score_runs(study: StudyDir, budget: Budget, corpus: data.Corpus, arms: dict[str, GPTConfig],
-               eval_starts: np.ndarray, progress: Progress) -> tuple[dict, dict]:
+               eval_starts: np.ndarray, progress: Progress, device: str = "cpu") -> tuple[dict, dict]:
     """Per-run records (each saved as a section) and the trained parameters by (arm, seed)."""
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     params: dict[tuple[str, int], dict] = {}
@@ -167,7 +170,7 @@ def score_runs(study: StudyDir, budget: Budget, corpus: data.Corpus, arms: dict[
         for name, config in arms.items():
             if seed not in budget.seeds_of(name):
                 continue
-            params[name, seed] = load_run(study, run_name(name, seed))
+            params[name, seed] = load_run(study, run_name(name, seed), device)
 
             def record():
                 rows = metrics(study.root / run_name(name, seed))
@@ -198,7 +201,7 @@ def uptrain_ladder(trainer: Trainer, budget: Budget, corpus: data.Corpus, params
                             seed=data.EVAL_SEED, index=0, ignore_id=corpus.ignore_id)
     starts, runs = {}, []
     for seed in budget.seeds:
-        mha = params["baseline", seed]
+        mha = tree_map(lambda t: t.cpu(), params["baseline", seed])
         gqa_config, gqa = to_gqa(base, mha, budget.main_kv_head)
         for kind, config, start in (("converted", gqa_config, gqa), ("control", base, mha)):
             init = study.root / "uptrain-init" / run_name(kind, seed)
@@ -214,7 +217,8 @@ def uptrain_ladder(trainer: Trainer, budget: Budget, corpus: data.Corpus, params
             config, start = starts[kind, seed]
             name = f"uptrain-{run_name(kind, seed)}"
             curve = [probes.batch_loss(start, config, *batch)] + [m["val_loss"] for m in metrics(study.root / name)]
-            final = probes.evaluation_loss(load_run(study, name), config, corpus.val, eval_starts, corpus.ignore_id)
+            final = probes.evaluation_loss(load_run(study, name, trainer.launch.device), config, corpus.val,
+                                           eval_starts, corpus.ignore_id)
             out[kind].append({"seed": seed, "curve": curve, "final_loss": final})  # curve[k]: after k steps
         progress.log(f"uptrained converted and control models of baseline seed {seed}")
     return out
@@ -362,8 +366,9 @@ def decode_variants(budget: Budget) -> dict[str, GPTConfig]:
             f"SWA-{budget.decode_window}": base.replace(window=budget.decode_window)}
 
 
-def efficiency_measurements(budget: Budget, arms: dict, progress: Progress) -> dict:
-    out = {"machine": machine()}
+def efficiency_measurements(budget: Budget, arms: dict, progress: Progress, device: str = "cpu") -> dict:
+    """On `device`: CUDA events and torch.cuda's peak memory on a GPU (fgpt.measure)."""
+    out = {"machine": machine(), "device": device}
     gpt2 = GPTConfig.preset("gpt2", pos_emb="rope")
     kv_configs = {"GPT-2 124M (MHA)": gpt2, "GQA-4": gpt2.replace(n_kv_head=4), "MQA": gpt2.replace(n_kv_head=1),
                   "SWA-1024": gpt2.replace(window=1024), "GQA-4 + SWA-1024": gpt2.replace(n_kv_head=4, window=1024)}
@@ -371,24 +376,24 @@ def efficiency_measurements(budget: Budget, arms: dict, progress: Progress) -> d
                                "mib": efficiency.kv_cache_bytes(c, T) / efficiency.MiB,
                                "formula": efficiency.kv_cache_formula(c, T)} for T in budget.kv_contexts]
                        for name, c in kv_configs.items()}
-    out["bandwidth"] = copy_bandwidth()
+    out["bandwidth"] = copy_bandwidth(device=device)
     out["bandwidth_gb_per_s"] = out["bandwidth"] / 1e9
     variants = decode_variants(budget)
     out["decode_model"] = config_dict(variants["MHA"]) | {"head_dim": variants["MHA"].head_dim}
     out["decode"] = {name: [efficiency.decode_row(c, context=T, batch=B, new_tokens=budget.decode_tokens,
-                                                  runs=budget.decode_runs, bandwidth=out["bandwidth"])
+                                                  runs=budget.decode_runs, bandwidth=out["bandwidth"], device=device)
                             for T in budget.decode_contexts for B in budget.decode_batches]
                      for name, c in variants.items()}
     progress.log("measured KV-cache bytes and decode speed")
     out["kernels"] = {"window": budget.kernel_window, "heads": budget.kernel_heads, "head_dim": budget.kernel_head_dim,
                       "rows": in_child(efficiency, "kernel_scaling", list(budget.kernel_lengths), budget.kernel_window,
                                                   budget.kernel_heads, budget.kernel_head_dim,
-                                                  budget.kernel_dense_max, budget.kernel_repeats)}
+                                                  budget.kernel_dense_max, budget.kernel_repeats, device)}
     progress.log("measured the attention kernels against sequence length")
     step_arms = {"rope": arms["rope"], f"rope+swa-{budget.window}": arms[f"rope+swa-{budget.window}"],
                  f"rope+gqa-{budget.main_kv_head}": arms["rope"].replace(n_kv_head=budget.main_kv_head)}
     out["steps"] = in_child(efficiency, "step_scaling", {name: _fields(c) for name, c in step_arms.items()},
-                                       list(budget.step_lengths), budget.step_repeats)
+                                       list(budget.step_lengths), budget.step_repeats, device)
     progress.log("measured training step time and memory at long sequence lengths")
     return out
 
@@ -410,6 +415,17 @@ def study_corpus(budget: Budget, data_spec: str | None, root: Path) -> tuple[dat
     return corpus, vocab, write_corpus(corpus, root / "corpus")
 
 
+def study_precision(study: StudyDir, launch: Launch) -> str:
+    """One precision for every run of the study: --precision auto is resolved once (by a
+    measurement that load can sway) and recorded, so a rerun trains the rest alike."""
+    chosen = study.section("precision", lambda: {
+        "precision": precision.choose(launch.device) if launch.precision == "auto" else launch.precision})["precision"]
+    if launch.precision not in ("auto", chosen):
+        raise FgptError(f"--precision {launch.precision}: this study trains in {chosen} (its first run chose it); "
+                        f"use another --out")
+    return chosen
+
+
 def identity(budget: Budget, data_spec: str | None) -> dict:
     """What a rerun into the same --out must agree with."""
     return {"budget": budget.to_dict(), "data": absolute_data(data_spec)}
@@ -423,6 +439,7 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
     progress = Progress()
     torch.manual_seed(0)
     study = StudyDir(Path(out) / "runs", identity(budget, data_spec))
+    launch.precision = study_precision(study, launch)
     corpus, vocab, data_dir = study_corpus(budget, data_spec, study.root)
     window_rule = budget.window is None
     provisional = dataclasses.replace(budget, window=budget.window or max(budget.context_cuts))  # the pilot's
@@ -447,7 +464,7 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
         trainer.train(trainer.arm_runs({"baseline": base}, only=("baseline", seed0)))
 
         def pick() -> dict:
-            params = {("baseline", seed0): load_run(study, run_name("baseline", seed0))}
+            params = {("baseline", seed0): load_run(study, run_name("baseline", seed0), launch.device)}
             probe = context_probe(dataclasses.replace(provisional, seeds=(seed0,)), corpus, {"baseline": base},
                                   params, names=("baseline",))
             gains = {k: probe["arms"]["baseline"][str(k)] for k in budget.context_cuts}
@@ -461,7 +478,7 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
         trainer.budget = budget
     results["arms_config"] = {name: config_dict(c) for name, c in arms.items()}
     trainer.train(trainer.arm_runs(arms))
-    runs, params = score_runs(study, budget, corpus, arms, eval_starts, progress)
+    runs, params = score_runs(study, budget, corpus, arms, eval_starts, progress, launch.device)
     results["runs"] = runs
     results["uptrain"] = study.section("uptrain", lambda: uptrain_ladder(trainer, budget, corpus, params, steps, base,
                                                                          eval_starts, progress))
@@ -474,7 +491,7 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
     progress.log("copy probe done")
     results["generation"] = study.section("generation", lambda: generation_probe(budget, corpus, arms, params, vocab))
     results["relay"] = study.section("relay", lambda: relay_probe(budget, progress))
-    results["efficiency"] = study.section("efficiency", lambda: efficiency_measurements(budget, arms, progress))
+    results["efficiency"] = study.section("efficiency", lambda: efficiency_measurements(budget, arms, progress, launch.device))
     results["launch"] = launch.to_dict() | {"precision_used": _precision_used(study, arms, budget)}
     results["wall_min"] = progress.elapsed() / 60
     results["budget"] = budget.to_dict()
