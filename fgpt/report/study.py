@@ -410,7 +410,9 @@ def study_corpus(budget: Budget, data_spec: str | None, root: Path) -> tuple[dat
     the restricted corpus written as shards under OUT/runs/corpus, or the prepared source itself."""
     if not budget.restrict_vocab:
         directory = data.build_cache(data_spec, progress=False)
-        return data.open_corpus(directory, data.BUILTIN if data_spec is None else data_spec), full_vocab(), directory
+        corpus = data.open_corpus(directory, data.BUILTIN if data_spec is None else data_spec)
+        # the probes index the validation split freely: it is read into memory (the training split is not)
+        return dataclasses.replace(corpus, val=np.asarray(corpus.val)), full_vocab(), directory
     corpus, vocab = restrict(data.load_corpus(data_spec, progress=False), budget.vocab_size)
     return corpus, vocab, write_corpus(corpus, root / "corpus")
 

@@ -138,18 +138,21 @@ def setup(r: dict) -> str:
     share_rows = [[k, num(v["params_percent"], 1), num(v["flops_percent"], 1),
                    num(s["shares_gpt2_vocab"][k]["params_percent"], 1), num(s["shares_gpt2_vocab"][k]["flops_percent"], 1)]
                   for k, v in s["shares"].items() if k != "total"]
+    vocab = (f"The kept ids cover {num(s['coverage_train_percent'], 1)}% of training and "
+             f"{num(s['coverage_val_percent'], 1)}% of validation tokens; UNK targets are left out of the loss, so a "
+             "model gains nothing by predicting UNK.\n\n" if b.get("restrict_vocab", True) else
+             "GPT-2's whole vocabulary, unrestricted.\n\n")
     return ("## Setup\n\n"
             f"**Data.** {s['corpus']}: {num(s['train_tokens'])} training and {num(s['val_tokens'])} validation tokens. "
-            f"The kept ids cover {num(s['coverage_train_percent'], 1)}% of training and "
-            f"{num(s['coverage_val_percent'], 1)}% of validation tokens; UNK targets are left out of the loss, so a "
-            "model gains nothing by predicting UNK.\n\n"
+            + vocab +
             f"**Models.** GPT-2 blocks, {num(b['n_layer'])} layers, {num(b['n_head'])} heads of "
             f"{num(r['arms_config']['baseline']['head_dim'])} (n_embd {num(b['n_embd'])}), context {num(b['n_ctx'])}, vocabulary "
             f"{num(s['vocab_size'])}: {num(s['shares']['total']['params'])} parameters for the baseline. "
             "Where parameters and forward FLOPs per token go (causal attention over an average of (n_ctx + 1) / 2 keys), "
             "against the same shape with GPT-2's full vocabulary:\n\n"
             + table(["part", "params %", "FLOPs %", "params % (GPT-2 vocab)", "FLOPs % (GPT-2 vocab)"], share_rows)
-            + f"\n\n**Training.** `fgpt.train` (each run a `run.train` run directory), {launch(r)['strategy']} on "
+            + f"\n\n**Training.** `fgpt.train`{' (each run a `run.train` run directory)' if 'launch' in r else ''}, "
+            f"{launch(r)['strategy']} on "
             f"{num(launch(r)['world_size'])} × {launch(r)['device']}, {launch(r)['precision_used']}, AdamW "
             f"(peak lr {num(b['lr'], 4)}), batches of "
             f"{num(b['batch_size'])} × {num(b['n_ctx'])} tokens, warmup {num(b['warmup_percent'], 0)}% of the steps, "
