@@ -636,3 +636,18 @@ def test_train_runs_resumes_a_half_trained_run_and_skips_a_finished_one(tmp_path
     stamp = (tmp_path / "whole" / "train_state.pt").stat().st_mtime_ns
     train_runs([run("whole")], launch, tmp_path, log=lambda m: None)
     assert (tmp_path / "whole" / "train_state.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("batch,micro,nproc,expected", [
+    (512, 16, 1, 32), (512, 16, 8, 4), (256, 64, 8, 1), (64, None, 2, 1), (24, 5, 2, 3), (12, 1, 3, 4)])
+def test_gradient_accumulation_keeps_each_forward_within_the_micro_batch(batch, micro, nproc, expected):
+    from fgpt.report.runs import grad_accum
+    k = grad_accum(batch, micro, nproc)
+    assert k == expected
+    assert (batch // nproc) % k == 0 and (micro is None or batch // nproc // k <= micro)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_error():
+    from fgpt.report.runs import grad_accum
+    with pytest.raises(FgptError, match="batch_size 10 does not split evenly into 4 ranks"):
+        grad_accum(10, None, 4)

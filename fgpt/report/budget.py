@@ -88,7 +88,7 @@ class Budget:
     steps: int | None = None
     tokens_per_run: int | None = None  # pins the steps to this many training tokens (rounded)
     restrict_vocab: bool = True  # keep the vocab_size - 1 most frequent ids + UNK; else all of GPT-2's
-    micro_batch: int | None = None  # sequences per rank per forward (gradient accumulation); None: all
+    micro_batch: int | None = None  # at most this many sequences per rank per forward (accumulation); None: all
     smoke: bool = False  # a smoke test of the path: fewer than 3 seeds allowed, verdicts not meant to hold
 
     @property
@@ -164,8 +164,7 @@ class Budget:
              f"steps {self.steps} must be a positive multiple of evals_per_run {self.evals_per_run}")
         need(self.tokens_per_run is None or self.tokens_per_run >= self.evals_per_run * self.batch_size * self.n_ctx,
              f"tokens_per_run {self.tokens_per_run} is less than evals_per_run batches")
-        need(self.micro_batch is None or (self.micro_batch >= 1 and self.batch_size % self.micro_batch == 0),
-             f"micro_batch {self.micro_batch} does not divide batch_size {self.batch_size}")
+        need(self.micro_batch is None or self.micro_batch >= 1, f"micro_batch must be at least 1, got {self.micro_batch}")
         need(self.restrict_vocab or self.vocab_size == GPT2_VOCAB,
              f"vocab_size {self.vocab_size} with restrict_vocab = false: GPT-2's vocabulary has {GPT2_VOCAB} ids")
         need(0 <= self.warmup_frac < 1 and 0 < self.cooldown <= 1, "warmup_frac in [0, 1), cooldown in (0, 1]")

@@ -147,14 +147,15 @@ def write_corpus(corpus: data.Corpus, directory: Path) -> Path:
 # --- the runs ------------------------------------------------------------------------------------
 
 def grad_accum(batch_size: int, micro_batch: int | None, nproc: int) -> int:
-    """Micro-batches per step so that each rank's forward holds `micro_batch` sequences."""
+    """The fewest micro-batches per step that split each rank's share of the batch evenly
+    into forwards of at most `micro_batch` sequences (None: one forward)."""
+    if batch_size % nproc:
+        raise FgptError(f"batch_size {batch_size} does not split evenly into {nproc} ranks: "
+                        f"set batch_size in a --budget-file")
+    per_rank = batch_size // nproc
     if micro_batch is None:
         return 1
-    per_rank = batch_size // nproc
-    if batch_size % nproc or per_rank % micro_batch:
-        raise FgptError(f"batch_size {batch_size} does not split into {nproc} ranks x micro-batches of "
-                        f"{micro_batch}: set micro_batch in a --budget-file")
-    return per_rank // micro_batch
+    return next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= micro_batch)
 
 
 def run_config(config: GPTConfig | None, *, seed: int, steps: int, out: Path, data_dir: Path, launch: Launch,
