@@ -308,7 +308,7 @@ GPU = dataclasses.replace(
 # gpu-smoke: the whole path on a GPU in about 8 minutes of an H200 (not a study: 2 seeds).
 GPU_SMOKE = dataclasses.replace(
     GPU, name="gpu-smoke", n_layer=4, n_head=4, n_embd=256, n_ctx=512, batch_size=64, micro_batch=None,
-    tokens_per_run=16_777_216, seeds=(0, 1), window=128, main_kv_head=2, context_cuts=(32, 64, 128, 256),
+    tokens_per_run=8_388_608, seeds=(0, 1), window=128, main_kv_head=2, context_cuts=(32, 64, 128, 256),
     final_eval_windows=256, context_targets=256, length_seqs=8, length_stride=64,
     copy_distances=(64, 128, 256, 512, 1024), copy_seqs=16, bootstrap=500, relay_steps=300,
     relay_eval_seqs=256, kv_contexts=(1024, 4096), decode_contexts=(1024, 4096), decode_runs=3,
