@@ -1,6 +1,7 @@
-"""`just report [--budget quick|cpu|gpu-smoke|gpu|gpt2] [--budget-file F.toml] [--dry-run]
-[--strategy S --nproc N] [--device D] [--precision P] [--compile] [--data SRC] [--out DIR]`:
-the assessment study at any scale.
+"""`just report`: the assessment study at any scale, from 2 CPU cores to GPT-2 124M on many GPUs.
+
+    just report [--budget quick|cpu|gpu-smoke|gpu|gpt2] [--budget-file F.toml] [--dry-run]
+                [--strategy S --nproc N] [--device D] [--precision P] [--compile] [--data SRC] [--out DIR]
 
 Trains every arm on its seeds, each a run.train run directory under DIR/runs/ (through the
 strategy and ranks given: torchrun as run.train launches it), probes the trained models
