@@ -448,7 +448,8 @@ def test_steps_that_cannot_be_pinned_are_one_error_before_anything_runs(argv, me
 
 # --- budgets, plans, resumable runs ---------------------------------------------------------
 
-TIMINGS = {"tokens_per_s", "efficiency", "meta", "wall_min", "train_wall_min", "pilot", "claims", "derived"}
+TIMINGS = {"tokens_per_s", "efficiency", "meta", "wall_min", "train_wall_min", "invocations", "pilot", "claims",
+           "derived"}
 
 
 def without_timings(results: dict) -> dict:
@@ -476,6 +477,7 @@ def test_a_study_stopped_after_its_first_run_and_rerun_ends_as_an_uninterrupted_
     assert without_timings(resumed) | {"launch": None} == without_timings(full) | {"launch": None}
     assert resumed["efficiency"] == full["efficiency"]  # read back
     assert resumed["launch"]["strategy"] == "ddp" and resumed["launch"]["world_size"] == 2
+    assert resumed["invocations"] == 2 and full["invocations"] == 1
     finals = [r["final_loss"] for rs in resumed["runs"].values() for r in rs]
     assert finals == [r["final_loss"] for rs in full["runs"].values() for r in rs]
     # nothing left to do: a third run trains nothing and writes the same numbers

@@ -109,6 +109,17 @@ class StudyDir:
     def has(self, name: str) -> bool:
         return (self.root / "sections" / f"{name}.json").exists()
 
+    def invocations(self) -> list[float]:
+        """Minutes of wall-clock of each invocation so far (OUT/runs/wall.json)."""
+        path = self.root / "wall.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def add_wall_min(self, minutes: float) -> None:
+        atomic_write_text(self.root / "wall.json", json.dumps(self.invocations() + [minutes]) + "\n")
+
+    def wall_min(self) -> float:
+        return sum(self.invocations())
+
 
 def _difference(saved: dict, wanted: dict) -> str:
     """`another budget` / `other data`, in words, for the refusal."""

@@ -438,10 +438,19 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
     """The study into `out`/runs (rerunning resumes it); returns the results tree."""
     launch = launch or Launch()
     budget.check()
-    progress = Progress()
-    torch.manual_seed(0)
     study = StudyDir(Path(out) / "runs", identity(budget, data_spec))
     launch.precision = study_precision(study, launch)
+    progress = Progress()
+    try:
+        results = _study(study, budget, data_spec, launch, progress)
+    finally:  # this invocation's wall-clock, however it ends: a resumed study's total is every invocation's
+        study.add_wall_min(progress.elapsed() / 60)
+    results["wall_min"], results["invocations"] = study.wall_min(), len(study.invocations())
+    return results
+
+
+def _study(study: StudyDir, budget: Budget, data_spec: str | None, launch: Launch, progress: Progress) -> dict:
+    torch.manual_seed(0)
     corpus, vocab, data_dir = study_corpus(budget, data_spec, study.root)
     window_rule = budget.window is None
     provisional = dataclasses.replace(budget, window=budget.window or max(budget.context_cuts))  # the pilot's
@@ -484,7 +493,8 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
     results["runs"] = runs
     results["uptrain"] = study.section("uptrain", lambda: uptrain_ladder(trainer, budget, corpus, params, steps, base,
                                                                          eval_starts, progress))
-    results["train_wall_min"] = study.section("train_wall", lambda: {"min": progress.elapsed() / 60})["min"]
+    results["train_wall_min"] = sum(run_dir.train_state(d)["elapsed_s"] for d in study.root.iterdir()
+                                    if (d / run_dir.STATE_FILE).exists()) / 60  # every run's own clock, across resumes
     results["context"] = study.section("context", lambda: context_probe(budget, corpus, arms, params))
     progress.log("context-use probe done")
     results["length"] = study.section("length", lambda: length_probe(budget, corpus, arms, params))
@@ -495,7 +505,6 @@ def run_study(budget: Budget, *, data_spec: str | None = None, out: Path = Path(
     results["relay"] = study.section("relay", lambda: relay_probe(budget, progress))
     results["efficiency"] = study.section("efficiency", lambda: efficiency_measurements(budget, arms, progress, launch.device))
     results["launch"] = launch.to_dict() | {"precision_used": _precision_used(study, arms, budget)}
-    results["wall_min"] = progress.elapsed() / 60
     results["budget"] = budget.to_dict()
     return nan_to_none(results)
 
