@@ -101,8 +101,11 @@ def build_cache(data: str | None, *, text_field: str = "text", progress: bool = 
 
 
 def open_corpus(directory: Path, description: str | None = None) -> Corpus:
+    """The shards of `directory`; an fgpt manifest's `ignore_id` (a restricted vocabulary's
+    UNK, as the study writes it) is the id whose targets the loss leaves out."""
     train, val, info = open_shards(Path(directory))
-    return Corpus(train, val, Path(directory), description or info["source"])
+    ignore_id = info.get("manifest", {}).get("ignore_id")
+    return Corpus(train, val, Path(directory), description or info["source"], ignore_id=ignore_id)
 
 
 def load_corpus(data: str | None = None, *, text_field: str = "text", progress: bool = True) -> Corpus:

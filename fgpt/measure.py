@@ -33,20 +33,30 @@ def _sync(device: str | torch.device | None) -> None:
 
 def repeat_times(fn: Callable[..., object], repeats: int = 5, *, warmup: int = 1,
                  device: str | torch.device | None = None, setup: Callable[[], object] | None = None) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of `fn`, after `warmup` untimed calls. With
-    `setup`, each call is `fn(setup())` and only `fn` is timed (fresh state per run)."""
+    """Seconds of `repeats` calls of `fn`, after `warmup` untimed calls: wall-clock, or on a
+    CUDA `device` CUDA events around the call (the GPU's own clock). With `setup`, each call
+    is `fn(setup())` and only `fn` is timed (fresh state per run)."""
     call = fn if setup is None else (lambda: fn(state))
+    cuda = device is not None and torch.device(device).type == "cuda"
     times = []
     for i in range(warmup + repeats):
         if setup is not None:
             state = None  # the previous run's state goes before the next is made
             state = setup()
         _sync(device)
-        start = time.perf_counter()
-        call()
-        _sync(device)
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            call()
+            end.record()
+            end.synchronize()
+            seconds = begin.elapsed_time(end) / 1e3
+        else:
+            start = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - start
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     return times
 
 

@@ -155,13 +155,13 @@ def without_launcher_flags(argv: list[str]) -> list[str]:
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-def relaunch(argv: list[str], nproc: int, max_restarts: int) -> int:
-    """Run this command under torchrun with `nproc` ranks, OMP threads split between them.
+def relaunch(argv: list[str], nproc: int, max_restarts: int, *, module: str = "run.train") -> int:
+    """Run this command (or `module`'s) under torchrun with `nproc` ranks, OMP threads split between them.
     A signal stops the ranks as it stops one process (finish the step, checkpoint); the exit
     code is then 128 + its number, once every child has exited; else torchrun's."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "run._torchrun", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "-m", "run.train", *without_launcher_flags(argv)]
+           f"--max-restarts={max_restarts}", "-m", module, *without_launcher_flags(argv)]
     # A rank aborts without a checkpoint on a second signal, so each signal must reach the
     # agent exactly once, from a terminal (the whole foreground group) or from `kill` /
     # `timeout` / a scheduler (this process only): hence the agent's own session and the

@@ -9,7 +9,8 @@ same tokens for every arm and seed):
                       the first;
 - `continuations`     greedy and sampled text from the same prompts.
 
-Per-token losses are float64 numpy arrays; targets that are UNK are NaN (not scored).
+Per-token losses are float64 numpy arrays; targets that are UNK are NaN (not scored). The
+forward passes run where the parameters are (a GPU where the study trained on one).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def evenly_spaced(n_tokens: int, length: int, count: int) -> np.ndarray:
     return np.linspace(0, n_tokens - length - 1, count).astype(np.int64)
 
 
+def _device(params: dict) -> torch.device:
+    return params["ln_f"]["weight"].device
+
+
 def _rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
 
@@ -41,13 +46,15 @@ def token_losses(params: dict, config: GPTConfig, inputs: torch.Tensor, targets:
                  ignore_id: int | None) -> np.ndarray:
     """Per-position cross-entropy [N, T] (NaN where the target is `ignore_id`), in chunks."""
     per_call = max(1, CHUNK_TOKENS // inputs.shape[1])
+    device = _device(params)
     out = []
     for x, y in zip(inputs.split(per_call), targets.split(per_call)):
+        x, y = x.to(device), y.to(device)
         logits = forward(params, x, config).float()
         loss = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none").double()
         if ignore_id is not None:
             loss[y == ignore_id] = float("nan")
-        out.append(loss.numpy())
+        out.append(loss.cpu().numpy())
     return np.concatenate(out)
 
 
@@ -55,7 +62,8 @@ def token_losses(params: dict, config: GPTConfig, inputs: torch.Tensor, targets:
 def batch_loss(params: dict, config: GPTConfig, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean loss of one batch whose ignored targets are -1: what the training loop's
     evaluation computes."""
-    return float(loss_fn(params, inputs, targets, config))
+    device = _device(params)
+    return float(loss_fn(params, inputs.to(device), targets.to(device), config))
 
 
 def evaluation_loss(params: dict, config: GPTConfig, val: np.ndarray, starts: np.ndarray,
@@ -87,8 +95,8 @@ def context_losses(params: dict, config: GPTConfig, val: np.ndarray, targets: np
         y = torch.from_numpy(val[targets].astype(np.int64))
         losses = []
         for x, t in zip(rows.split(max(1, CHUNK_TOKENS // k)), y.split(max(1, CHUNK_TOKENS // k))):
-            logits = forward(params, x, config, last_only=True)[:, -1].float()
-            losses.append(F.cross_entropy(logits, t, reduction="none").double().numpy())
+            logits = forward(params, x.to(_device(params)), config, last_only=True)[:, -1].float()
+            losses.append(F.cross_entropy(logits, t.to(logits.device), reduction="none").double().cpu().numpy())
         out[k] = np.concatenate(losses)
     return out
 

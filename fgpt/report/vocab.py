@@ -25,10 +25,11 @@ class Vocab:
     kept: np.ndarray  # new id -> GPT-2 id, for the size - 1 kept ids
     coverage_train: float  # share of training tokens kept (not UNK)
     coverage_val: float
+    complete: bool = False  # every GPT-2 id kept: no UNK id (`unk` is then one past the last id)
 
     @property
     def size(self) -> int:
-        return len(self.kept) + 1
+        return len(self.kept) + (0 if self.complete else 1)
 
     @property
     def unk(self) -> int:
@@ -73,3 +74,8 @@ def restrict(corpus: data.Corpus, size: int) -> tuple[data.Corpus, Vocab]:
     restricted = data.Corpus(train=train, val=val, cache_dir=None, ignore_id=vocab.unk,
                              description=f"{corpus.description}, its {len(kept)} most frequent GPT-2 ids + UNK")
     return restricted, vocab
+
+
+def full_vocab() -> Vocab:
+    """GPT-2's own vocabulary, unrestricted (the gpu and gpt2 budgets)."""
+    return Vocab(kept=np.arange(GPT2_IDS), coverage_train=1.0, coverage_val=1.0, complete=True)
