@@ -90,7 +90,7 @@ def check_options(opts: ProbeOptions) -> None:
         raise FgptError(f"--uptrain-lr must be positive, got {opts.uptrain_lr}")
 
 
-def check_model(opts: ProbeOptions, config: GPTConfig, n_tokens: int) -> None:
+def check_model(opts: ProbeOptions, config: GPTConfig, n_tokens: int, what: str = "the evaluation text") -> None:
     """What needs the model's config and the evaluation text."""
     n = config.n_ctx
     too_big = [w for w in opts.windows or () if w > n]
@@ -101,7 +101,7 @@ def check_model(opts: ProbeOptions, config: GPTConfig, n_tokens: int) -> None:
     if opts.decode_tokens >= n and ({"window", "gqa"} & set(opts.settings)):
         raise FgptError(f"--decode-tokens {opts.decode_tokens} leaves no context below n_ctx={n}")
     if n_tokens < n + 1:
-        raise FgptError(f"the evaluation text has {n_tokens} tokens (after --max-tokens): fewer than "
+        raise FgptError(f"{what} has {n_tokens} tokens (after --max-tokens): fewer than "
                         f"n_ctx + 1 = {n + 1}, one window of the model's context")
 
 
@@ -295,15 +295,15 @@ def run_probe(config: GPTConfig, params: dict, tokens: np.ndarray, opts: ProbeOp
     check_options(opts)
     tokens = np.asarray(tokens[:opts.max_tokens], dtype=np.int64)
     gqa_tokens = tokens if gqa_tokens is None else np.asarray(gqa_tokens[:opts.max_tokens], dtype=np.int64)
-    check_model(opts, config, len(tokens))
     on = set(opts.settings)
-    if "gqa" in on:
-        check_model(opts, config, len(gqa_tokens))
-        if opts.uptrain_steps and train_tokens is None:
+    if "gqa" in on and opts.uptrain_steps:  # first: the likeliest mistake of a run that trains
+        if train_tokens is None:
             raise FgptError(f"--uptrain-steps {opts.uptrain_steps} needs text to train on (or --uptrain-steps 0)")
-        if opts.uptrain_steps:
-            check_uptrain_data(train_tokens, steps=opts.uptrain_steps, batch=opts.uptrain_batch,
-                               seq=opts.uptrain_seq_for(config))
+        check_uptrain_data(train_tokens, steps=opts.uptrain_steps, batch=opts.uptrain_batch,
+                           seq=opts.uptrain_seq_for(config))
+    check_model(opts, config, len(tokens))
+    if "gqa" in on:
+        check_model(opts, config, len(gqa_tokens), "the validation split of --data (the GQA section's text)")
     torch.manual_seed(opts.seed)
     work = plan(config, len(tokens), opts)
     rates = measure_rates(params, config, opts)
