@@ -78,8 +78,8 @@ def tokens_of(path) -> np.ndarray:
 
 def test_context_and_window_curves_equal_direct_evaluations(rope_ckpt, text_file, tmp_path, capsys):
     config, params = load_checkpoint(rope_ckpt)
-    tokens = tokens_of(text_file)[:600]
-    opts = ProbeOptions(settings=("context", "window"), windows=(4, 8, 32), max_tokens=600, **FAST)
+    tokens = tokens_of(text_file)[:300]
+    opts = ProbeOptions(settings=("context", "window"), windows=(4, 32), max_tokens=300, **FAST)
     r = run_probe(config, params, tokens, opts, progress=False)
 
     # context: each target given exactly k tokens, as a window of fgpt.perplexity scoring it alone
@@ -93,14 +93,14 @@ def test_context_and_window_curves_equal_direct_evaluations(rope_ckpt, text_file
         assert row["loss_lo"] <= row["loss"] <= row["loss_hi"]
 
     # window: run.eval of the checkpoint saved with that window, on the same tokens
-    full = eval_loss(rope_ckpt, text_file, capsys, "--max-tokens", "600")
+    full = eval_loss(rope_ckpt, text_file, capsys, "--max-tokens", "300")
     assert r["about"]["window"]["reference"]["loss"] == pytest.approx(full["loss"], rel=1e-6)
     assert r["about"]["window"]["reference"]["tokens"] == full["tokens"]
     losses = {}
     for row in r["window"]:
         windowed = tmp_path / f"w{row['window']}"
         save_checkpoint(windowed, config.replace(window=row["window"]), params)
-        ref = eval_loss(windowed, text_file, capsys, "--max-tokens", "600")
+        ref = eval_loss(windowed, text_file, capsys, "--max-tokens", "300")
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["window"]
         assert row["delta"] == pytest.approx(ref["loss"] - full["loss"], abs=1e-5)
         losses[json.dumps(row["window"])] = row["loss"]
@@ -118,20 +118,20 @@ def test_gqa_at_zero_steps_equals_convert_then_eval(gpt2_ckpt, tmp_path, capsys)
     out = tmp_path / "probe"
     code, _, err = run_cli(probe_cli, ["--checkpoint", str(gpt2_ckpt), "--data", str(corpus), "--out", str(out),
                                        "--settings", "gqa", "--uptrain-steps", "2", "--uptrain-batch", "2",
-                                       "--max-tokens", "400", "--decode-tokens", "2", "--decode-runs", "1",
+                                       "--max-tokens", "200", "--decode-tokens", "2", "--decode-runs", "1",
                                        "--no-progress"], capsys)
     assert code == 0, err
     assert "probe: gqa ~" in err  # the estimate, printed before starting
     r = json.loads((out / "results.json").read_text())
     rows = {(row["n_kv_head"], row["steps"]): row for row in r["gqa"]}
     assert set(rows) == {(2, 0), (2, 2), (1, 0), (1, 2)}
-    base = eval_loss(gpt2_ckpt, corpus, capsys, "--max-tokens", "400")
+    base = eval_loss(gpt2_ckpt, corpus, capsys, "--max-tokens", "200")
     for g in (2, 1):
         converted = tmp_path / f"gqa{g}"
         code, _, err = run_cli(convert_cli, ["--checkpoint", str(gpt2_ckpt), "--to-gqa", str(g),
                                              "--out", str(converted)], capsys)
         assert code == 0, err
-        ref = eval_loss(converted, corpus, capsys, "--max-tokens", "400")
+        ref = eval_loss(converted, corpus, capsys, "--max-tokens", "200")
         assert rows[g, 0]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert rows[g, 0]["control_loss"] == pytest.approx(base["loss"], rel=1e-6)
         assert rows[g, 0]["loss"] != rows[g, 2]["loss"]  # the uptraining moved it
@@ -143,8 +143,8 @@ def test_gqa_at_zero_steps_equals_convert_then_eval(gpt2_ckpt, tmp_path, capsys)
 
 def test_length_section_against_a_sliding_evaluation(rope_ckpt, gpt2_ckpt, text_file):
     config, params = load_checkpoint(rope_ckpt)
-    tokens = tokens_of(text_file)[:400]
-    opts = ProbeOptions(settings=("length",), max_tokens=400, stride=16, **FAST)
+    tokens = tokens_of(text_file)[:200]
+    opts = ProbeOptions(settings=("length",), max_tokens=200, stride=16, **FAST)
     L = run_probe(config, params, tokens, opts, progress=False)["length"]
     assert L["applies"] and L["length"] == 64
     inputs, targets = probes.length_sequences(tokens, 32, 2, L["sequences"])
