@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from fgpt.checkpoint import latest_checkpoint, load_checkpoint
-from fgpt.evaluation.probe import SETTINGS, ProbeOptions, check_options, run_probe
+from fgpt.evaluation.probe import SETTINGS, ProbeOptions, check_model, check_options, run_probe
 from fgpt.evaluation.probe_report import write_outputs
 from run._cli import ArgumentParser, main_guard, summary
 from run.eval import load_tokens
@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     check_options(opts)
     path = args.checkpoint or latest_checkpoint()
     config, params = load_checkpoint(path)
+    check_model(opts, config)  # before any text is read
     tokens = load_tokens(args.data)
     gqa_tokens = train_tokens = None
     if "gqa" in opts.settings:

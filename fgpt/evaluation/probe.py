@@ -90,8 +90,8 @@ def check_options(opts: ProbeOptions) -> None:
         raise FgptError(f"--uptrain-lr must be positive, got {opts.uptrain_lr}")
 
 
-def check_model(opts: ProbeOptions, config: GPTConfig, n_tokens: int, what: str = "the evaluation text") -> None:
-    """What needs the model's config and the evaluation text."""
+def check_model(opts: ProbeOptions, config: GPTConfig) -> None:
+    """What needs the model's config."""
     n = config.n_ctx
     too_big = [w for w in opts.windows or () if w > n]
     if too_big:
@@ -100,6 +100,10 @@ def check_model(opts: ProbeOptions, config: GPTConfig, n_tokens: int, what: str 
         raise FgptError(f"--stride {opts.stride} is larger than the model's n_ctx={n}")
     if opts.decode_tokens >= n and ({"window", "gqa"} & set(opts.settings)):
         raise FgptError(f"--decode-tokens {opts.decode_tokens} leaves no context below n_ctx={n}")
+
+
+def check_text(config: GPTConfig, n_tokens: int, what: str = "the evaluation text") -> None:
+    n = config.n_ctx
     if n_tokens < n + 1:
         raise FgptError(f"{what} has {n_tokens} tokens (after --max-tokens): fewer than "
                         f"n_ctx + 1 = {n + 1}, one window of the model's context")
@@ -130,7 +134,7 @@ def context_section(params: dict, config: GPTConfig, tokens: np.ndarray, opts: P
                      "targets": len(targets)})
     return rows, {"setting": (f"{len(targets)} targets spread evenly over the evaluation text, each scored given "
                               f"exactly its previous k tokens (one forward of length k per target and k); "
-                              f"minus_full = loss(k) - loss({config.n_ctx}) on the same targets; intervals: 95% "
+                              f"the last column is loss(k) - loss({config.n_ctx}) on the same targets; intervals: 95% "
                               "bootstrap over targets"),
                   "target_positions": [int(t) for t in targets]}
 
@@ -164,7 +168,7 @@ def window_section(params: dict, config: GPTConfig, tokens: np.ndarray, opts: Pr
         sample(f"window {window if pattern == 'all layers' else str(window[0]) + ' / full, alternating'}", params, c)
         tick(f"window {pattern} {window}")
     trained = "full attention" if config.window is None else f"window {config.window} (as trained)"
-    return rows, {"setting": (f"the checkpoint with its attention windowed at inference only, no training; "
+    return rows, {"setting": (f"The checkpoint with its attention windowed at inference only, no training; "
                               f"strided evaluation of the same tokens (windows of {n_ctx}, stride {stride}); "
                               f"delta = loss - loss with {trained}; intervals: 95% bootstrap over evaluation "
                               f"windows. Decode: greedy, batch 1, {opts.decode_tokens} new tokens after {ctx} "
@@ -268,10 +272,11 @@ def plan(config: GPTConfig, n_tokens: int, opts: ProbeOptions) -> dict[str, dict
 
 
 def measure_rates(params: dict, config: GPTConfig, opts: ProbeOptions) -> dict:
-    """Forward tokens/s at [1, n_ctx] and decode tokens/s at a long context, measured here."""
+    """Forward tokens/s at [1, n_ctx] with the head on every position (as scoring runs it)
+    and decode tokens/s at a long context, measured here."""
     x = torch.zeros(1, config.n_ctx, dtype=torch.long)
     with torch.inference_mode():
-        seconds = best_time(lambda: forward(params, x, config, last_only=True), 2)
+        seconds = best_time(lambda: forward(params, x, config), 2)
     speed = decode_summary(config, context=config.n_ctx - min(opts.decode_tokens, config.n_ctx // 2),
                            new_tokens=min(4, config.n_ctx // 2), runs=1)
     return {"forward_tokens_per_s": config.n_ctx / seconds, "decode_tokens_per_s": speed["decode_tokens_per_s"]}
@@ -301,9 +306,10 @@ def run_probe(config: GPTConfig, params: dict, tokens: np.ndarray, opts: ProbeOp
             raise FgptError(f"--uptrain-steps {opts.uptrain_steps} needs text to train on (or --uptrain-steps 0)")
         check_uptrain_data(train_tokens, steps=opts.uptrain_steps, batch=opts.uptrain_batch,
                            seq=opts.uptrain_seq_for(config))
-    check_model(opts, config, len(tokens))
+    check_model(opts, config)
+    check_text(config, len(tokens))
     if "gqa" in on:
-        check_model(opts, config, len(gqa_tokens), "the validation split of --data (the GQA section's text)")
+        check_text(config, len(gqa_tokens), "the validation split of --data (the GQA section's text)")
     torch.manual_seed(opts.seed)
     work = plan(config, len(tokens), opts)
     rates = measure_rates(params, config, opts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -104,7 +105,10 @@ def markdown(r: dict, figures: dict[str, str]) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.replace("|", "\\|").replace("`", "'").split())
+    """One table cell: newlines shown as ↵, long runs of spaces as ␣×N, so that code and
+    whitespace-only continuations stay visible."""
+    text = text.replace("|", "\\|").replace("`", "'").replace("\n", "↵").replace("\t", "⇥")
+    return re.sub(r" {4,}", lambda m: f"␣×{len(m.group())}", text).strip() or "(nothing)"
 
 
 def write_figures(r: dict, out: Path) -> dict[str, str]:
