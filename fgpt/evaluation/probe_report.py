@@ -47,8 +47,9 @@ def markdown(r: dict, figures: dict[str, str]) -> str:
            f"{r['parameters']:,} parameters; n_layer {c['n_layer']}, n_head {c['n_head']}, n_embd {c['n_embd']}, "
            f"n_ctx {c['n_ctx']}, positions {c['pos_emb']}, kv heads {c['n_kv_head'] or c['n_head']}, window "
            f"{c['window']}. Evaluation text: {r['data'] or 'the built-in corpus'}, first {r['evaluation_tokens']:,} "
-           f"tokens. Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']} "
-           "(timings are of one run on this machine, which may have been shared). Losses are mean nats per scored "
+           f"tokens. Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
+           f"load average {m.get('load_average', 'n/a')} at the start (timings are of one run, on a machine "
+           "that may have been shared). Losses are mean nats per scored "
            "token; brackets are 95% intervals.", ""]
     if "context" in r:
         a = r["about"]["context"]
@@ -82,8 +83,8 @@ def markdown(r: dict, figures: dict[str, str]) -> str:
         if not L["applies"]:
             out += [f"Not measured: {L['reason']}.", ""]
         else:
-            rows = [[name, f"[{b['positions'][0]}, {b['positions'][1]})", num(b["long_loss"]), num(b["sliding_loss"]),
-                     iv(b["penalty"], b["penalty_lo"], b["penalty_hi"], 4)]
+            rows = [[name, f"[{b['positions'][0]}, {b['positions'][1]})", _row_iv(b, "long_loss"),
+                     _row_iv(b, "sliding_loss"), _row_iv(b, "penalty", 4)]
                     for name, mm in L["models"].items() for b in mm["bins"]]
             out += [L["setting"] + ".", "",
                     table(["model", "positions", "one-pass loss", "sliding loss", "penalty"], rows), ""]

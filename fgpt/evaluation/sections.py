@@ -111,10 +111,12 @@ def length_section(params: dict, config: GPTConfig, tokens: np.ndarray, opts: Pr
         r = probes.length_penalty(params, config, inputs, targets, stride, None, eval_config=eval_config)
         per_bin = []
         for a, b in bins:
-            iv = bootstrap_interval(r["penalty"][:, a:b], resamples=opts.resamples, seed=opts.seed)
-            per_bin.append({"positions": [a, b], "long_loss": float(np.nanmean(r["long"][:, a:b])),
-                            "sliding_loss": float(np.nanmean(r["sliding"][:, a:b])),
-                            "penalty": iv["mean"], "penalty_lo": iv["lo"], "penalty_hi": iv["hi"]})
+            row = {"positions": [a, b]}
+            for key in ("long", "sliding", "penalty"):
+                iv = bootstrap_interval(r[key][:, a:b], resamples=opts.resamples, seed=opts.seed)
+                name = key if key == "penalty" else f"{key}_loss"
+                row |= {name: iv["mean"], f"{name}_lo": iv["lo"], f"{name}_hi": iv["hi"]}
+            per_bin.append(row)
         out["models"][label] = {"bins": per_bin, "long_loss": float(np.nanmean(r["long"])),
                                 "sliding_loss": float(np.nanmean(r["sliding"])),
                                 "inside_max_abs": float(np.nanmax(np.abs(r["penalty"][:, :n]))),
