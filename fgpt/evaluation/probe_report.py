@@ -130,7 +130,8 @@ def write_figures(r: dict, out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.errorbar([x["k"] for x in r["context"]], [x["loss"] for x in r["context"]], yerr=err(r["context"], "loss"),
                     marker="o", capsize=3)
-        ax.set(xscale="log", xlabel="context k (tokens)", ylabel="loss (nats)", title="Loss given the last k tokens")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="context k (tokens)", ylabel="loss (nats)", title="Loss given the last k tokens")
         done["context"] = _save(fig, out / FIGURES["context"], plt)
     if "window" in r:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -143,7 +144,8 @@ def write_figures(r: dict, out: Path) -> dict[str, str]:
                 a2.plot([x["kv_cache_bytes"] / 2 ** 20 for x in rows], [x["decode_tokens_per_s"] for x in rows],
                         marker="o", label=pattern)
         a1.axhline(0, color="grey", ls=":")
-        a1.set(xscale="log", xlabel="window W", ylabel="loss - loss as trained (nats)", title="Quality")
+        a1.set_xscale("log", base=2)
+        a1.set(xlabel="window W (layers windowed: all, or every other)", ylabel="loss - loss as trained (nats)", title="Quality")
         a2.set(xlabel="KV cache (MiB)", ylabel="decode tokens/s", title="Memory and speed")
         a1.legend(fontsize=8)
         done["window"] = _save(fig, out / FIGURES["window"], plt)
@@ -151,11 +153,11 @@ def write_figures(r: dict, out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for steps in sorted({x["steps"] for x in r["gqa"]}):
             rows = [x for x in r["gqa"] if x["steps"] == steps]
-            ax.errorbar([x["n_kv_head"] for x in rows], [x["loss"] for x in rows], yerr=err(rows, "loss"),
-                        marker="o", capsize=3, label=f"converted, {steps} steps")
-            ax.axhline(rows[0]["control_loss"], ls=":", color=ax.lines[-1].get_color(),
-                       label=f"control, {steps} steps")
-        ax.set(xscale="log", xlabel="kv heads", ylabel="loss (nats)", title="GQA by mean-pooling")
+            ax.errorbar([x["n_kv_head"] for x in rows], [x["delta"] for x in rows], yerr=err(rows, "delta"),
+                        marker="o", capsize=3, label=f"after {steps} uptraining steps")
+        ax.axhline(0, color="grey", ls=":")
+        ax.set_xticks(sorted({x["n_kv_head"] for x in r["gqa"]}))
+        ax.set(xlabel="kv heads", ylabel="loss - control's loss (nats)", title="GQA by mean-pooling")
         ax.legend(fontsize=8)
         done["gqa"] = _save(fig, out / FIGURES["gqa"], plt)
     if r.get("length", {}).get("applies"):
