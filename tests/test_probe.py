@@ -141,6 +141,30 @@ def test_gqa_at_zero_steps_equals_convert_then_eval(gpt2_ckpt, tmp_path, capsys)
     assert (out / "probe.md").is_file() and "GQA by conversion" in (out / "probe.md").read_text()
 
 
+def test_uptraining_is_the_training_loop_on_the_same_batches(rope_ckpt, tmp_path):
+    """At seq = n_ctx the probe's uptraining (converted model and control alike) is run.train's
+    loop from --init-from with a constant lr after the warmup: the same weights."""
+    from fgpt.data import load_corpus
+    from fgpt.evaluation.probe_gqa import uptrain
+    from fgpt.train import TrainConfig, train
+
+    corpus_dir = tmp_path / "docs"
+    corpus_dir.mkdir()
+    (corpus_dir / "a.txt").write_text(_text(8000))
+    corpus = load_corpus(str(corpus_dir), progress=False)
+    config, params = load_checkpoint(rope_ckpt)
+    before = {k: v.clone() for k, v in params["h"][0]["attn"]["c_attn"].items()}
+    ours = uptrain(params, config, corpus.train, steps=3, batch=2, seq=config.n_ctx, lr=1e-3, seed=5)
+    ref = train(TrainConfig(init_from=str(rope_ckpt), steps=3, batch_size=2, lr=1e-3, min_lr=1e-3, warmup=1,
+                            seed=5, eval_interval=0, checkpoint_interval=0, device="cpu", progress=False),
+                corpus=corpus).params
+    for name in ("weight", "bias"):
+        assert torch.equal(params["h"][0]["attn"]["c_attn"][name], before[name])  # the input is left alone
+        torch.testing.assert_close(ours["h"][0]["attn"]["c_attn"][name], ref["h"][0]["attn"]["c_attn"][name])
+    torch.testing.assert_close(ours["wte"]["weight"], ref["wte"]["weight"])
+    assert not torch.equal(ours["wte"]["weight"], params["wte"]["weight"])
+
+
 def test_length_section_against_a_sliding_evaluation(rope_ckpt, gpt2_ckpt, text_file):
     config, params = load_checkpoint(rope_ckpt)
     tokens = tokens_of(text_file)[:200]
