@@ -41,3 +41,7 @@ plot *args:
 # tokenise a corpus (text / JSONL / Parquet) into token shards: just prepare --data SRC --out DIR
 prepare *args:
     python -m run.prepare "$@"
+
+# what a checkpoint gives up at inference (context use, windows, GQA, length, samples): just probe --checkpoint gpt2/ --out probe/
+probe *args:
+    python -m run.probe "$@"

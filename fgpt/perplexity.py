@@ -108,12 +108,20 @@ def batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
     return out
 
 
-@torch.inference_mode()
 def window_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndarray,
                windows: list[Window], device: torch.device | str = "cpu") -> Total:
-    """Summed NLL of the windows' targets, run as one batch of equal-length windows. The LM
-    head runs only on the positions that predict a target (a window overlapping its
-    predecessor by n_ctx - stride tokens skips that many head rows)."""
+    """Summed NLL of the windows' targets, run as one batch of equal-length windows."""
+    nll, count = window_nlls(params, config, tokens, windows, device)
+    return Total(float(nll.sum()), int(count.sum()))
+
+
+@torch.inference_mode()
+def window_nlls(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndarray,
+                windows: list[Window], device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per window: the summed NLL of its targets (float64) and how many there are, run as one
+    batch of equal-length windows. The LM head runs only on the positions that predict a
+    target (a window overlapping its predecessor by n_ctx - stride tokens skips that many
+    head rows)."""
     x = torch.from_numpy(np.stack([np.asarray(tokens[w.begin:w.end], dtype=np.int64) for w in windows]))
     x = x.to(device)  # [B, T]
     low, high = int(x.min()), int(x.max())
@@ -130,7 +138,8 @@ def window_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndarr
     position = torch.arange(lo + 1, hi + 1, device=x.device)
     firsts = torch.tensor([w.first - w.begin for w in windows], device=x.device)
     scored = position[None, :] >= firsts[:, None]
-    return Total(float(nll[scored].double().sum()), int(scored.sum()))
+    per_window = torch.where(scored, nll.double(), 0.0).sum(dim=1)
+    return per_window.cpu().numpy(), scored.sum(dim=1).cpu().numpy()
 
 
 def strided_nll(params: dict, config: GPTConfig, tokens: Sequence[int] | np.ndarray, *,

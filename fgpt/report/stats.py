@@ -94,3 +94,21 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
     my = statistics.fmean(p[1] for p in pts)
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def bootstrap_ratio(numerators, denominators, *, resamples: int, seed: int = 0) -> dict:
+    """sum(numerators) / sum(denominators) and its 95% percentile-bootstrap interval, units
+    resampled whole: a token-weighted mean loss over evaluation windows (each window's summed
+    NLL, and its scored tokens), so the mean is exactly the pooled one that run.eval prints."""
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.asarray(denominators, dtype=np.float64)
+    if len(num) == 0 or den.sum() == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(num.sum() / den.sum())
+    if len(num) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": int(len(num))}
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(num), size=(resamples, len(num)))
+    ratios = num[pick].sum(axis=1) / np.maximum(den[pick].sum(axis=1), 1e-300)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": int(len(num))}

@@ -1,0 +1,1 @@
+"""Evaluating trained checkpoints: the inference-time probe (`python -m run.probe`)."""
