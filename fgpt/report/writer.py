@@ -3,7 +3,6 @@ every value `num` is given comes from the results (tests/test_report.py checks t
 
 from __future__ import annotations
 
-from fgpt.report.budget import RULES
 from fgpt.report.claims import SOURCES
 from fgpt.report.stats import VERDICTS
 
