@@ -15,7 +15,7 @@ from typing import Any
 
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import GPTConfig
-from fgpt import precision
+from fgpt import precision, recompute
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import resolve_device
@@ -24,7 +24,8 @@ SCHEDULES = ("cosine", "wsd")
 REDUCE_DTYPES = ("fp32", "bf16")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
-                     "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype"}
+                     "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype",
+                     "recompute"}
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    recompute: str = "none"  # none | attention | full: activations computed again in backward
     window_kernel: str = "band"  # kernel of windowed layers: band | flex | dense (fgpt.attention)
     strategy: str = "single"
     progress: bool = True
@@ -123,6 +125,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError(f"--stop-after must be at least 1, got {run.stop_after}")
     if run.resume and not run.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
+    recompute.check(run.recompute)
     if run.window_kernel not in WINDOW_KERNELS:
         raise FgptError(f"--window-kernel must be one of {', '.join(WINDOW_KERNELS)}, got {run.window_kernel!r}")
     device = resolve_device(run.device)

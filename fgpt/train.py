@@ -168,7 +168,7 @@ def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult
     e.g. the study's restricted-vocabulary corpus)."""
     validate(run)
     strategy = make_strategy(run.strategy, device=resolve_device(run.device), compile=run.compile,
-                             reduce_dtype=run.reduce_dtype)
+                             reduce_dtype=run.reduce_dtype, recompute=run.recompute)
     try:
         run = resolve_precision(run, strategy)
         with stop_requests() as stop, use_window_kernel(run.window_kernel):

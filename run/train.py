@@ -20,6 +20,7 @@ from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
+from fgpt.recompute import RECOMPUTE
 from fgpt.run_config import REDUCE_DTYPES, SCHEDULES
 from fgpt.train import TrainConfig, check_launch, train
 from run._cli import ArgumentParser, main_guard
@@ -84,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", help="fine-tune from a checkpoint (file or directory)")
     g.add_argument("--device", choices=DEVICES)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
+    g.add_argument("--recompute", choices=RECOMPUTE,
+                   help="activations computed again in backward instead of kept: none (default), "
+                   "attention (each block's attention half) or full (whole blocks): memory for time")
     g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
                    help="windowed layers: band (plain O(T·W), default), flex (compiled flex_attention; CUDA only) or dense (a T² mask)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)

@@ -17,7 +17,7 @@ class FSDP2(WrappedModuleStrategy):
     name = "fsdp"
 
     def wrap(self, params, precision):
-        module = GPTModule(params, self.config)
+        module = GPTModule(params, self.config, recompute=self.recompute)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                       reduce_dtype=self.reduce_dtype)  # --reduce-dtype
         for blk in module.h:

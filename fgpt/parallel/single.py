@@ -9,6 +9,7 @@ from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import loss_fn
 from fgpt.errors import FgptError
+from fgpt.recompute import check as recompute_mode
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
 
@@ -33,12 +34,13 @@ class SingleDevice(Strategy):
     name = "single"
 
     def __init__(self, device: str | torch.device = "cpu", compile: bool = False,
-                 reduce_dtype: str = "fp32", **_):
+                 reduce_dtype: str = "fp32", recompute: str = "none", **_):
         if reduce_dtype != "fp32":
             raise FgptError(f"--reduce-dtype {reduce_dtype}: strategy=single reduces no gradients "
                             "across ranks; use it with ddp, fsdp or custom-fsdp")
         self.device = torch.device(device)
         self.compile = compile
+        self.recompute = recompute_mode(recompute)
 
     def setup(self, params, config: GPTConfig, *, lr, weight_decay, betas, precision):
         self.config = config
@@ -63,7 +65,7 @@ class SingleDevice(Strategy):
         return self._compute_tree
 
     def _loss(self, params, tokens, targets):
-        return loss_fn(params, tokens, targets, self.config, train=True)
+        return loss_fn(params, tokens, targets, self.config, train=True, recompute=self.recompute)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
         grads, loss = self._grad_and_loss(self._compute_params(), tokens.to(self.device),
