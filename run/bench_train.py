@@ -95,10 +95,16 @@ def make_batches(config: GPTConfig, B: int, T: int, dev: str, n: int) -> list:
              torch.randint(0, config.vocab_size, (B, T), generator=gen).to(dev)) for _ in range(n)]
 
 
+def bench_config(model: str, T: int) -> GPTConfig:
+    """The preset, its context stretched to T where T is longer (learned positions: a longer wpe)."""
+    config = GPTConfig.preset(model)
+    return config.replace(n_ctx=T) if T > config.n_ctx else config
+
+
 def step_memory(model: str, B: int, T: int, dev: str, name: str) -> int:
     """In a child process: bytes the memory grew by at its peak during one step of contender
     `name`, after a warm-up step (so AdamW's state and the allocator's pools exist)."""
-    config = GPTConfig.preset(model)
+    config = bench_config(model, T)
     step = builders(config, dev, compile="compiled" in name)[name]()
     (x0, y0), (x1, y1) = make_batches(config, B, T, dev, 2)
     step(x0, y0)
@@ -119,8 +125,8 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="leave out the memory column (one more child process and two steps per contender)")
     args = p.parse_args()
-    config = GPTConfig.preset(args.model)
     B, T, dev = args.batch_size, args.seq_len, args.device
+    config = bench_config(args.model, T)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     chosen = builders(config, dev, args.compile)
     if args.only:
