@@ -16,6 +16,7 @@ import sys
 
 from fgpt import precision, run_dir
 from fgpt.attention import WINDOW_KERNELS
+from fgpt.autocompile import CHOICES
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
@@ -84,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (resume later)")
     g.add_argument("--init-from", help="fine-tune from a checkpoint (file or directory)")
     g.add_argument("--device", choices=DEVICES)
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
+    g.add_argument("--compile", nargs="?", const="on", choices=CHOICES,
+                   help="torch.compile the step: auto (default) where the run is long enough to pay for "
+                   "the compile here, on (also plain --compile) or off; strategy=single only")
     g.add_argument("--recompute", choices=RECOMPUTE,
                    help="activations computed again in backward instead of kept: none (default), "
                    "attention (each block's attention half) or full (whole blocks): memory for time")
@@ -125,7 +128,7 @@ def build_config(args) -> TrainConfig:
         saved, saved_model = run_dir.saved_run(args.out)
         model = model_config(args, saved_model)
         return dataclasses.replace(saved, **given, **({"model": model} if model else {}))
-    return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, None))
+    return TrainConfig(**{"precision": "auto", "compile": "auto", **given}, model=model_config(args, None))
 
 
 LAUNCHER_FLAGS = ("--nproc", "--max-restarts")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.func import vjp
 
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import loss_fn
+from fgpt.autocompile import compiler_failure
 from fgpt.errors import FgptError
 from fgpt.recompute import check as recompute_mode
 from fgpt.parallel.base import Strategy, adamw_param_groups
@@ -51,10 +54,23 @@ class SingleDevice(Strategy):
         # train` shows the gap: "transformers fp32" against "transformers fp32 fused AdamW").
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay),
                                            lr=lr, betas=betas, fused=True)
-        self._grad_and_loss = grads_and_value(self._loss)
-        if self.compile:
-            self._grad_and_loss = torch.compile(self._grad_and_loss)
+        self._eager = grads_and_value(self._loss)
+        self._compiled = None  # made at the first compiled step: `compile` may change before it
         self._compute_tree = None
+
+    def _grads_and_loss(self, *args):
+        """The compiled step where `compile` is set, else the eager one. A compile that fails
+        (no C++ compiler, a Python torch.compile refuses, an inductor error) says so in one
+        line and the run continues eagerly; nothing was accumulated yet, so the step reruns."""
+        if self.compile:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._eager)
+                return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure; eager code is the fallback
+                print(compiler_failure(e), file=sys.stderr)
+                self.compile, self._compiled = False, None
+        return self._eager(*args)
 
     def _compute_params(self) -> dict:
         """fp32: the master tree itself. bf16: one cast copy per optimizer step, shared by
@@ -68,7 +84,7 @@ class SingleDevice(Strategy):
         return loss_fn(params, tokens, targets, self.config, train=True, recompute=self.recompute)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
-        grads, loss = self._grad_and_loss(self._compute_params(), tokens.to(self.device),
+        grads, loss = self._grads_and_loss(self._compute_params(), tokens.to(self.device),
                                           targets.to(self.device))
         for name, g in tree.flatten(grads).items():  # accumulate in fp32 on the master leaves
             p = self.named[name]
