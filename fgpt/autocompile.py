@@ -3,7 +3,7 @@ long enough to pay for the compile on this device.
 
     decision = choose(strategy="single", recompute="none", precision="bf16", step_flops=...,
                       steps_left=120, matmul_flops=lambda: measured)
-    decision.on, decision.reason   # True, "--compile auto: on (120 steps x ~0.31 s saved ...)"
+    decision.on, decision.reason   # True, "--compile auto: on (120 steps x ~1.20 s eager x 29% saved ...)"
 
 The estimate is deliberately plain: compiling pays when
 
@@ -14,7 +14,9 @@ The estimate is deliberately plain: compiling pays when
 - SAVING: the share of an eager step that compiled code saved in `just bench train --compile`
   runs on a 2-core AVX-512 CPU (124M, 4 x 256: bf16 0.29, fp32 0.15); other devices unmeasured;
 - COMPILE_S: the first compiled step's extra seconds on that CPU (9-24 s for 124M, machine
-  idle; several times that under load), rounded up.
+  idle), rounded up. Under load the compile slows down as the step does (165 s for the tiny
+  preset against 8.4 s eager steps at a load average of 10), so the estimate errs towards
+  compiling there.
 Only strategy=single compiles (the others run eagerly whatever --compile says), and a run
 that recomputes activations (--recompute) is left eager: that pairing was not measured.
 A compile that fails (no C++ compiler, an unsupported Python) falls back to eager code with
@@ -58,7 +60,8 @@ def choose(*, strategy: str, recompute: str, precision: str, step_flops: float, 
     on = saved > COMPILE_S
     verdict = "on" if on else "off"
     relation = ">" if on else "<="
-    return Decision(on, f"--compile auto: {verdict} ({steps_left} steps x ~{step_s:.2g} s eager x "
+    step = f"{step_s:.2f}" if step_s < 10 else f"{step_s:.0f}"
+    return Decision(on, f"--compile auto: {verdict} ({steps_left} steps x ~{step} s eager x "
                         f"{SAVING[precision]:.0%} saved = ~{saved:.0f} s {relation} ~{COMPILE_S:.0f} s to compile; "
                         f"--compile on|off to choose)")
 
