@@ -112,6 +112,47 @@ def step_memory(model: str, B: int, T: int, dev: str, name: str) -> int:
     return peak_rss_growth(lambda: step(x1, y1), device=dev)
 
 
+def recompute_step(model: str, B: int, T: int, dev: str, precision: str, mode: str) -> dict:
+    """In a child process: one forward + backward of fgpt (single device) with --recompute
+    `mode` on a fresh model: its seconds, and the memory's peak growth during it
+    (activations, the gradients and their fp32 copies on the master leaves; no optimizer)."""
+    config = bench_config(model, T)
+    strategy = SingleDevice(dev, recompute=mode)
+    strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
+    ((x, y),) = make_batches(config, B, T, dev, 1)
+    release_freed_memory()
+    seconds = []
+
+    def run():
+        start = time.perf_counter()
+        strategy.forward_backward(x, y, scale=1.0, sync=True)
+        seconds.append(time.perf_counter() - start)
+    grew = peak_rss_growth(run, device=dev)
+    return {"s": seconds[0], "bytes": grew, "grad_bytes": 4 * sum(p.numel() for p in strategy.named.values())}
+
+
+def recompute_table(args) -> None:
+    """--recompute-memory: none / attention / full, each in its own child, `--rounds` rounds
+    alternating; the fastest time and the last memory of each."""
+    modes = ("none", "attention", "full")
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for mode in modes:
+            r = in_child(bench_train, "recompute_step", args.model, args.batch_size, args.seq_len, args.device,
+                         args.precision, mode)
+            best[mode] = r | {"s": min(r["s"], best.get(mode, r)["s"])}
+    print(f"--recompute, fgpt single device, {args.model} at n_ctx {args.seq_len}, batch {args.batch_size}, "
+          f"{args.precision}: one forward + backward per child process, best of {args.rounds}; {machine_line()}")
+    grads = best["none"]["grad_bytes"] / 2 ** 20
+    print(f"peak MiB: the resident set's growth during forward + backward (activations, temporaries and the "
+          f"{grads:,.0f} MiB of fp32 gradients)")
+    print("| --recompute | s fwd+bwd | vs none | peak MiB | of none's |\n|---|---:|---:|---:|---:|")
+    for mode in modes:
+        r, ref = best[mode], best["none"]
+        print(f"| {mode} | {r['s']:.1f} | {r['s'] / ref['s']:.2f}x | {r['bytes'] / 2 ** 20:,.0f} | "
+              f"{r['bytes'] / ref['bytes']:.0%} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="just bench train")
     p.add_argument("--model", default="gpt2")
@@ -124,7 +165,13 @@ def main() -> None:
                    help="also fp32 under torch.compile, fgpt and transformers (compile time apart)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="leave out the memory column (one more child process and two steps per contender)")
+    p.add_argument("--recompute-memory", action="store_true",
+                   help="instead: fgpt's forward + backward with --recompute none / attention / full, "
+                   "time and peak memory, each in a child process")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="for --recompute-memory")
     args = p.parse_args()
+    if args.recompute_memory:
+        return recompute_table(args)
     B, T, dev = args.batch_size, args.seq_len, args.device
     config = bench_config(args.model, T)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
