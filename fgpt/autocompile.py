@@ -13,10 +13,11 @@ The estimate is deliberately plain: compiling pays when
   device's measured matmul FLOP/s in the run's precision (a 1024^3 matmul, the MFU yardstick);
 - SAVING: the share of an eager step that compiled code saved in `just bench train --compile`
   runs on a 2-core AVX-512 CPU (124M, 4 x 256: bf16 0.29, fp32 0.15); other devices unmeasured;
-- COMPILE_S: the first compiled step's extra seconds on that CPU (9-24 s for 124M, machine
-  idle), rounded up. Under load the compile slows down as the step does (165 s for the tiny
-  preset against 8.4 s eager steps at a load average of 10), so the estimate errs towards
-  compiling there.
+- compile time: COMPILE_S, the first compiled step's extra seconds on that CPU with the
+  machine idle (9-24 s for 124M), rounded up; where the matmul measures slower than it did
+  there (REFERENCE_FLOPS), as on cores shared with other work, scaled up alike: under load
+  the compile slowed as the steps did (165 s for the tiny preset against 8.4 s eager steps,
+  load average 10). Never scaled down: a faster matmul does not make the compiler faster.
 Only strategy=single compiles (the others run eagerly whatever --compile says), and a run
 that recomputes activations (--recompute) is left eager: that pairing was not measured.
 A compile that fails (no C++ compiler, an unsupported Python) falls back to eager code with
@@ -33,6 +34,7 @@ CHOICES = ("auto", "on", "off")
 SAVING = {"bf16": 0.29, "fp32": 0.15}
 EAGER_SHARE = 0.5
 COMPILE_S = 40.0
+REFERENCE_FLOPS = {"bf16": 344e9, "fp32": 104e9}  # that CPU's 1024^3 matmul, idle
 
 
 def check(value: str) -> str:
@@ -55,14 +57,16 @@ def choose(*, strategy: str, recompute: str, precision: str, step_flops: float, 
         return Decision(False, f"--compile auto: off (strategy={strategy} runs eagerly; only single compiles)")
     if recompute != "none":
         return Decision(False, f"--compile auto: off (--recompute {recompute}: compiling it was not measured)")
-    step_s = step_flops / (EAGER_SHARE * matmul_flops())
+    flops = matmul_flops()
+    step_s = step_flops / (EAGER_SHARE * flops)
     saved = steps_left * step_s * SAVING[precision]
-    on = saved > COMPILE_S
+    compile_s = COMPILE_S * max(1.0, REFERENCE_FLOPS[precision] / flops)
+    on = saved > compile_s
     verdict = "on" if on else "off"
     relation = ">" if on else "<="
     step = f"{step_s:.2f}" if step_s < 10 else f"{step_s:.0f}"
     return Decision(on, f"--compile auto: {verdict} ({steps_left} steps x ~{step} s eager x "
-                        f"{SAVING[precision]:.0%} saved = ~{saved:.0f} s {relation} ~{COMPILE_S:.0f} s to compile; "
+                        f"{SAVING[precision]:.0%} saved = ~{saved:.0f} s {relation} ~{compile_s:.0f} s to compile; "
                         f"--compile on|off to choose)")
 
 

@@ -17,21 +17,30 @@ from run import train as run_train
 from train_case import tiny_run
 
 
-def decide(steps_left: int, *, strategy="single", recompute="none", precision="bf16", flops=1e11):
+def decide(steps_left: int, *, strategy="single", recompute="none", precision="bf16", flops=None):
+    flops = flops or autocompile.REFERENCE_FLOPS[precision]
     # step_flops / (EAGER_SHARE * flops) = 1 s of eager step
     return autocompile.choose(strategy=strategy, recompute=recompute, precision=precision, steps_left=steps_left,
                               step_flops=autocompile.EAGER_SHARE * flops, matmul_flops=lambda: flops)
 
 
+@pytest.mark.parametrize("slower", [1, 4])
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_compiles_exactly_when_the_saving_exceeds_the_compile(precision):
+def test_compiles_exactly_when_the_saving_exceeds_the_compile(precision, slower):
+    """On the reference machine, and on one whose matmul runs `slower` times slower (loaded):
+    there the compile is expected to take as much longer; a 1-second step either way."""
     saving = autocompile.SAVING[precision]  # seconds saved per 1-second step
-    breakeven = autocompile.COMPILE_S / saving
+    flops = autocompile.REFERENCE_FLOPS[precision] / slower
+    breakeven = autocompile.COMPILE_S * slower / saving
+    decide_here = lambda steps, **kw: decide(steps, flops=flops, **kw)  # noqa: E731
     short, long = int(breakeven) - 1, int(breakeven) + 2
-    assert not decide(short, precision=precision).on and decide(long, precision=precision).on
-    assert decide(long, precision=precision).reason.startswith("--compile auto: on (")
-    assert decide(short, precision=precision).reason.startswith("--compile auto: off (")
-    assert "\n" not in decide(long).reason
+    assert not decide_here(short, precision=precision).on and decide_here(long, precision=precision).on
+    assert decide_here(long, precision=precision).reason.startswith("--compile auto: on (")
+    assert decide_here(short, precision=precision).reason.startswith("--compile auto: off (")
+    assert "\n" not in decide_here(long, precision=precision).reason
+    faster = decide(int(autocompile.COMPILE_S / saving) + 2, precision=precision,
+                    flops=autocompile.REFERENCE_FLOPS[precision] * 4)  # a 1-second step on a faster matmul:
+    assert faster.on  # the compile is not assumed any quicker
 
 
 def test_other_strategies_and_recompute_stay_eager_without_measuring():
