@@ -86,6 +86,7 @@ def builders(config: GPTConfig, dev: str, compile: bool) -> dict:
     if compile:
         out["transformers fp32 compiled"] = lambda: hf_step(shared_hf(), autocast=False, fused=True, compile=True)
         out["fgpt fp32 compiled"] = lambda: fgpt_step(config, "fp32", dev, compile=True)
+        out["fgpt bf16 compiled"] = lambda: fgpt_step(config, "bf16", dev, compile=True)
     return out
 
 
@@ -162,7 +163,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", default="", help="comma list of contender names to run")
     p.add_argument("--compile", action="store_true",
-                   help="also fp32 under torch.compile, fgpt and transformers (compile time apart)")
+                   help="also under torch.compile: fp32 fgpt and transformers, bf16 fgpt (compile time apart)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="leave out the memory column (one more child process and two steps per contender)")
     p.add_argument("--recompute-memory", action="store_true",
