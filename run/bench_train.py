@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -114,22 +115,30 @@ def step_memory(model: str, B: int, T: int, dev: str, name: str) -> int:
 
 
 def recompute_step(model: str, B: int, T: int, dev: str, precision: str, mode: str) -> dict:
-    """In a child process: one forward + backward of fgpt (single device) with --recompute
-    `mode` on a fresh model: its seconds, and the memory's peak growth during it
-    (activations, the gradients and their fp32 copies on the master leaves; no optimizer)."""
+    """In a child process: one forward + backward of fgpt's single-device loss (torch.func.vjp,
+    then its pullback, as SingleDevice does) with --recompute `mode` on a fresh model: the
+    seconds, the bytes the forward leaves held for backward (the activations kept), the
+    peak growth over both, and the gradient tree's bytes (part of that peak). CPU only."""
+    from torch.func import vjp
+    from fgpt import tree
+    from fgpt.measure import status_bytes
     config = bench_config(model, T)
     strategy = SingleDevice(dev, recompute=mode)
     strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
     ((x, y),) = make_batches(config, B, T, dev, 1)
+    params = strategy._compute_params()
     release_freed_memory()
-    seconds = []
-
-    def run():
-        start = time.perf_counter()
-        strategy.forward_backward(x, y, scale=1.0, sync=True)
-        seconds.append(time.perf_counter() - start)
-    grew = peak_rss_growth(run, device=dev)
-    return {"s": seconds[0], "bytes": grew, "grad_bytes": 4 * sum(p.numel() for p in strategy.named.values())}
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := now
+    base = status_bytes("VmRSS")
+    start = time.perf_counter()
+    value, pullback = vjp(lambda p: strategy._loss(p, x, y), params)
+    kept = status_bytes("VmRSS") - base
+    with torch.no_grad():
+        (grads,) = pullback(torch.ones_like(value), retain_graph=False)
+    seconds = time.perf_counter() - start
+    peak = status_bytes("VmHWM") - base
+    return {"s": seconds, "kept": kept, "bytes": peak,
+            "grad_bytes": sum(g.numel() * g.element_size() for g in tree.leaves(grads))}
 
 
 def recompute_table(args) -> None:
@@ -145,13 +154,17 @@ def recompute_table(args) -> None:
     print(f"--recompute, fgpt single device, {args.model} at n_ctx {args.seq_len}, batch {args.batch_size}, "
           f"{args.precision}: one forward + backward per child process, best of {args.rounds}; {machine_line()}")
     grads = best["none"]["grad_bytes"] / 2 ** 20
-    print(f"peak MiB: the resident set's growth during forward + backward (activations, temporaries and the "
-          f"{grads:,.0f} MiB of fp32 gradients)")
-    print("| --recompute | s fwd+bwd | vs none | peak MiB | of none's |\n|---|---:|---:|---:|---:|")
+    print(f"kept: what the forward leaves held for backward; peak: the resident set's growth over forward + "
+          f"backward, which includes the {grads:,.0f} MiB {args.precision} gradient tree; peak - grads: without it")
+    print("| --recompute | s fwd+bwd | vs none | kept MiB | of none's | peak MiB | of none's | peak - grads MiB "
+          "| of none's |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ref = best["none"]
+    act = {m: r["bytes"] - r["grad_bytes"] for m, r in best.items()}
     for mode in modes:
-        r, ref = best[mode], best["none"]
-        print(f"| {mode} | {r['s']:.1f} | {r['s'] / ref['s']:.2f}x | {r['bytes'] / 2 ** 20:,.0f} | "
-              f"{r['bytes'] / ref['bytes']:.0%} |")
+        r = best[mode]
+        print(f"| {mode} | {r['s']:.1f} | {r['s'] / ref['s']:.2f}x | {r['kept'] / 2 ** 20:,.0f} | "
+              f"{r['kept'] / ref['kept']:.0%} | {r['bytes'] / 2 ** 20:,.0f} | {r['bytes'] / ref['bytes']:.0%} | "
+              f"{act[mode] / 2 ** 20:,.0f} | {act[mode] / act['none']:.0%} |")
 
 
 def main() -> None:
