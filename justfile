@@ -18,7 +18,7 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | loss | parallel | attention | eval | data
+# benchmarks: generate | train | loss | parallel | attention | eval | data | profile
 bench what *args:
     python -m run.bench "$@"
 

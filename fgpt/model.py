@@ -43,6 +43,7 @@ from fgpt.cross_entropy import IGNORE, linear_cross_entropy
 from fgpt.errors import FgptError
 from fgpt.kv_cache import KVCache
 from fgpt.layers import dropout, embedding, layer_norm, linear, mlp, unembed
+from fgpt.recompute import recomputed
 from fgpt.rope import apply_rope, rope_angles
 from fgpt import tree
 
@@ -153,11 +154,23 @@ def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, 
 
 
 def block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, pos: Positions,
-          cache: KVCache | None = None, train: bool = False) -> torch.Tensor:
-    """One pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+          cache: KVCache | None = None, train: bool = False, recompute: str = "none") -> torch.Tensor:
+    """One pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)).
+    `recompute` ("attention" or "full"): that part's activations are not kept for backward
+    but computed again there (fgpt/recompute.py); the result is the same."""
     eps = config.layer_norm_epsilon
-    x = x + attention_block(p["attn"], layer_norm(p["ln_1"], x, eps), config,
-                            layer=layer, pos=pos, cache=cache, train=train)
+    random = train and config.dropout > 0
+    if recompute == "full" and cache is None:
+        return recomputed(lambda p, x: block(p, x, config, layer=layer, pos=pos, train=train), p, x,
+                          random=random)
+
+    def attend(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return attention_block(p["attn"], layer_norm(p["ln_1"], x, eps), config,
+                               layer=layer, pos=pos, cache=cache, train=train)
+    if recompute == "attention" and cache is None:
+        x = x + recomputed(attend, {"attn": p["attn"], "ln_1": p["ln_1"]}, x, random=random)
+    else:
+        x = x + attend(p, x)
     return x + dropout(mlp(p["mlp"], layer_norm(p["ln_2"], x, eps)), config.dropout, train)
 
 
@@ -179,12 +192,12 @@ def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTC
 
 
 def trunk(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCache | None = None,
-          train: bool = False) -> torch.Tensor:
+          train: bool = False, recompute: str = "none") -> torch.Tensor:
     """embed, then every block: tokens [B, T] -> the residual stream [B, T, d] the head reads.
     With `cache`, the tokens continue the cached sequence and their keys / values join it."""
     x, pos = embed(params, tokens, config, cache=cache, train=train)
     for i, p in enumerate(params["h"]):
-        x = block(p, x, config, layer=i, pos=pos, cache=cache, train=train)
+        x = block(p, x, config, layer=i, pos=pos, cache=cache, train=train, recompute=recompute)
     if cache is not None:
         cache.advance(tokens.shape[1])
     return x
@@ -203,6 +216,6 @@ def forward(params: dict, tokens: torch.Tensor, config: GPTConfig, *,
 
 
 def loss_fn(params: dict, tokens: torch.Tensor, targets: torch.Tensor, config: GPTConfig,
-            *, train: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets of -1 are ignored."""
-    return head_loss(params, trunk(params, tokens, config, train=train), targets, config)
+            *, train: bool = False, recompute: str = "none") -> torch.Tensor:
+    """Mean next-token cross-entropy; targets of -1 are ignored. `recompute`: see `block`."""
+    return head_loss(params, trunk(params, tokens, config, train=train, recompute=recompute), targets, config)

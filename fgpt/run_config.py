@@ -15,7 +15,7 @@ from typing import Any
 
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import GPTConfig
-from fgpt import precision, tree
+from fgpt import autocompile, precision, recompute, tree
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import resolve_device
@@ -23,7 +23,8 @@ from fgpt.parallel.process_group import resolve_device
 SCHEDULES = ("cosine", "wsd")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
-                     "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype"}
+                     "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype",
+                     "recompute"}
 
 
 @dataclass
@@ -55,7 +56,8 @@ class TrainConfig:
     stop_after: int | None = None  # end this session after that step, checkpointed, as Ctrl-C would
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
+    compile: str = "off"  # auto | on | off (run.train's default is auto: fgpt/autocompile.py)
+    recompute: str = "none"  # none | attention | full: activations computed again in backward
     window_kernel: str = "band"  # kernel of windowed layers: band | flex | dense (fgpt.attention)
     strategy: str = "single"
     progress: bool = True
@@ -83,6 +85,8 @@ class TrainConfig:
         if d["model"] is not None:  # None: the run used the default (tiny or --init-from's) model
             d["model"] = GPTConfig.from_hf_dict(d["model"])
         d["betas"] = tuple(d["betas"])
+        if isinstance(d.get("compile"), bool):  # recorded before --compile auto
+            d["compile"] = "on" if d["compile"] else "off"
         return cls(**d)
 
 
@@ -122,6 +126,8 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError(f"--stop-after must be at least 1, got {run.stop_after}")
     if run.resume and not run.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
+    recompute.check(run.recompute)
+    autocompile.check(run.compile)
     if run.window_kernel not in WINDOW_KERNELS:
         raise FgptError(f"--window-kernel must be one of {', '.join(WINDOW_KERNELS)}, got {run.window_kernel!r}")
     device = resolve_device(run.device)

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fgpt import data, precision, run_dir, tree
+from fgpt import autocompile, data, precision, run_dir, tree
 from fgpt.attention import use_window_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
@@ -171,8 +172,8 @@ def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult
     `corpus`: train on these token arrays instead of reading `run.data` (in-process use,
     e.g. the study's restricted-vocabulary corpus)."""
     validate(run)
-    strategy = make_strategy(run.strategy, device=resolve_device(run.device), compile=run.compile,
-                             reduce_dtype=run.reduce_dtype)
+    strategy = make_strategy(run.strategy, device=resolve_device(run.device), compile=run.compile == "on",
+                             reduce_dtype=run.reduce_dtype, recompute=run.recompute)
     try:
         run = resolve_precision(run, strategy)
         with stop_requests() as stop, use_window_kernel(run.window_kernel):
@@ -196,10 +197,25 @@ def resolve_precision(run: TrainConfig, strategy: Strategy) -> TrainConfig:
     return dataclasses.replace(run, precision=chosen)
 
 
+def resolve_compile(run: TrainConfig, strategy: Strategy, model_config: GPTConfig, *, steps_left: int) -> None:
+    """--compile auto: compile where this session's steps pay for it here (fgpt/autocompile.py);
+    one stderr line says which and why. The run config keeps `auto`: a resume decides again."""
+    dtype = tree.COMPUTE_DTYPES[run.precision]
+    decision = autocompile.choose(
+        strategy=run.strategy, recompute=run.recompute, precision=run.precision, steps_left=steps_left,
+        step_flops=flops_per_token(model_config, model_config.n_ctx) * model_config.n_ctx
+        * run.batch_size // strategy.world_size, matmul_flops=lambda: peak_flops(strategy.device.type, dtype))
+    strategy.compile = decision.on
+    if strategy.is_main:
+        print(decision.reason, file=sys.stderr)
+
+
 def _train(run: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus | None) -> TrainResult:
     check_batch_split(run, strategy.world_size)
     run = run_dir.effective_settings(run)
     model_config, corpus, first, elapsed_s = _start(run, strategy, corpus)
+    if run.compile == "auto":
+        resolve_compile(run, strategy, model_config, steps_left=(run.stop_after or run.steps) - first)
     out_dir = Path(run.out) if run.out else None
     result = TrainResult(config=model_config, out_dir=out_dir, step=first)
     log = StepLog(run, strategy, model_config, first=first, elapsed_s=elapsed_s)

@@ -6,6 +6,9 @@ fastest, and again with torch's _weight_int8pack_mm for every product); transfor
 fp32 (the reference) and bf16. In fp32 both must pick the same tokens, or the comparison
 is void. Each row also shows its bandwidth floor: a step reads every weight it multiplies
 by once, so it takes at least (those bytes) / (the measured copy bandwidth).
+Where llama-cpp-python is installed (the `llama` extra), llama.cpp decodes the same weights
+from GGUF files that `python -m run.convert --to-gguf` writes (F32, F16, Q8_0), with as many
+threads as torch uses, in the same rounds.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
         if name in FLOAT_DTYPES:
             hf = hf_model(params, config, FLOAT_DTYPES[name], device)
             engines["transformers", name] = lambda hf=hf: run_hf(hf, prompt, new_tokens)
+    llama_engines, llama_bytes = llama_cpp_engines(params, config, prompt, new_tokens)
+    engines |= llama_engines
+    step_bytes |= llama_bytes
     tokens = {key: run() for key, run in engines.items()}  # warm-up
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
@@ -95,8 +101,8 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
         bandwidth = max(bandwidth, copy_bandwidth(device=device, repeats=2))
     return {"rate": {key: new_tokens / seconds for key, seconds in best.items()}, "step_bytes": step_bytes,
             "bandwidth": bandwidth,
-            "same_as_fp32": {name: sum(a == b for a, b in zip(tokens["fgpt", name], tokens["fgpt", "float32"]))
-                             for name in step_bytes if name.startswith("int8")},
+            "same_as_fp32": {name: sum(a == b for a, b in zip(tokens[engine, name], tokens["fgpt", "float32"]))
+                             for engine, name in engines if name.startswith(("int8", "gguf"))},
             "n_tokens": len(tokens["fgpt", "int8"]), "int8": trees["int8"]}
 
 
@@ -107,7 +113,7 @@ def table(result: dict) -> list[str]:
              "| vs transformers fp32 | vs transformers, same dtype |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in step_bytes:
         floor = bandwidth / step_bytes[name]
-        for engine in ("transformers", "fgpt"):
+        for engine in ("transformers", "fgpt", "llama.cpp"):
             if (engine, name) not in rate:
                 continue
             r = rate[engine, name]
@@ -115,6 +121,43 @@ def table(result: dict) -> list[str]:
             lines.append(f"| {engine} | {name} | {step_bytes[name] / 1e6:.0f} | {floor:.1f} | {r:.1f} | "
                          f"{r / floor:.0%} | {r / ref:.2f}x | {same_dtype} |")
     return lines
+
+
+def llama_cpp_engines(params: dict, config: GPTConfig, prompt: list[int], n: int) -> tuple[dict, dict]:
+    """llama.cpp's greedy decode of the same weights from GGUF files, one engine per file type
+    ({} where llama-cpp-python is not installed), and the bytes each step reads (every tensor
+    but position_embd, in its file type)."""
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        return {}, {}
+    import tempfile
+    from pathlib import Path
+    from fgpt import gguf_export
+    gguf = gguf_export.gguf_module()
+    arrays = gguf_export.gguf_tensors(config, params)
+    folder = Path(tempfile.mkdtemp(prefix="fgpt-bench-gguf-"))
+    engines, step_bytes = {}, {}
+    for file_type in gguf_export.TYPES:
+        path = gguf_export.write_gguf(folder / f"{file_type}.gguf", config, params, file_type)
+        name = f"gguf {file_type.upper()}"
+        step_bytes[name] = 0
+        for tensor, a in arrays.items():
+            if not tensor.startswith("position_embd"):
+                block, size = gguf.GGML_QUANT_SIZES[gguf_export.tensor_type(gguf, tensor, a, file_type)]
+                step_bytes[name] += a.size // block * size
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n, n_threads=torch.get_num_threads(),
+                              n_threads_batch=torch.get_num_threads(), verbose=False)
+
+        def decode(llm=llm) -> list[int]:
+            out = list(prompt)
+            for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # greedy, EOS ignored
+                out.append(token)
+                if len(out) == len(prompt) + n:
+                    break
+            return out
+        engines["llama.cpp", name] = decode
+    return engines, step_bytes
 
 
 def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple[float, int]], list]:
@@ -183,3 +226,9 @@ def main(argv=None) -> None:
     print(f"decode layouts measured for x @ W [in, out]: {layouts}")
     print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks(result['int8'])}")
     print("\n".join(table(result)))
+    pairs = [(ours, theirs) for ours, theirs in (("float32", "gguf F32"), ("bfloat16", "gguf F16"), ("int8", "gguf Q8_0"))
+             if ("llama.cpp", theirs) in result["rate"]]
+    if pairs:
+        print("fgpt vs llama.cpp, same run: " + ", ".join(
+            f"{ours} {result['rate']['fgpt', ours] / result['rate']['llama.cpp', theirs]:.2f}x {theirs}"
+            for ours, theirs in pairs))

@@ -17,14 +17,16 @@ import sys
 
 from fgpt import precision, run_dir
 from fgpt.attention import WINDOW_KERNELS
+from fgpt.autocompile import CHOICES
 from fgpt.checkpoint import checkpoint_config
 from fgpt.data import check_text_field
 from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
-from fgpt.tree import COMPUTE_DTYPES
+from fgpt.recompute import RECOMPUTE
 from fgpt.run_config import SCHEDULES
+from fgpt.tree import COMPUTE_DTYPES
 from fgpt.train import TrainConfig, check_launch, train
 from run._cli import ArgumentParser, main_guard
 
@@ -87,7 +89,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (resume later)")
     g.add_argument("--init-from", help="fine-tune from a checkpoint (file or directory)")
     g.add_argument("--device", choices=DEVICES)
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the loss")
+    g.add_argument("--compile", nargs="?", const="on", choices=CHOICES,
+                   help="torch.compile the step: auto (default) where the run is long enough to pay for "
+                   "the compile here, on (also plain --compile) or off; strategy=single only")
+    g.add_argument("--recompute", choices=RECOMPUTE,
+                   help="activations computed again in backward instead of kept: none (default), "
+                   "attention (each block's attention half) or full (whole blocks): memory for time")
     g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
                    help="windowed layers: band (plain O(T·W), default), flex (compiled flex_attention; CUDA only) or dense (a T² mask)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -128,7 +135,7 @@ def build_config(args) -> TrainConfig:
     # flags given with --init-from change its model (and contradict it, which training refuses
     # naming the field), not the tiny preset's
     base = checkpoint_config(args.init_from) if args.init_from and not args.model else None
-    return TrainConfig(**{"precision": "auto", **given}, model=model_config(args, base))
+    return TrainConfig(**{"precision": "auto", "compile": "auto", **given}, model=model_config(args, base))
 
 
 LAUNCHER_FLAGS = ("--nproc", "--max-restarts")

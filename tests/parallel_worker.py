@@ -10,6 +10,7 @@ OUT/TASK.pt (':' -> '-'):
                  after STOP_AFTER steps
     resume:NAME  --resume of OUT/NAME on this world size, to the end
     reduce-bf16  fgpt.train runs of ddp, fsdp and custom-fsdp with reduce_dtype="bf16"
+    recompute    ddp, fsdp and custom-fsdp with each --recompute mode
     die          rank 1 raises
 """
 
@@ -33,8 +34,8 @@ from fgpt.train import train  # noqa: E402
 from parallel_case import CASES, CONFIG, HYPER, STEPS, STOP_AFTER, train_run, train_steps  # noqa: E402
 
 
-def run_case(name: str, accum: int, precision: str, steps: int) -> dict:
-    strategy = make_strategy(name, device="cpu")
+def run_case(name: str, accum: int, precision: str, steps: int, recompute: str = "none") -> dict:
+    strategy = make_strategy(name, device="cpu", recompute=recompute)
     strategy.setup(init_params(CONFIG, seed=0), CONFIG, precision=precision, **HYPER)
     out = train_steps(strategy, accum, steps, rank=strategy.rank, world=strategy.world_size)
     out["params"] = strategy.full_params()
@@ -68,6 +69,13 @@ def parity() -> dict:
     results = {f"{name}/{accum}/{precision}": run_case(name, accum, precision, steps)
                for name, accum, precision, steps in CASES}
     return results | {f"{name}/resume": resume_case(name) for name in ("fsdp", "custom-fsdp")}
+
+
+def recompute() -> dict:
+    """Every strategy with each --recompute mode, 2 steps of 2 micro-batches (tests/test_recompute.py)."""
+    return {f"{name}/{mode}/{precision}": run_case(name, 2, precision, 2, recompute=mode)
+            for name in ("ddp", "fsdp", "custom-fsdp") for precision in ("fp32", "bf16")
+            for mode in ("none", "attention", "full")}
 
 
 def summary(result) -> dict:
@@ -108,7 +116,7 @@ def main() -> None:
         return
     for task in tasks:
         kind, _, name = task.partition(":")
-        result = {"parity": parity, "reduce-bf16": lambda: reduce_bf16(out_dir),
+        result = {"parity": parity, "recompute": recompute, "reduce-bf16": lambda: reduce_bf16(out_dir),
                   "start": lambda: start(out_dir, name), "resume": lambda: resume(out_dir, name)}[kind]()
         if dist.get_rank() == 0:
             torch.save(result, out_dir / f"{task.replace(':', '-')}.w{dist.get_world_size()}.pt")

@@ -202,7 +202,7 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(text_file, tmp_path):
     import time
     out = tmp_path / "run"
     args = [sys.executable, "-m", "run.train", "--no-progress", *TINY_FLAGS, "--steps", "100000",
-            "--data", str(text_file), "--out", str(out)]
+            "--data", str(text_file), "--out", str(out), "--compile", "off"]  # auto would compile 100000 steps
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     metrics = out / "metrics.jsonl"

@@ -16,10 +16,9 @@ that crosses ranks moves in this file:
   save      each rank writes its shard's AdamW moments (flat buffers in the unit's layout)
             cut per parameter, so any strategy resumes it on any world size.
 
-Backward keeps the forward's activations and re-gathers only the parameters (as FSDP2 does)
-rather than recomputing each block: recomputation would free the activations but add a
-third forward's worth of compute, and the goal is FSDP2's step time at FSDP2's memory.
-Autograd's saved tensors are views of the gathered buffer, so refilling the same storage in
+By default backward keeps the forward's activations and re-gathers only the parameters (as
+FSDP2 does); `--recompute attention|full` frees them and computes each block again inside
+its backward, from the re-gathered parameters (fgpt/recompute.py). Autograd's saved tensors are views of the gathered buffer, so refilling the same storage in
 backward makes them valid again; the gather writes through an alias with its own version
 counter, so autograd does not mistake the refill for an in-place edit.
 
@@ -154,7 +153,8 @@ class CustomFSDP(DistributedStrategy):
             if i + 1 < len(self.blocks):
                 self.blocks[i + 1].start_gather()  # overlaps this block's compute
             x_in = x.detach().requires_grad_(x.requires_grad)
-            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, pos=pos, train=train)
+            x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, pos=pos, train=train,
+                      recompute=self.recompute)
             saved.append((leaves, x_in, x))  # x: [B, T, d]
             unit.free()
         x_last = x.detach().requires_grad_(x.requires_grad)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.func import vjp
 
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.model import loss_fn
+from fgpt.autocompile import compiler_failure
 from fgpt.errors import FgptError
+from fgpt.recompute import check as recompute_mode
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
 from fgpt.tree import COMPUTE_DTYPES
@@ -34,12 +38,13 @@ class SingleDevice(Strategy):
     name = "single"
 
     def __init__(self, device: str | torch.device = "cpu", compile: bool = False,
-                 reduce_dtype: str = "fp32", **_):
+                 reduce_dtype: str = "fp32", recompute: str = "none", **_):
         if reduce_dtype != "fp32":
             raise FgptError(f"--reduce-dtype {reduce_dtype}: strategy=single reduces no gradients "
                             "across ranks; use it with ddp, fsdp or custom-fsdp")
         self.device = torch.device(device)
         self.compile = compile
+        self.recompute = recompute_mode(recompute)
 
     def setup(self, params, config: GPTConfig, *, lr, weight_decay, betas, precision):
         self.config = config
@@ -50,10 +55,23 @@ class SingleDevice(Strategy):
         # train` shows the gap: "transformers fp32" against "transformers fp32 fused AdamW").
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.named, weight_decay),
                                            lr=lr, betas=betas, fused=True)
-        self._grad_and_loss = grads_and_value(self._loss)
-        if self.compile:
-            self._grad_and_loss = torch.compile(self._grad_and_loss)
+        self._eager = grads_and_value(self._loss)
+        self._compiled = None  # made at the first compiled step: `compile` may change before it
         self._compute_tree = None
+
+    def _grads_and_loss(self, *args):
+        """The compiled step where `compile` is set, else the eager one. A compile that fails
+        (no C++ compiler, a Python torch.compile refuses, an inductor error) says so in one
+        line and the run continues eagerly; nothing was accumulated yet, so the step reruns."""
+        if self.compile:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._eager)
+                return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure; eager code is the fallback
+                print(compiler_failure(e), file=sys.stderr)
+                self.compile, self._compiled = False, None
+        return self._eager(*args)
 
     def _compute_params(self) -> dict:
         """fp32: the master tree itself. bf16: one cast copy per optimizer step, shared by
@@ -64,10 +82,10 @@ class SingleDevice(Strategy):
         return self._compute_tree
 
     def _loss(self, params, tokens, targets):
-        return loss_fn(params, tokens, targets, self.config, train=True)
+        return loss_fn(params, tokens, targets, self.config, train=True, recompute=self.recompute)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
-        grads, loss = self._grad_and_loss(self._compute_params(), tokens.to(self.device),
+        grads, loss = self._grads_and_loss(self._compute_params(), tokens.to(self.device),
                                           targets.to(self.device))
         for name, g in tree.flatten(grads).items():  # accumulate in fp32 on the master leaves
             p = self.named[name]
