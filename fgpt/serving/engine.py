@@ -120,6 +120,9 @@ class Engine:
         return self._queue.qsize() + len(self._waiting)
 
     def start(self) -> "Engine":
+        if self._thread is not None:
+            return self
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="fgpt-engine", daemon=True)
         self._thread.start()
         return self
@@ -128,6 +131,7 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            self._thread = None
 
     # --- the loop (its own thread) --------------------------------------------------------
 
