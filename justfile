@@ -14,7 +14,11 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | loss | parallel | attention | eval | data
+# OpenAI-compatible completion server + playground: just serve --checkpoint PATH [--checkpoint PATH2 ...]
+serve *args:
+    python -m run.serve "$@"
+
+# benchmarks: generate | train | loss | parallel | attention | eval | data | serve
 bench what *args:
     python -m run.bench "$@"
 

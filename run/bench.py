@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("generate", "train", "loss", "parallel", "attention", "eval", "data")
+BENCHES = ("generate", "train", "loss", "parallel", "attention", "eval", "data", "serve")
 AGAINST_TRANSFORMERS = ("generate", "train", "eval")  # their peer is transformers' GPT-2
 
 
