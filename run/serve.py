@@ -80,7 +80,11 @@ def main(argv=None) -> None:
         raise FgptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     except (socket.gaierror, OverflowError) as e:
         raise FgptError(f"cannot listen on {args.host}:{args.port}: {e}") from None
-    models = load_models(args)
+    try:
+        models = load_models(args)
+    except BaseException:
+        sock.close()
+        raise
     app = make_app(models, max_body=args.max_body)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     host, port = sock.getsockname()[:2]

@@ -229,7 +229,7 @@ class Server:
             top_k = None
         temperature, top_p = _float(body, "temperature", 1.0), _float(body, "top_p", 1.0)
         try:
-            sampling = Sampling(temperature, top_k, top_p if top_p < 1 else None)
+            sampling = Sampling(temperature, top_k, top_p if top_p != 1 else None)
         except FgptError as e:
             param = "temperature" if "temperature" in str(e) else "top_p" if "top_p" in str(e) else "top_k"
             raise ApiError(str(e), param) from None
