@@ -326,7 +326,7 @@ def test_lm_eval_local_completions_accuracy_equals_run_eval(server, checkpoints,
             model="local-completions",
             model_args=f"model={model},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
                        f"tokenizer={tokenizer},max_length=64,num_concurrent=1,max_retries=1,tokenized_requests=True",
-            tasks=["fgpt_mc"], task_manager=TaskManager(include_path=str(task_dir)), log_samples=False)
+            tasks=["fgpt_mc"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=False)
         acc = result["results"]["fgpt_mc"]["acc,none"]
         capsys.readouterr()
         run_eval.main(["--checkpoint", str(checkpoints[model]), "--task", "mc", "--data", str(data)])
