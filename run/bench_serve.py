@@ -33,12 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice); on "
+                    "cores shared with other work, 1 thread spares every op a barrier wait")
     ap.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the child: serve, then exit
     return ap.parse_args(argv)
 
 
 def serve_random(args: argparse.Namespace) -> None:
     """The child: a random-weight model of the preset's shapes behind the real app."""
+    import torch
     import uvicorn
     from fgpt import int8, tree
     from fgpt.config import GPTConfig
@@ -47,6 +50,8 @@ def serve_random(args: argparse.Namespace) -> None:
     from fgpt.serving.app import Model, make_app
     from fgpt.serving.engine import Engine
     from fgpt.tree import FLOAT_DTYPES
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = GPTConfig.preset(args.model)
     params = init_params(config, seed=0)
     if args.dtype == "int8":
@@ -145,7 +150,8 @@ def main(argv=None) -> None:
     print(f"completion server, {args.model} shapes, random weights, {args.dtype}, greedy, prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens per request, {args.requests} requests per "
           f"stream back to back, max batch {max(levels)}, loopback HTTP + SSE")
-    print(f"machine: {machine_line()} (shared with other work: timings are noisy, ratios within this run)")
+    threads = f"; server on {args.threads} torch threads" if args.threads else ""
+    print(f"machine: {machine_line()}{threads} (shared with other work: timings are noisy, ratios within this run)")
     print("| concurrent streams | requests | tokens | wall s | aggregate tokens/s | vs one at a time | "
           "time to first token, median s | max s |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

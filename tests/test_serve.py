@@ -251,6 +251,52 @@ def test_stream_pieces_join_to_the_plain_text_and_stop_strings(server, reference
     wait_idle(state)
 
 
+def test_engine_rows_join_shift_and_leave_as_if_alone():
+    """The engine without HTTP, on a short context and a small batch so that rows queue, join a
+    running batch, shift the cache both ways and leave in any order: each row's tokens equal
+    fgpt.generate for it alone (greedy and sampled; learned and rotary + windowed layers)."""
+    import queue
+    from fgpt.kv_cache import KVCache
+    from fgpt.serving.engine import DoneEvent, Engine, Job, Row
+    shifts = []
+    original = KVCache.shift
+
+    def counting_shift(self, delta):
+        shifts.append(delta)
+        original(self, delta)
+
+    for config in (GPTConfig(vocab_size=300, n_ctx=40, n_layer=2, n_head=2, n_embd=32),
+                   GPTConfig(vocab_size=300, n_ctx=40, n_layer=2, n_head=4, n_embd=32, n_kv_head=1,
+                             pos_emb="rope", window=7)):
+        params = wide_params(config, seed=3)
+        engine = Engine(params, config, max_batch=3, eos_id=-1)
+        gen = torch.Generator().manual_seed(0)
+        jobs = []
+        for i in range(10):
+            P = int(torch.randint(1, 25, (1,), generator=gen))
+            M = int(torch.randint(1, config.n_ctx - P + 1, (1,), generator=gen))
+            prompt = torch.randint(0, 300, (P,), generator=gen).tolist()
+            sampling = SETTINGS[i % 3]
+            events = queue.Queue()
+            jobs.append((prompt, M, sampling, i, events))
+        KVCache.shift = counting_shift
+        try:
+            engine.start()
+            for prompt, M, sampling, seed, events in jobs:
+                engine.submit(Job(prompt, [Row(sampling, torch.Generator().manual_seed(seed), M, events.put)]))
+            for prompt, M, sampling, seed, events in jobs:
+                got = []
+                while not isinstance(event := events.get(timeout=60), DoneEvent):
+                    got.append(event.token)
+                want = generate(params, config, [prompt], M, sampling=sampling, seed=seed, eos_id=None)[0]
+                assert got == want[len(prompt):]
+        finally:
+            KVCache.shift = original
+            engine.stop()
+        assert engine.live_rows == 0
+    assert any(d < 0 for d in shifts) and any(d > 0 for d in shifts)  # both directions were exercised
+
+
 # --- real clients -----------------------------------------------------------------------------
 
 def test_openai_client_plain_and_streamed(server, references):
