@@ -431,6 +431,8 @@ BAD = [
     ("empty prompt", {"model": "learned", "prompt": ""}, None, 400, None),
     ("token id out of range", {"model": "learned", "prompt": [N_VOCAB]}, None, 400, None),
     ("wrong type", {"model": "learned", "prompt": "hi", "max_tokens": "ten"}, None, 400, None),
+    ("unsupported penalty", {"model": "learned", "prompt": "hi", "presence_penalty": 0.5}, None, 400,
+     "unsupported_parameter"),
     ("oversized body", None, json.dumps({"model": "learned", "prompt": "x" * (2 << 20)}).encode(), 413,
      "body_too_large"),
 ]

@@ -221,6 +221,9 @@ class Server:
         prompts = self._prompts(body, model)
         max_tokens = _int(body, "max_tokens", 16, lo=0)
         n = _int(body, "n", 1, lo=1, hi=model.engine.max_batch)
+        for key in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "suffix"):
+            if body.get(key) not in (None, 0, 0.0, 1.0 if key == "repetition_penalty" else 0, {}, ""):
+                raise ApiError(f"'{key}' is not supported by this server", key, "unsupported_parameter")
         best_of = body.get("best_of")
         if best_of not in (None, n):
             raise ApiError("'best_of' other than n is not supported", "best_of")

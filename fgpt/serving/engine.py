@@ -1,8 +1,9 @@
 """Continuous batching: one decode loop per model over one batched KV cache.
 
 A request (a `Job`: one prompt, `n` rows) waits in a queue until the batch has room for its
-rows; between two decode steps the loop prefills it alone, samples each row's first token
-and writes the prompt's keys and values into free rows of the shared cache (`KVCache.put_row`:
+rows; between two decode steps the loop prefills the prompts that fit (those of one length as
+one batch), samples each row's first token and writes the prompt's keys and values into free
+rows of the shared cache (`KVCache.put_row`:
 every row keeps its own left padding, so positions start at 0 in each). Then every live row
 advances one token per step, each with its own sampling settings and generator
 (`fgpt.generate.sample_rows`), and leaves when it is done or cancelled (a client that went
@@ -160,35 +161,44 @@ class Engine:
                 block = False
         except queue.Empty:
             pass
-        while self._waiting and len(self._rows) + len(self._waiting[0].rows) <= self.max_batch:
-            self._prefill(self._waiting.pop(0))
+        admitted, rows = [], len(self._rows)
+        while self._waiting and rows + len(self._waiting[0].rows) <= self.max_batch:
+            job = self._waiting.pop(0)
+            if any(not r.cancelled for r in job.rows):
+                admitted.append(job)
+                rows += len(job.rows)
+        by_length: dict[int, list[Job]] = {}
+        for job in admitted:  # prompts of one length prefill as one batch, without padding
+            by_length.setdefault(len(job.prompt), []).append(job)
+        for jobs in by_length.values():
+            self._prefill(jobs)
 
-    def _prefill(self, job: Job) -> None:
-        rows = [r for r in job.rows if not r.cancelled]
-        if not rows:
-            return
-        P = len(job.prompt)
-        tokens = torch.tensor([job.prompt], device=self.device)  # [1, P]
-        alone = KVCache.allocate(self.config, 1, P, dtype=self.dtype, device=self.device)
-        x = trunk(self.params, tokens, self.config, cache=alone)  # [1, P, d]
-        last = head(self.params, x[:, -1:], self.config)[:, -1, :self.vocab_limit]  # [1, V], as `stream`
-        if job.want_echo:
-            self._echo(head(self.params, x, self.config)[0, :, :self.vocab_limit], job)
-        live = [r for r in rows if r.max_tokens > 0]
-        for r in rows:
-            if r.max_tokens == 0:
-                r.emit(DoneEvent("length"))
-        if not live:
-            return
-        first = sample_rows(last.expand(len(live), -1), [r.sampling for r in live], [r.generator for r in live])
-        joined = [r for r, t in zip(live, first.tolist()) if self._emit(r, t, last[0])]
-        if not joined:
-            return
-        if self.cache.length < P:  # room in front of the cursor for the whole prompt
-            self.cache.shift(P - self.cache.length) if self._rows else self._reset(P)
-        for r in joined:
-            self.cache.put_row(len(self._rows), alone)
-            self._rows.append(r)
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prompts of one length P: one forward pass [len(jobs), P], then each job's rows
+        sample their first tokens and join the batch."""
+        P = len(jobs[0].prompt)
+        tokens = torch.tensor([job.prompt for job in jobs], device=self.device)  # [J, P]
+        fresh = KVCache.allocate(self.config, len(jobs), P, dtype=self.dtype, device=self.device)
+        x = trunk(self.params, tokens, self.config, cache=fresh)  # [J, P, d]
+        last = head(self.params, x[:, -1:], self.config)[:, -1, :self.vocab_limit]  # [J, V], as `stream`
+        for g, job in enumerate(jobs):
+            if job.want_echo:
+                self._echo(head(self.params, x[g:g + 1], self.config)[0, :, :self.vocab_limit], job)
+            rows = [r for r in job.rows if not r.cancelled]
+            for r in rows:
+                if r.max_tokens == 0:
+                    r.emit(DoneEvent("length"))
+            live = [r for r in rows if r.max_tokens > 0]
+            if not live:
+                continue
+            first = sample_rows(last[g:g + 1].expand(len(live), -1), [r.sampling for r in live],
+                                [r.generator for r in live])
+            joined = [r for r, t in zip(live, first.tolist()) if self._emit(r, t, last[g])]
+            if joined and self.cache.length < P:  # room in front of the cursor for the whole prompt
+                self.cache.shift(P - self.cache.length) if self._rows else self._reset(P)
+            for r in joined:
+                self.cache.put_row(len(self._rows), fresh, g)
+                self._rows.append(r)
 
     def _reset(self, length: int) -> None:
         self.cache.length = 0
