@@ -491,6 +491,7 @@ def test_load_with_clients_leaving_mid_stream(server):
             except Exception as e:  # noqa: BLE001  (collected, asserted below)
                 failures.append(repr(e))
 
+    cancelled_before = sum(m.engine.left["cancelled"] for m in state.models.values())
     threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
     for t in threads:
         t.start()
@@ -499,6 +500,8 @@ def test_load_with_clients_leaving_mid_stream(server):
     assert not any(t.is_alive() for t in threads) and not failures, failures[:3]
     assert len(answered) + len(dropped) == 32 * 8
     wait_idle(state)  # the dropped streams' rows left the batch too
+    # ... and at least some of them because their client went away, not by running out of tokens
+    assert sum(m.engine.left["cancelled"] for m in state.models.values()) > cancelled_before
     assert post(url, {"model": "learned", "prompt": "after the load", "max_tokens": 2})[0] == 200
 
 
@@ -553,4 +556,5 @@ def test_sigterm_stops_the_server_cleanly(checkpoints):
             proc.kill()
             proc.wait(10)
     assert "Traceback" not in err, err
-    assert proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal: the exit status says SIGTERM (143)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)

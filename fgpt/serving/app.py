@@ -150,7 +150,8 @@ class Server:
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": {
-            name: {"live_rows": m.engine.live_rows, "queued": m.engine.queued, "max_batch": m.engine.max_batch}
+            name: {"live_rows": m.engine.live_rows, "queued": m.engine.queued, "max_batch": m.engine.max_batch,
+                   "rows_left": dict(m.engine.left)}
             for name, m in self.models.items()}})
 
     async def list_models(self, request: Request) -> JSONResponse:

@@ -97,6 +97,7 @@ class Engine:
     _rows: list[Row] = field(default_factory=list)
     _waiting: list[Job] = field(default_factory=list)
     _thread: threading.Thread | None = None
+    left: dict = field(default_factory=lambda: {"stop": 0, "length": 0, "cancelled": 0})  # rows, by why they left
 
     def __post_init__(self):
         ln_f = self.params["ln_f"]["weight"]
@@ -220,6 +221,7 @@ class Engine:
         row.n_out += 1
         if row.stop_at_eos and token == self.eos_id:
             row.emit(DoneEvent("stop"))
+            self.left["stop"] += 1
             return False
         event = TokenEvent(token)
         if row.logprobs is not None:
@@ -230,12 +232,15 @@ class Engine:
         row.emit(event)
         if row.n_out >= row.max_tokens:
             row.emit(DoneEvent("length"))
+            self.left["length"] += 1
             return False
         row.next_token = token
         return True
 
     def _drop_cancelled(self) -> None:
-        self._remove([i for i, r in enumerate(self._rows) if r.cancelled])
+        gone = [i for i, r in enumerate(self._rows) if r.cancelled]
+        self.left["cancelled"] += len(gone)
+        self._remove(gone)
 
     def _remove(self, gone: list[int]) -> None:
         """Leave the batch, keeping the live rows packed at the front: the last row moves
