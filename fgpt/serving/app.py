@@ -258,7 +258,7 @@ class Server:
         req = self._parse(await self._body(request))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         choices: list[Choice] = []
-        for p_i, prompt in enumerate(req["prompts"]):
+        for prompt in req["prompts"]:
             rows = []
             for j in range(req["n"]):
                 c = Choice(len(choices), prompt)
