@@ -368,14 +368,22 @@ def test_lm_eval_local_completions_accuracy_equals_run_eval(server, checkpoints,
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+    from fgpt.multiple_choice import read_questions, score_endings
     from run import eval as run_eval
     for model in CONFIGS:
         result = simple_evaluate(
             model="local-completions",
             model_args=f"model={model},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
                        f"tokenizer={tokenizer},max_length=64,num_concurrent=1,max_retries=1,tokenized_requests=True",
-            tasks=["fgpt_mc"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=False)
+            tasks=["fgpt_mc"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True)
         acc = result["results"]["fgpt_mc"]["acc,none"]
+        # beneath the accuracy: each ending's summed logprob equals fgpt's own scoring
+        config, params = load_checkpoint(checkpoints[model])
+        want_scores = score_endings(params, config, read_questions(data))
+        for sample in result["samples"]["fgpt_mc"]:
+            got = [float(r[0]) for r in sample["filtered_resps"]]
+            ref = [total for total, _ in want_scores[sample["doc_id"]]]
+            assert got == pytest.approx(ref, rel=1e-4, abs=1e-4), (model, sample["doc_id"])
         capsys.readouterr()
         run_eval.main(["--checkpoint", str(checkpoints[model]), "--task", "mc", "--data", str(data)])
         want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
