@@ -150,9 +150,12 @@ class Engine:
                     for row in self._rows:
                         row.emit(DoneEvent("error", f"{type(e).__name__}: {e}"))
                     self._rows.clear()
-            for row in self._rows:
+            while not self._queue.empty():  # nothing more is admitted: answer what waits
+                self._waiting.append(self._queue.get_nowait())
+            for row in self._rows + [r for job in self._waiting for r in job.rows]:
                 row.emit(DoneEvent("error", "server shutting down"))
             self._rows.clear()
+            self._waiting.clear()
 
     def _admit(self, block: bool) -> None:
         try:
@@ -172,7 +175,13 @@ class Engine:
         for job in admitted:  # prompts of one length prefill as one batch, without padding
             by_length.setdefault(len(job.prompt), []).append(job)
         for jobs in by_length.values():
-            self._prefill(jobs)
+            try:
+                self._prefill(jobs)
+            except Exception as e:  # these rows never joined: end them here, the batch goes on
+                log.exception("prefill failed")
+                joined = set(map(id, self._rows))
+                for row in (r for job in jobs for r in job.rows if id(r) not in joined):
+                    row.emit(DoneEvent("error", f"{type(e).__name__}: {e}"))
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Prompts of one length P: one forward pass [len(jobs), P], then each job's rows
