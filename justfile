@@ -18,7 +18,11 @@ train *args:
 generate *args:
     python -m run.generate "$@"
 
-# benchmarks: generate | train | loss | parallel | attention | eval | data | profile
+# OpenAI-compatible completion server + playground: just serve --checkpoint PATH [--checkpoint PATH2 ...]
+serve *args:
+    python -m run.serve "$@"
+
+# benchmarks: generate | train | loss | parallel | attention | eval | data | profile | serve
 bench what *args:
     python -m run.bench "$@"
 

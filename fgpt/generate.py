@@ -62,6 +62,22 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_rows(logits: torch.Tensor, samplings: Sequence[Sampling],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """logits [B, V] -> token ids [B], row i drawn with its own settings and generator: the
+    rows of a continuous batch (fgpt/serving) belong to different requests. Row i gets the
+    token `sample` gives it alone, so a request's seed yields what `stream` yields for it;
+    greedy rows share one argmax (a row's argmax does not depend on its neighbours)."""
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    greedy = [i for i, s in enumerate(samplings) if s.temperature == 0]
+    if greedy:
+        out[greedy] = sample(logits[greedy], Sampling(temperature=0), None)
+    for i, (s, g) in enumerate(zip(samplings, generators)):
+        if s.temperature != 0:
+            out[i] = sample(logits[i:i + 1], s, g)[0]
+    return out
+
+
 def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache) -> torch.Tensor:
     """tokens [B, T] continue the cached sequence -> logits of the last position [B, V]."""
     return forward(params, tokens, config, cache=cache, last_only=True)[:, -1]

@@ -59,6 +59,59 @@ class KVCache:
         once per pass, after the last block: each layer's `attend` reads the same cursor)."""
         self.length += n
 
+    # --- continuous batching (fgpt/serving/engine.py): rows join, leave and move -----------
+
+    def first_rows(self, n: int) -> "KVCache":
+        """A cache over rows [0, n) that shares this one's memory (a decode step over the live
+        rows alone); its cursor moves on its own, so copy `length` back after a pass."""
+        return KVCache(k=[t[:n] for t in self.k], v=[t[:n] for t in self.v], slot_pos=self.slot_pos,
+                       pad=self.pad[:n], capacity=self.capacity, length=self.length)
+
+    def shift(self, delta: int) -> None:
+        """Move every row's slots by delta (the cursor too): left (< 0) drops slots no live
+        row starts before, right (> 0) makes room in front for a longer prompt to join."""
+        if not -self.length <= delta <= self.capacity - self.length:
+            raise FgptError(f"cannot shift a cache at {self.length}/{self.capacity} slots by {delta}")
+        for layer in range(len(self.k)):
+            self.k[layer] = self.k[layer].roll(delta, dims=2)  # slot s at s % size -> (s + delta) % size
+            self.v[layer] = self.v[layer].roll(delta, dims=2)
+        self.pad = (self.pad + delta).clamp(min=0)
+        self.length += delta
+        self._has_padding = None
+        self._reset_slot_pos()
+
+    def _reset_slot_pos(self) -> None:
+        """Every slot below the cursor is held (rows mask what precedes their own start)."""
+        for sp in self.slot_pos:
+            size = sp.numel()
+            idx = torch.arange(size, device=sp.device)
+            last = self.length - 1 - (self.length - 1 - idx) % size  # the newest slot at each index
+            sp.copy_(torch.where(last >= 0, last, -1))
+
+    def put_row(self, row: int, other: "KVCache", other_row: int = 0) -> None:
+        """Write the sequence `other` holds in `other_row` (from its slot 0, no padding) into
+        `row`, ending at this cache's cursor; the row's padding covers the slots before it."""
+        start = self.length - other.length
+        if start < 0:
+            raise FgptError(f"a {other.length}-slot sequence does not fit below the cursor {self.length}")
+        for layer, sp in enumerate(other.slot_pos):
+            held = sp >= 0
+            src, slots = held.nonzero().squeeze(-1), sp[held] + start
+            keep = slots >= self.length - self.slot_pos[layer].numel()  # a rolling buffer keeps the newest
+            src, slots = src[keep], slots[keep]
+            idx = slots % self.slot_pos[layer].numel()
+            self.k[layer][row, :, idx] = other.k[layer][other_row, :, src]
+            self.v[layer][row, :, idx] = other.v[layer][other_row, :, src]
+        self.pad[row] = start
+        self._has_padding = None
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row src's keys, values and padding into row dst (keeps live rows at the front)."""
+        for t in self.k + self.v:
+            t[dst] = t[src]
+        self.pad[dst] = self.pad[src]
+        self._has_padding = None
+
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         size = self.slot_pos[layer].numel()
         k, v, slots = k[:, :, -size:], v[:, :, -size:], slots[-size:]  # a rolling buffer keeps the last `size`

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("generate", "train", "loss", "parallel", "attention", "eval", "data", "profile")
+BENCHES = ("generate", "train", "loss", "parallel", "attention", "eval", "data", "profile", "serve")
 AGAINST_TRANSFORMERS = ("generate", "train", "eval")  # their peer is transformers' GPT-2
 
 

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("tool", ["eval", "prepare", "plot", "convert", "generate"])
+@pytest.mark.parametrize("tool", ["eval", "prepare", "plot", "convert", "generate", "serve"])
 def test_a_usage_error_is_one_line_with_exit_code_2(tool, capsys):
     module = importlib.import_module(f"run.{tool}")
     with pytest.raises(SystemExit) as exit_info:
