@@ -32,7 +32,7 @@ report *args:
 
 # on a CUDA machine: CUDA tests, strategies on NCCL, 124M training and decode speed, one table
 gpu-check *args:
-    python -m run.gpu_check "$@"
+    python -m run.bench.gpu_check "$@"
 
 # evaluate a checkpoint: strided perplexity (--data TEXT) or multiple choice (--task mc --data FILE.jsonl)
 eval *args:

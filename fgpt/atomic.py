@@ -17,6 +17,7 @@ half-prepared corpus) and nothing of a writer still alive.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -94,3 +95,13 @@ def _fsync(path: Path) -> None:
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB blocks: what checks that a written file is
+    the one a record names (a checkpoint's weights, a shard)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

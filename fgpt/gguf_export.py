@@ -31,8 +31,8 @@ import torch
 
 from fgpt import tree
 from fgpt.config import GPTConfig
+from fgpt.data.tokenizer import EOT, _verified
 from fgpt.errors import FgptError
-from fgpt.tokenizer import EOT, _verified
 
 TYPES = ("f32", "f16", "q8_0")
 # fgpt's dotted path (block part stripped) -> gguf's name
@@ -100,7 +100,7 @@ def tensor_type(gguf, name: str, array: np.ndarray, file_type: str):
 
 def vocabulary(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """GPT-2's byte-level tokens in id order, their types and the BPE merges, from the same
-    official files the tokenizer reads (fgpt/tokenizer.py)."""
+    official files the tokenizer reads (fgpt/data/tokenizer.py)."""
     encoder = json.loads(Path(_verified("encoder.json")).read_text(encoding="utf-8"))
     by_id = {i: token for token, i in encoder.items()}
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]

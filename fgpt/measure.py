@@ -1,4 +1,4 @@
-"""Timing and memory measurement, shared by the benchmarks (`run/bench_*.py`) and the study
+"""Timing and memory measurement, shared by the benchmarks (`run/bench/`) and the study
 (`fgpt/report`), so every table in the project is measured the same way.
 
     times = repeat_times(lambda: step(), repeats=5)       # seconds, one per run, after a warm-up

@@ -37,15 +37,15 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from fgpt import tree
 from fgpt.attention import attention
 from fgpt.config import GPTConfig
 from fgpt.cross_entropy import IGNORE, linear_cross_entropy
 from fgpt.errors import FgptError
-from fgpt.kv_cache import KVCache
+from fgpt.inference.kv_cache import KVCache
 from fgpt.layers import dropout, embedding, layer_norm, linear, mlp, unembed
 from fgpt.recompute import recomputed
 from fgpt.rope import apply_rope, rope_angles
-from fgpt import tree
 
 
 # --- parameters ----------------------------------------------------------------------

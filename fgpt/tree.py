@@ -12,7 +12,7 @@ import optree
 import torch
 
 Tree = Any  # nested dict / list of tensors
-NAMESPACE = "fgpt"  # optree's registry of the node types these trees may hold (fgpt/int8.py's)
+NAMESPACE = "fgpt"  # optree's registry of the node types these trees may hold (fgpt/inference/int8.py's)
 # The float dtypes by their command-line names: the inference tools' --dtype spells them as
 # torch does; a training run's --precision and --reduce-dtype as nanoGPT / torchtitan do.
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -41,7 +41,7 @@ def checkpoint_or_default(given: str | None) -> str:
     checkpoint of any kind there), said on stderr."""
     if given:
         return given
-    from fgpt import run_dir
+    from fgpt.training import run_dir
     from fgpt.checkpoint import latest_checkpoint
     run = run_dir.latest_run("out")
     if run is not None:

@@ -11,10 +11,10 @@ import sys
 
 import torch.distributed as dist
 
-from fgpt import run_dir
 from fgpt.parallel.process_group import exit_without_finalizers, join_process_group, pick_device
 from fgpt.report.runs import finished, from_plan
-from fgpt.train import train
+from fgpt.training import run_dir
+from fgpt.training.train import train
 from run._cli import main_guard
 
 

@@ -21,16 +21,16 @@ import numpy as np
 from fgpt import tree
 from fgpt.checkpoint import load_checkpoint
 from fgpt.data import check_text_field
+from fgpt.data.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
+from fgpt.data.tokenizer import gpt2_encoding, token_byte_lengths
 from fgpt.errors import FgptError, check_at_least
-from fgpt.multiple_choice import accuracy, read_questions, score_endings
-from fgpt.perplexity import batches, check_window_flags, model_windows, strided_nll, window_nll
-from fgpt.sources import JSONL_SUFFIXES, PARQUET_SUFFIX, read_text
-from fgpt.tokenizer import gpt2_encoding, token_byte_lengths
+from fgpt.evaluation.multiple_choice import accuracy, read_questions, score_endings
+from fgpt.evaluation.perplexity import batches, check_window_flags, model_windows, strided_nll, window_nll
 from fgpt.parallel.process_group import resolve_device
 from fgpt.tree import FLOAT_DTYPES
 from run._cli import ArgumentParser, checkpoint_or_default, main_guard, summary
 
-# single files that are corpora rather than one text (the formats fgpt.sources reads as
+# single files that are corpora rather than one text (the formats fgpt.data.sources reads as
 # records): handed to the data module, which evaluates their validation split as training would
 CORPUS_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
 

@@ -14,12 +14,13 @@ import time
 
 import torch
 
-from fgpt import int8, tree
+from fgpt import tree
 from fgpt.attention import WINDOW_KERNELS, use_window_kernel
 from fgpt.checkpoint import load_checkpoint
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.errors import FgptError, check_at_least
-from fgpt.generate import STOPPED, Sampling, check_length, decode_layout, generate, stream
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.inference import int8
+from fgpt.inference.generate import Sampling, STOPPED, check_length, decode_layout, generate, stream
 from fgpt.tree import FLOAT_DTYPES
 from run._cli import ArgumentParser, checkpoint_or_default, main_guard, summary
 
@@ -65,7 +66,7 @@ def sample_and_print(args: argparse.Namespace) -> None:
         raise FgptError("empty prompt: give at least one token")
     path = checkpoint_or_default(args.checkpoint)
     t0 = time.perf_counter()
-    # int8: weight-only (fgpt/int8.py), loaded in fp32 then quantized; activations stay fp32
+    # int8: weight-only (fgpt/inference/int8.py), loaded in fp32 then quantized; activations stay fp32
     config, params = load_checkpoint(path, dtype=FLOAT_DTYPES.get(args.dtype, torch.float32))
     if config.vocab_size < enc.n_vocab:
         raise FgptError(f"{path}: vocabulary of {config.vocab_size} is smaller than GPT-2's {enc.n_vocab}")

@@ -7,8 +7,8 @@ import argparse
 import logging
 import sys
 
-from fgpt.curves import distinct_labels, figure, read_curves, save_figure
 from fgpt.errors import FgptError
+from fgpt.evaluation.curves import distinct_labels, figure, read_curves, save_figure
 from run._cli import ArgumentParser, main_guard, summary
 
 

@@ -25,17 +25,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from fgpt import precision
 from fgpt.atomic import atomic_write_text
 from fgpt.errors import FgptError, require_extra
 from fgpt.measure import machine, machine_line
 from fgpt.outdir import LOCK_FILE, exclusive
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
-from fgpt.report.budget import PRESETS, Budget, with_file
+from fgpt.report.budget import Budget, PRESETS, with_file
 from fgpt.report.claims import derive
 from fgpt.report.runs import Launch, Stopped
 from fgpt.report.writer import write_report
+from fgpt.training import precision
 from run._cli import ArgumentParser, main_guard
 from run.train import expand_launcher_tokens
 

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from fgpt import int8
 from fgpt.checkpoint import load_checkpoint
+from fgpt.data.tokenizer import gpt2_encoding
 from fgpt.errors import FgptError, require_extra
-from fgpt.generate import decode_layout
-from fgpt.tokenizer import gpt2_encoding
+from fgpt.inference import int8
+from fgpt.inference.generate import decode_layout
 from fgpt.tree import FLOAT_DTYPES
 from run._cli import ArgumentParser, main_guard, summary
 

@@ -15,19 +15,19 @@ import signal
 import subprocess
 import sys
 
-from fgpt import precision, run_dir
 from fgpt.attention import WINDOW_KERNELS
-from fgpt.autocompile import CHOICES
 from fgpt.checkpoint import checkpoint_config
+from fgpt.config import GPTConfig, PRESETS
 from fgpt.data import check_text_field
-from fgpt.config import PRESETS, GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
 from fgpt.recompute import RECOMPUTE
-from fgpt.run_config import SCHEDULES
+from fgpt.training import precision, run_dir
+from fgpt.training.autocompile import CHOICES
+from fgpt.training.run_config import SCHEDULES
+from fgpt.training.train import TrainConfig, check_launch, train
 from fgpt.tree import COMPUTE_DTYPES
-from fgpt.train import TrainConfig, check_launch, train
 from run._cli import ArgumentParser, main_guard
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx", "n_kv_head", "pos_emb", "window")

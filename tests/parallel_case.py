@@ -1,6 +1,6 @@
 """The training run every strategy repeats in the parity tests: a tiny GPT, fixed global
 batches, the loop of fgpt/parallel/base.py (accumulate, clip, set_lr, step, log); and the
-whole-loop runs (fgpt.train) that checkpoint on one world size and resume on another."""
+whole-loop runs (fgpt.training.train) that checkpoint on one world size and resume on another."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fgpt import GPTConfig, tree
-from fgpt.train import TrainConfig
+from fgpt.training.train import TrainConfig
 from train_case import TEXT
 
 CONFIG = GPTConfig(vocab_size=96, n_ctx=16, n_layer=2, n_head=4, n_embd=32)
@@ -60,7 +60,7 @@ def gradient_tree(strategy) -> dict:
     return tree.unflatten({k: p.grad.detach().clone() for k, p in strategy.named.items()})
 
 
-# --- whole runs through fgpt.train: checkpoint resharding and --reduce-dtype -------------
+# --- whole runs through fgpt.training.train: checkpoint resharding and --reduce-dtype -------------
 
 TRAIN_MODEL = GPTConfig(n_ctx=16, n_layer=2, n_head=2, n_embd=32)  # GPT-2 vocabulary: real text
 TRAIN_TEXT = TEXT

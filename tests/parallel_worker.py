@@ -5,11 +5,11 @@ OUT/TASK.pt (':' -> '-'):
     python -m torch.distributed.run --standalone --nproc-per-node W tests/parallel_worker.py OUT TASK...
 
     parity       every distributed strategy through the Strategy interface, the way
-                 fgpt/train.py drives it, and resumed from params + optimizer state
-    start:NAME   fgpt.train run in OUT/NAME (NAME = STRATEGY.TAG), checkpointed and stopped
+                 fgpt/training/train.py drives it, and resumed from params + optimizer state
+    start:NAME   fgpt.training.train run in OUT/NAME (NAME = STRATEGY.TAG), checkpointed and stopped
                  after STOP_AFTER steps
     resume:NAME  --resume of OUT/NAME on this world size, to the end
-    reduce-bf16  fgpt.train runs of ddp, fsdp and custom-fsdp with reduce_dtype="bf16"
+    reduce-bf16  fgpt.training.train runs of ddp, fsdp and custom-fsdp with reduce_dtype="bf16"
     recompute    ddp, fsdp and custom-fsdp with each --recompute mode
     die          rank 1 raises
 """
@@ -30,7 +30,7 @@ from fgpt.errors import FgptError  # noqa: E402
 from fgpt.parallel import make_strategy  # noqa: E402
 from fgpt.parallel.optimizer_state import SavedOptimizer  # noqa: E402
 from fgpt.parallel.process_group import exit_without_finalizers  # noqa: E402
-from fgpt.train import train  # noqa: E402
+from fgpt.training.train import train  # noqa: E402
 from parallel_case import CASES, CONFIG, HYPER, STEPS, STOP_AFTER, train_run, train_steps  # noqa: E402
 
 

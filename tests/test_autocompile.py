@@ -1,4 +1,4 @@
-"""--compile auto|on|off (fgpt/autocompile.py, fgpt/parallel/single.py): the estimate against
+"""--compile auto|on|off (fgpt/training/autocompile.py, fgpt/parallel/single.py): the estimate against
 its formula, the stderr line, and a failing compiler that leaves the run eager with one
 warning. Nothing here compiles for real: torch.compile is replaced by stand-ins."""
 
@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from fgpt import autocompile
 from fgpt.parallel import single
-from fgpt.run_config import TrainConfig
-from fgpt.train import train
-from run._cli import main_guard
+from fgpt.training import autocompile
+from fgpt.training.run_config import TrainConfig
+from fgpt.training.train import train
 from run import train as run_train
+from run._cli import main_guard
 from train_case import tiny_run
 
 

@@ -27,11 +27,12 @@ line on stderr and exit code 2. This page is generated and checked by
 
 
 def entry_points() -> list[str]:
-    """run/NAME.py modules and run/NAME/ packages with a __main__, private ones aside."""
+    """run/NAME.py modules and run/NAME/ packages with a __main__, private ones aside, and the
+    GPU check."""
     run = ROOT / "run"
     names = [p.stem for p in run.glob("*.py") if not p.stem.startswith("_")]
     names += [p.parent.name for p in run.glob("*/__main__.py")]
-    return sorted(n for n in names if not n.startswith("bench_"))
+    return sorted(names) + ["bench.gpu_check"]  # `just gpu-check`
 
 
 def helps() -> dict[str, str]:

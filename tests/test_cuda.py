@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.func import grad_and_value
 
-from fgpt import GPTConfig, forward, init_params, int8, load_checkpoint, loss_fn, tree
+from fgpt import GPTConfig, forward, init_params, load_checkpoint, loss_fn, tree
 from fgpt.attention import use_window_kernel
-from fgpt.generate import Sampling, decode_layout, generate
-from fgpt.train import TrainConfig, train
+from fgpt.inference import int8
+from fgpt.inference.generate import Sampling, decode_layout, generate
+from fgpt.training.train import TrainConfig, train
 from helpers import greedy_by_recomputation
 from hf_reference import hf_model, rel_err
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fgpt import data
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 
 
 @pytest.fixture

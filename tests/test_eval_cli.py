@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fgpt.data.tokenizer import gpt2_encoding
 from fgpt.errors import FgptError
-from fgpt.tokenizer import gpt2_encoding
 from hf_reference import hf_model
 from run import eval as eval_cli
-from run.bench_eval import hf_guide_nll
 from run._cli import main_guard
+from run.bench.eval import hf_guide_nll
 from test_multiple_choice import hf_ending_logprob
 
 ROOT = Path(__file__).resolve().parent.parent

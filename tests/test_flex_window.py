@@ -14,9 +14,9 @@ import fgpt.flex_window
 from fgpt import FgptError, GPTConfig, forward, init_params, save_checkpoint
 from fgpt.attention import attention, set_window_kernel, use_window_kernel
 from fgpt.flex_window import flex_window_attention, window_block_mask
-from fgpt.generate import Sampling, generate
+from fgpt.inference.generate import Sampling, generate
 from fgpt.model import loss_fn
-from fgpt.train import train
+from fgpt.training.train import train
 from helpers import reference_attention
 import run.generate
 import run.train

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, tree
-from fgpt.generate import STOPPED, Sampling, decode_layout, generate, sample, stream
+from fgpt.inference.generate import Sampling, STOPPED, decode_layout, generate, sample, stream
 from helpers import greedy_by_recomputation, wide_params
 from hf_reference import hf_model, save_hub_style
 
@@ -46,7 +46,7 @@ def test_greedy_equals_transformers_generate(shape, tmp_path):
 
 
 def test_cli_greedy_prints_what_transformers_prints(tmp_path):
-    from fgpt.tokenizer import gpt2_encoding
+    from fgpt.data.tokenizer import gpt2_encoding
     model = hf_model(50257, 64, 2, 2, 32)  # the real vocabulary, tiny dims
     save_hub_style(model, tmp_path)
     enc = gpt2_encoding()
@@ -67,7 +67,7 @@ def test_cli_never_samples_the_padding_of_a_padded_vocabulary(tmp_path):
     """vocab 50304 (padded as nanoGPT does): rows past GPT-2's 50257 are made the likeliest,
     yet the CLI prints only what the tokenizer can decode -- greedy over the real ids."""
     from fgpt import save_checkpoint
-    from fgpt.tokenizer import gpt2_encoding
+    from fgpt.data.tokenizer import gpt2_encoding
     config = GPTConfig(vocab_size=50304, n_ctx=32, n_layer=1, n_head=2, n_embd=16)
     params = init_params(config, seed=0)
     params["ln_f"]["weight"].zero_()  # every final hidden state is ln_f's bias, b
@@ -301,7 +301,7 @@ def test_bf16_cached_decoding_follows_the_bf16_full_forward():
     params = tree.cast(wide_params(config), torch.bfloat16)
     tokens = torch.randint(0, 53, (1, 20))
     full = forward(params, tokens, config).float()
-    from fgpt.kv_cache import KVCache
+    from fgpt.inference.kv_cache import KVCache
     cache = KVCache.allocate(config, 1, 20, dtype=torch.bfloat16)
     steps = [forward(params, tokens[:, :8], config, cache=cache)]
     steps += [forward(params, tokens[:, t: t + 1], config, cache=cache) for t in range(8, 20)]
@@ -311,8 +311,8 @@ def test_bf16_cached_decoding_follows_the_bf16_full_forward():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_decode_layout_changes_strides_to_the_measured_choice_and_nothing_else(dtype):
-    from fgpt import int8
-    from fgpt.decode_layout import IN_OUT, fastest_layout
+    from fgpt.inference import int8
+    from fgpt.inference.decode_layout import IN_OUT, fastest_layout
     config = GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=2, n_embd=32)
     params = init_params(config, seed=0)
     params = int8.quantize(params) if dtype == "int8" else tree.cast(params, getattr(torch, dtype))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fgpt import GPTConfig, forward, init_params, save_checkpoint, tree
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 from run import convert
 from run._cli import main_guard
 

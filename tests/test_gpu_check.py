@@ -5,7 +5,7 @@ not on a lent GPU)."""
 import pytest
 import torch
 
-from run import gpu_check
+from run.bench import gpu_check
 
 
 def table_rows(out: str) -> dict[str, tuple[str, str]]:

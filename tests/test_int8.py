@@ -17,12 +17,12 @@ import torch
 from hypothesis import given, strategies as st
 
 from fgpt import GPTConfig, forward, init_params, loss_fn, save_checkpoint, tree
-from fgpt import int8
 from fgpt.data import Corpus
+from fgpt.data.tokenizer import gpt2_encoding
 from fgpt.errors import FgptError
-from fgpt.generate import Sampling, decode_layout, generate
-from fgpt.tokenizer import gpt2_encoding
-from fgpt.train import TrainConfig, train
+from fgpt.inference import int8
+from fgpt.inference.generate import Sampling, decode_layout, generate
+from fgpt.training.train import TrainConfig, train
 from helpers import greedy_by_recomputation, wide_params
 from test_generate import run_cli
 
@@ -107,7 +107,7 @@ def test_digits_write_each_row_in_base_128_to_within_a_step(rows, cols, seed, sp
 
 EXTREME_DIGITS = """
 import torch
-from fgpt import int8
+from fgpt.inference import int8
 K, N = 3072, 6
 q = torch.full((N, K), 127, dtype=torch.int8)
 q[1::2] = -127

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fgpt import GPTConfig, count_params, forward, init_params, tree
-from fgpt.kv_cache import KVCache
+from fgpt.inference.kv_cache import KVCache
 from fgpt.model import param_shapes
 from helpers import wide_params
 

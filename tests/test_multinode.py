@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fgpt import GPTConfig
-from fgpt.train import TrainConfig, train
+from fgpt.training.train import TrainConfig, train
 from helpers import children_of
 from train_case import assert_reordered_losses_match
 

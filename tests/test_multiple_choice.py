@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from fgpt import FgptError, load_checkpoint
-from fgpt.multiple_choice import Question, accuracy, read_questions, score_endings
+from fgpt.evaluation.multiple_choice import Question, accuracy, read_questions, score_endings
 from hf_reference import hf_model
 
 
@@ -67,7 +67,7 @@ def test_accuracy_counts_argmax_of_sum_and_of_mean(scores, data):
 
 
 def test_reader_tokenises_ctx_and_space_prefixed_endings(tmp_path):
-    from fgpt.tokenizer import gpt2_encoding
+    from fgpt.data.tokenizer import gpt2_encoding
     enc = gpt2_encoding()
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"ctx": "A man sits down.", "endings": ["He eats.", "She runs"], "label": 1})

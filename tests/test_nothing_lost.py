@@ -168,7 +168,7 @@ def test_the_first_int8_run_says_it_measures_and_where_it_caches(tmp_path):
     cache = tmp_path / "cache" / "measured.json"
     said = [line for line in first.stderr.splitlines() if line.startswith("measuring")]
     assert said and all(str(cache) in line and "once per machine" in line for line in said), first.stderr
-    assert any("int8 kernels" in line for line in said) or not __import__("fgpt.int8").int8.FBGEMM_AVAILABLE
+    assert any("int8 kernels" in line for line in said) or not __import__("fgpt.inference.int8").int8.FBGEMM_AVAILABLE
     assert cache.exists()
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "measuring" not in second.stderr, second.stderr
@@ -211,8 +211,8 @@ def test_generate_names_its_max_new_tokens_default(capsys):
 def test_sources_name_what_they_are(tmp_path, capsys, monkeypatch):
     """A FIFO is not 'no such file', UTF-16 is not 'binary', a UTF-8 BOM is read (and dropped)."""
     import codecs
-    from fgpt.prepare import encode
-    from fgpt.shards import open_shards
+    from fgpt.data.prepare import encode
+    from fgpt.data.shards import open_shards
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     (tmp_path / "u16.txt").write_text("hello in sixteen bits " * 20, encoding="utf-16")
@@ -276,7 +276,7 @@ def test_flags_are_named_one_at_a_time(tmp_path, text_file, capsys, monkeypatch)
 # --- 6. the default checkpoint is the newest training run ---------------------------------------
 
 def test_the_default_checkpoint_is_the_newest_training_run(tmp_path, text_file, capsys, monkeypatch):
-    from fgpt.train import train
+    from fgpt.training.train import train
     from run import generate as run_generate
     from train_case import tiny_run
     train(tiny_run(text_file, out=str(tmp_path / "out" / "run"), steps=1))

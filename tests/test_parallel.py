@@ -2,7 +2,7 @@
 
 One torchrun launch per world size (tests/parallel_worker.py) runs every parity case; the
 single-device reference runs here, in the pytest process, on the same batches. The same
-launches also train through fgpt.train: runs checkpointed on one world size resume on another
+launches also train through fgpt.training.train: runs checkpointed on one world size resume on another
 (one more launch resumes the 3-rank checkpoints on 2), and bf16-reduced runs.
 """
 
@@ -20,7 +20,7 @@ import torch
 from fgpt import init_params, tree
 from fgpt.errors import FgptError
 from fgpt.parallel import make_strategy
-from fgpt.train import train
+from fgpt.training.train import train
 from parallel_case import (CASES, CONFIG, HYPER, MAX_NORM, STEPS, STOP_AFTER, TRAIN_STEPS, TRAIN_TEXT,
                            train_run, train_steps)
 from train_case import assert_reordered_losses_match

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint
-from fgpt.perplexity import batches, plan_windows, scored_bytes, strided_nll
-from fgpt.tokenizer import EOT, gpt2_encoding, token_byte_lengths
+from fgpt.data.tokenizer import EOT, gpt2_encoding, token_byte_lengths
+from fgpt.evaluation.perplexity import batches, plan_windows, scored_bytes, strided_nll
 from hf_reference import hf_model
-from run.bench_eval import hf_guide_nll  # transformers' loss over the guide's loop
+from run.bench.eval import hf_guide_nll  # transformers' loss over the guide's loop
 
 
 # (tokens, n_ctx, stride, batch): a last partial window, windows that tile exactly, stride = 1,

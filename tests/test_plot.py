@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fgpt import FgptError
-from fgpt.curves import distinct_labels, figure, read_curves
+from fgpt.evaluation.curves import distinct_labels, figure, read_curves
 from run import plot as plot_cli
 from run._cli import main_guard
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgpt import GPTConfig, precision
+from fgpt import GPTConfig
 from fgpt.errors import FgptError
-from fgpt.run_dir import saved_run
-from fgpt.train import TrainConfig, train
+from fgpt.training import precision
+from fgpt.training.run_dir import saved_run
+from fgpt.training.train import TrainConfig, train
 from train_case import TEXT
 
 TINY = GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, n_embd=32)

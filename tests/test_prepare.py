@@ -1,4 +1,4 @@
-"""Streaming preparation (fgpt.prepare, `python -m run.prepare`): every source format gives
+"""Streaming preparation (fgpt.data.prepare, `python -m run.prepare`): every source format gives
 the tokens tiktoken gives the same documents, the split follows each document's name, the
 output appears only when complete, and bad input is one line naming the file."""
 
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fgpt import data, prepare as pipeline, shards, sources
+from fgpt import data
+from fgpt.data import prepare as pipeline, shards, sources
+from fgpt.data.prepare import is_val, prepare
+from fgpt.data.shards import open_shards
+from fgpt.data.sources import list_files
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.errors import FgptError
-from fgpt.prepare import is_val, prepare
-from fgpt.shards import open_shards
-from fgpt.sources import list_files
-from fgpt.tokenizer import EOT, gpt2_encoding
 from run import prepare as run_prepare
 
 # Tricky on purpose: special-token text (encoded as ordinary text), non-ASCII, an empty

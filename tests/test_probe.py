@@ -1,5 +1,5 @@
 """`python -m run.probe`: each section against an independent computation on the same tokens
-(run.eval, run.convert + run.eval, fgpt.perplexity's windows, a sliding strided evaluation),
+(run.eval, run.convert + run.eval, fgpt.evaluation.perplexity's windows, a sliding strided evaluation),
 and its one-line refusals of bad input."""
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from fgpt import GPTConfig, init_params, load_checkpoint, save_checkpoint
+from fgpt.data.sources import stdlib_files
+from fgpt.data.tokenizer import gpt2_encoding
+from fgpt.evaluation.perplexity import Window, strided_nll, window_nlls
 from fgpt.evaluation.probe import ProbeOptions, run_probe
 from fgpt.evaluation.probe_report import write_outputs
-from fgpt.perplexity import Window, strided_nll, window_nlls
 from fgpt.report import probes
-from fgpt.sources import stdlib_files
-from fgpt.tokenizer import gpt2_encoding
 from hf_reference import hf_model
-from run import convert as convert_cli
-from run import eval as eval_cli
-from run import probe as probe_cli
+from run import convert as convert_cli, eval as eval_cli, probe as probe_cli
 from run._cli import main_guard
 
 FAST = dict(decode_tokens=2, decode_runs=1, context_targets=6, prompts=1, new_tokens=4, resamples=200)
@@ -82,7 +80,7 @@ def test_context_and_window_curves_equal_direct_evaluations(rope_ckpt, text_file
     opts = ProbeOptions(settings=("context", "window"), windows=(4, 32), max_tokens=300, **FAST)
     r = run_probe(config, params, tokens, opts, progress=False)
 
-    # context: each target given exactly k tokens, as a window of fgpt.perplexity scoring it alone
+    # context: each target given exactly k tokens, as a window of fgpt.evaluation.perplexity scoring it alone
     targets = r["about"]["context"]["target_positions"]
     assert [row["k"] for row in r["context"]] == [8, 16, 32]
     for row in r["context"]:
@@ -146,7 +144,7 @@ def test_uptraining_is_the_training_loop_on_the_same_batches(rope_ckpt, tmp_path
     loop from --init-from with a constant lr after the warmup: the same weights."""
     from fgpt.data import load_corpus
     from fgpt.evaluation.probe_gqa import uptrain
-    from fgpt.train import TrainConfig, train
+    from fgpt.training.train import TrainConfig, train
 
     corpus_dir = tmp_path / "docs"
     corpus_dir.mkdir()

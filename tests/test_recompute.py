@@ -16,9 +16,9 @@ import torch
 from fgpt import GPTConfig, init_params, loss_fn, tree
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt.run_config import validate
-from fgpt import run_dir
-from fgpt.train import train
+from fgpt.training import run_dir
+from fgpt.training.run_config import validate
+from fgpt.training.train import train
 from parallel_case import HYPER
 from train_case import tiny_run
 

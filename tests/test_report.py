@@ -18,14 +18,14 @@ from hypothesis import given, settings, strategies as st
 
 from fgpt.config import GPTConfig
 from fgpt.data import Corpus
+from fgpt.data.tokenizer import gpt2_encoding
 from fgpt.errors import FgptError
-from fgpt.kv_cache import KVCache
+from fgpt.inference.kv_cache import KVCache
 from fgpt.model import forward, init_params
 from fgpt.report import efficiency, probes, relay, stats
 from fgpt.report.budget import FULL, PRESETS, QUICK, RULES, choose_window
 from fgpt.report.vocab import restrict
 from fgpt.report.writer import PLOTS
-from fgpt.tokenizer import gpt2_encoding
 
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 
@@ -460,7 +460,7 @@ def without_timings(results: dict) -> dict:
 
 
 def test_a_study_stopped_after_its_first_run_and_rerun_ends_as_an_uninterrupted_one(quick_report, tmp_path):
-    from fgpt import run_dir
+    from fgpt.training import run_dir
     from run.report import main
     full_out, _, full = quick_report
     argv = ["--budget", "quick", "strategy=ddp", "nproc=2", "--precision", "fp32", "--out", str(tmp_path)]
@@ -608,10 +608,11 @@ def test_train_runs_resumes_a_half_trained_run_and_skips_a_finished_one(tmp_path
     """A study run is a run.train run directory: stopped halfway, train_runs resumes it from
     its checkpoint to the same weights as an uninterrupted run; a finished one is skipped.
     The corpus it reads is the restricted one written as shards, UNK left out of the loss."""
-    from fgpt import data, run_dir
+    from fgpt import data
+    from fgpt.training import run_dir
     from fgpt.checkpoint import load_checkpoint
     from fgpt.report.runs import Launch, run_config, train_runs, write_corpus
-    from fgpt.train import train
+    from fgpt.training.train import train
     from fgpt.tree import flatten
     rng = np.random.default_rng(0)
     corpus = Corpus(train=rng.integers(0, 64, 4000).astype(np.uint16), val=rng.integers(0, 64, 600).astype(np.uint16),

@@ -1,5 +1,5 @@
 """The completion server (fgpt/serving, run/serve.py) against independent references:
-fgpt.generate / run.generate for the same seed, a full forward pass for logprobs, the same
+fgpt.inference.generate / run.generate for the same seed, a full forward pass for logprobs, the same
 request served alone for batched rows, run.eval --task mc for lm-eval's accuracy; driven by
 real clients (the `openai` package, lm-evaluation-harness, a headless chromium).
 
@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from fgpt import GPTConfig, forward, load_checkpoint, save_checkpoint
-from fgpt.generate import Sampling, decode_layout, generate
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.data.tokenizer import EOT, gpt2_encoding
+from fgpt.inference.generate import Sampling, decode_layout, generate
 from helpers import wide_params
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -121,7 +121,7 @@ def reference_text(references, model: str, prompt: list[int], n_new: int, sampli
     return gpt2_encoding().decode(row[len(prompt):])
 
 
-# --- the same tokens as fgpt.generate / run.generate --------------------------------------------
+# --- the same tokens as fgpt.inference.generate / run.generate --------------------------------------------
 
 SETTINGS = [Sampling(temperature=0), Sampling(temperature=0.9, top_k=200, top_p=0.9), Sampling(temperature=1.3)]
 
@@ -149,7 +149,7 @@ def test_same_text_as_run_generate_cli(server, checkpoints, capsys):
 def test_batched_rows_equal_each_served_alone(server, references):
     """Requests of different models, lengths, settings, n and max_tokens, sent at once (more
     rows than a batch holds, so some join a running batch): each choice's text equals
-    fgpt.generate for its prompt alone, choice j with seed + j (run.generate --stream's rule)."""
+    fgpt.inference.generate for its prompt alone, choice j with seed + j (run.generate --stream's rule)."""
     url, state = server
     enc = gpt2_encoding()
     cases = []
@@ -256,9 +256,9 @@ def test_stream_pieces_join_to_the_plain_text_and_stop_strings(server, reference
 def test_engine_rows_join_shift_and_leave_as_if_alone():
     """The engine without HTTP, on a short context and a small batch so that rows queue, join a
     running batch, shift the cache both ways and leave in any order: each row's tokens equal
-    fgpt.generate for it alone (greedy and sampled; learned and rotary + windowed layers)."""
+    fgpt.inference.generate for it alone (greedy and sampled; learned and rotary + windowed layers)."""
     import queue
-    from fgpt.kv_cache import KVCache
+    from fgpt.inference.kv_cache import KVCache
     from fgpt.serving.engine import DoneEvent, Engine, Job, Row
     shifts = []
     original = KVCache.shift
@@ -335,7 +335,7 @@ def hf_tokenizer_dir(path: Path) -> Path:
     """GPT-2's tokenizer in the Hugging Face layout, written from fgpt's own BPE files (offline).
     transformers 5.x wants the loaded vocab / merges, not their file paths."""
     from transformers import GPT2TokenizerFast
-    from fgpt.tokenizer import data_dir
+    from fgpt.data.tokenizer import data_dir
     vocab = json.loads((data_dir() / "encoder.json").read_text("utf-8"))
     merges = [tuple(line.split()) for line in (data_dir() / "vocab.bpe").read_text("utf-8").splitlines()[1:] if line]
     tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
@@ -368,7 +368,7 @@ def test_lm_eval_local_completions_accuracy_equals_run_eval(server, checkpoints,
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from fgpt.multiple_choice import read_questions, score_endings
+    from fgpt.evaluation.multiple_choice import read_questions, score_endings
     from run import eval as run_eval
     for model in CONFIGS:
         result = simple_evaluate(

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fgpt import GPTConfig, data
+from fgpt.data.prepare import prepare
+from fgpt.data.shards import LLMC_MAGIC, Shard, TokenStream, open_shards
+from fgpt.data.sources import list_files
 from fgpt.errors import FgptError
-from fgpt.prepare import prepare
-from fgpt.shards import LLMC_MAGIC, Shard, TokenStream, open_shards
-from fgpt.sources import list_files
-from fgpt.train import TrainConfig, train
+from fgpt.training.train import TrainConfig, train
 
 TOKENS = np.random.default_rng(0).integers(0, 50257, 3000).astype(np.uint16)
 
@@ -208,7 +208,7 @@ class FakeRank:
 
 
 def test_rank_0s_preparation_error_reaches_every_rank(tmp_path, monkeypatch):
-    from fgpt.train import load_corpus
+    from fgpt.training.train import load_corpus
     monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n')

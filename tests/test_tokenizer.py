@@ -8,8 +8,9 @@ import shutil
 import pytest
 from hypothesis import given, strategies as st
 
-from fgpt import FgptError, tokenizer
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt import FgptError
+from fgpt.data import tokenizer
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 
 TEXTS = ["Hello world", "The dog's 3 bones -- aren't they?\n\n  indented\ttab",
          "naïve café, 日本語, emoji 🐕 and  double  spaces   ", "a document<|endoftext|>the next one"]

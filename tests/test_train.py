@@ -14,7 +14,7 @@ from fgpt import init_params, load_checkpoint, loss_fn, tree
 from fgpt.checkpoint import latest_checkpoint
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt.train import TrainConfig, lr_at, peak_flops, train
+from fgpt.training.train import TrainConfig, lr_at, peak_flops, train
 from train_case import TINY, assert_reordered_losses_match, tiny_run
 
 
@@ -234,7 +234,7 @@ def test_wsd_schedule_is_constant_then_decays_linearly_to_the_floor(warmup, stab
 
 
 def test_resume_with_precision_auto_keeps_the_saved_choice():
-    from fgpt.run_config import resumed
+    from fgpt.training.run_config import resumed
     saved = TrainConfig(model=TINY, precision="bf16", steps=6)
     assert resumed(TrainConfig(precision="auto", steps=6), saved, TINY).precision == "bf16"
     with pytest.raises(FgptError, match="precision = 'fp32' contradicts"):

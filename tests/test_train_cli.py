@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgpt import GPTConfig, init_params, load_checkpoint, run_dir, tree
-from fgpt.tokenizer import gpt2_encoding
-from fgpt.train import TrainConfig, train
+from fgpt import GPTConfig, init_params, load_checkpoint, tree
+from fgpt.data.tokenizer import gpt2_encoding
+from fgpt.training import run_dir
+from fgpt.training.train import TrainConfig, train
 from run import train as run_train
 from run._cli import main_guard
 from run.train import expand_launcher_tokens, window_arg

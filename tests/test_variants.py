@@ -18,8 +18,8 @@ from hypothesis import given, strategies as st
 import fgpt.model
 from fgpt import FgptError, GPTConfig, forward, init_params, load_checkpoint, loss_fn, save_checkpoint
 from fgpt.attention import dense_window_attention
-from fgpt.kv_cache import KVCache
-from fgpt.train import TrainConfig, train
+from fgpt.inference.kv_cache import KVCache
+from fgpt.training.train import TrainConfig, train
 from helpers import greedy_by_recomputation, repeat_kv_heads
 from train_case import assert_reordered_losses_match
 

@@ -4,7 +4,7 @@ corpus of conftest's `text_file` fixture."""
 from pathlib import Path
 
 from fgpt import GPTConfig
-from fgpt.train import TrainConfig
+from fgpt.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # The training tests' corpus (conftest's `text_file`): small code a tiny model learns within a few steps.

@@ -15,7 +15,7 @@ from fgpt.convert import to_gqa
 from fgpt.errors import FgptError
 from fgpt.evaluation.scoring import Scored, decode_summary, loss_summary, score
 from fgpt.parallel import make_strategy
-from fgpt.train import lr_at, optimizer_step
+from fgpt.training.train import lr_at, optimizer_step
 
 
 def gqa_targets(config: GPTConfig) -> list[int]:

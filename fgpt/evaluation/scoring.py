@@ -5,7 +5,7 @@ bootstrap intervals over the windows), decode speed and KV-cache bytes.
     loss_summary(s, resamples=1000)               # {"loss", "loss_lo", "loss_hi", "ppl", "tokens", ...}
     loss_summary(s, resamples=1000, ref=full)     # ... and "delta" (s - full) with its paired interval
 
-Scoring is fgpt.perplexity's (HF's strided perplexity), window by window: the pooled loss is
+Scoring is fgpt.evaluation.perplexity's (HF's strided perplexity), window by window: the pooled loss is
 exactly what `run.eval --n-ctx N --stride S` prints for the same tokens.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fgpt.config import GPTConfig
-from fgpt.perplexity import batches, plan_windows, window_nlls
+from fgpt.evaluation.perplexity import batches, plan_windows, window_nlls
 from fgpt.report import efficiency
 from fgpt.report.stats import bootstrap_ratio
 
@@ -38,7 +38,7 @@ def scored_tokens(n_tokens: int, n_ctx: int, stride: int) -> tuple[int, int]:
 
 
 def score(params: dict, config: GPTConfig, tokens, *, n_ctx: int, stride: int, batch_size: int) -> Scored:
-    """Per evaluation window NLL, batched exactly as fgpt.perplexity.strided_nll batches."""
+    """Per evaluation window NLL, batched exactly as fgpt.evaluation.perplexity.strided_nll batches."""
     windows = plan_windows(len(tokens), n_ctx, stride)
     parts = [window_nlls(params, config, tokens, group) for group in batches(windows, batch_size)]
     return Scored(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fgpt.config import GPTConfig
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.evaluation.scoring import decode_summary, loss_summary, score
 from fgpt.report import probes
 from fgpt.report.stats import bootstrap_interval
-from fgpt.tokenizer import EOT, gpt2_encoding
 
 if TYPE_CHECKING:
     from fgpt.evaluation.probe import ProbeOptions

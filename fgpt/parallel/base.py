@@ -1,6 +1,6 @@
 """The interface between the training loop and a parallel strategy.
 
-The loop (fgpt/train.py) owns the schedule, data, logging and checkpoint files; a strategy
+The loop (fgpt/training/train.py) owns the schedule, data, logging and checkpoint files; a strategy
 owns where parameters, gradients and optimizer state live and how bytes move between
 ranks. The loop only ever calls the methods below, so single / ddp / fsdp / custom-fsdp
 are interchangeable.

@@ -9,12 +9,12 @@ from torch.func import vjp
 
 from fgpt import tree
 from fgpt.config import GPTConfig
-from fgpt.model import loss_fn
-from fgpt.autocompile import compiler_failure
 from fgpt.errors import FgptError
-from fgpt.recompute import check as recompute_mode
+from fgpt.model import loss_fn
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
+from fgpt.recompute import check as recompute_mode
+from fgpt.training.autocompile import compiler_failure
 from fgpt.tree import COMPUTE_DTYPES
 
 

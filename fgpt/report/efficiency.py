@@ -14,11 +14,11 @@ import torch
 
 from fgpt.attention import causal_attention, dense_window_attention, sliding_window_attention
 from fgpt.config import GPTConfig
-from fgpt.kv_cache import KVCache
+from fgpt.inference.kv_cache import KVCache
 from fgpt.measure import peak_rss_growth, release_freed_memory, repeat_times, spread
 from fgpt.model import count_params, forward, init_params
 from fgpt.parallel import make_strategy
-from fgpt.train import optimizer_step
+from fgpt.training.train import optimizer_step
 from fgpt.tree import tree_map
 
 MiB = 2 ** 20

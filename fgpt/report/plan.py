@@ -3,7 +3,7 @@ and the uptraining ladder's), its steps and tokens, its training FLOPs (6·N·D 
 attention), the time they would take on this device (from a short pilot: labelled an
 estimate) and the disk its run directories need.
 
-FLOPs per training token of a run (PaLM, appendix B, as fgpt.train.flops_per_token):
+FLOPs per training token of a run (PaLM, appendix B, as fgpt.training.train.flops_per_token):
 6·N for the matmuls of forward and backward, N every parameter (embedding included), plus
 12·n_layer·n_embd·T for attention scores and values, T the keys a query sees (n_ctx; the
 window for a windowed arm, whose band kernel computes T·W scores, not T²).
@@ -18,7 +18,7 @@ import numpy as np
 from fgpt import data
 from fgpt.config import GPTConfig
 from fgpt.model import count_params
-from fgpt.report.budget import GPT2_VOCAB, Budget
+from fgpt.report.budget import Budget, GPT2_VOCAB
 from fgpt.report.runs import Launch
 
 CPU_PILOT_FLOPS = 2e11  # the dry-run pilot's step on a CPU: a second or so
@@ -64,7 +64,7 @@ def pilot_flops_per_s(budget: Budget, launch: Launch, steps: int = 2) -> float:
     """Training FLOP/s of the baseline arm on this device, one process: a warm-up step, then
     `steps` timed ones, on random tokens, at one rank's micro-batch (on a CPU at most
     CPU_PILOT_FLOPS a step, where a 124M model's micro-batch would take minutes)."""
-    from fgpt.train import TrainConfig, train
+    from fgpt.training.train import TrainConfig, train
     config = budget.base_config().replace(vocab_size=vocab_size(budget))
     batch = budget.micro_batch or budget.batch_size
     if launch.device == "cpu":

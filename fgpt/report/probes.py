@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt.config import GPTConfig
-from fgpt.generate import Sampling, generate
+from fgpt.inference.generate import Sampling, generate
 from fgpt.model import forward, loss_fn
 
 CHUNK_TOKENS = 16384  # tokens per forward call: bounds the logits' memory

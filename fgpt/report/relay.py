@@ -22,7 +22,7 @@ from fgpt.attention import use_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.model import forward, init_params
 from fgpt.parallel import make_strategy
-from fgpt.train import lr_at, optimizer_step
+from fgpt.training.train import lr_at, optimizer_step
 
 
 EDGE_ACCURACY = 0.5  # the measured edge: accuracy stays at least this up to it

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fgpt import data, run_dir
+from fgpt import data
 from fgpt.atomic import atomic_write_text
 from fgpt.config import GPTConfig
+from fgpt.data.shards import FORMAT, MANIFEST, dtype_for, shard_entries, shard_name
 from fgpt.errors import FgptError
 from fgpt.parallel.process_group import resolve_device
-from fgpt.run_config import TrainConfig, absolute_data
-from fgpt.shards import FORMAT, MANIFEST, dtype_for, shard_entries, shard_name
+from fgpt.training import run_dir
+from fgpt.training.run_config import TrainConfig, absolute_data
 
 
 class Stopped(Exception):
@@ -196,7 +197,7 @@ def train_runs(runs: list[TrainConfig], launch: Launch, root: Path, log) -> None
         launch.runs_left -= len(pending)
     if pending:
         if launch.strategy == "single" and launch.nproc == 1:
-            from fgpt.train import train
+            from fgpt.training.train import train
             for run in pending:
                 run = dataclasses.replace(run, resume=run_dir.train_state(run.out) is not None)
                 if train(run).interrupted:  # Ctrl-C / SIGTERM: the run checkpointed; end the study too
@@ -210,7 +211,7 @@ def train_runs(runs: list[TrainConfig], launch: Launch, root: Path, log) -> None
 
 
 def _launch(runs: list[TrainConfig], launch: Launch, root: Path) -> None:
-    from fgpt.train import check_launch
+    from fgpt.training.train import check_launch
     from run.train import relaunch
     check_launch(runs[0], nproc=launch.nproc)  # bad input: one error here, before any rank starts
     plan = root / "plan.json"

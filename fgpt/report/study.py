@@ -1,6 +1,6 @@
 """The study: train every arm on every seed, probe the trained models, measure efficiency;
 returns the results tree that the claims, the markdown, the plots and results.json are all
-written from. It calls library functions only (fgpt.train, fgpt.model, fgpt.generate, ...).
+written from. It calls library functions only (fgpt.training.train, fgpt.model, fgpt.inference.generate, ...).
 
 Fairness: every arm trains on the same restricted-vocabulary corpus with the same batches
 (a function of seed and step), schedule (warmup, constant, linear cooldown: mid-run
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgpt import data, precision, run_dir
+from fgpt import data
 from fgpt.checkpoint import load_checkpoint, save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.convert import to_gqa
@@ -29,12 +29,13 @@ from fgpt.errors import FgptError
 from fgpt.measure import copy_bandwidth, in_child, machine
 from fgpt.model import count_params
 from fgpt.report import efficiency, probes, relay
-from fgpt.report.budget import RULES, WINDOW_RULE, Budget, choose_window
+from fgpt.report.budget import Budget, RULES, WINDOW_RULE, choose_window
 from fgpt.report.runs import Launch, StudyDir, grad_accum, metrics, run_config, train_runs, write_corpus
 from fgpt.report.stats import bootstrap_interval
 from fgpt.report.vocab import Vocab, full_vocab, restrict
-from fgpt.run_config import TrainConfig, absolute_data
-from fgpt.train import TrainResult, train
+from fgpt.training import precision, run_dir
+from fgpt.training.run_config import TrainConfig, absolute_data
+from fgpt.training.train import TrainResult, train
 from fgpt.tree import tree_map
 
 

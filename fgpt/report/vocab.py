@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fgpt import data
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 
 GPT2_IDS = EOT + 1
 

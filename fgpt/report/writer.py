@@ -151,7 +151,7 @@ def setup(r: dict) -> str:
             "Where parameters and forward FLOPs per token go (causal attention over an average of (n_ctx + 1) / 2 keys), "
             "against the same shape with GPT-2's full vocabulary:\n\n"
             + table(["part", "params %", "FLOPs %", "params % (GPT-2 vocab)", "FLOPs % (GPT-2 vocab)"], share_rows)
-            + f"\n\n**Training.** `fgpt.train`{' (each run a `run.train` run directory)' if 'launch' in r else ''}, "
+            + f"\n\n**Training.** `fgpt.training.train`{' (each run a `run.train` run directory)' if 'launch' in r else ''}, "
             f"{launch(r)['strategy']} on "
             f"{num(launch(r)['world_size'])} × {launch(r)['device']}, {launch(r)['precision_used']}, AdamW "
             f"(peak lr {num(b['lr'], 4)}), batches of "

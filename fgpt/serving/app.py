@@ -25,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from fgpt.generate import Sampling
+from fgpt.data.tokenizer import gpt2_encoding
 from fgpt.errors import FgptError
+from fgpt.inference.generate import Sampling
 from fgpt.serving.engine import DoneEvent, Engine, Job, PromptEvent, Row, TokenEvent
-from fgpt.tokenizer import gpt2_encoding
 
 MAX_BODY = 4 << 20  # bytes of request body
 MAX_LOGPROBS = 20  # OpenAI's limit on `logprobs`

@@ -6,13 +6,13 @@ one batch), samples each row's first token and writes the prompt's keys and valu
 rows of the shared cache (`KVCache.put_row`:
 every row keeps its own left padding, so positions start at 0 in each). Then every live row
 advances one token per step, each with its own sampling settings and generator
-(`fgpt.generate.sample_rows`), and leaves when it is done or cancelled (a client that went
+(`fgpt.inference.generate.sample_rows`), and leaves when it is done or cancelled (a client that went
 away, a stop string met). Live rows stay packed at the front of the cache, so a step costs
 what its live rows need: the weights are read once for all of them.
 
 The cache's slots are shared by all rows; a prompt longer than the cursor shifts the others
 right to make room, and when the cursor reaches the end the slots before every live row's
-start are dropped (`KVCache.shift`). Row i's tokens equal `fgpt.generate.stream` for its
+start are dropped (`KVCache.shift`). Row i's tokens equal `fgpt.inference.generate.stream` for its
 prompt and seed alone, up to float rounding of a different batch (the same code samples).
 """
 
@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 
 from fgpt.config import GPTConfig
-from fgpt.generate import Sampling, sample_rows
-from fgpt.kv_cache import KVCache
+from fgpt.data.tokenizer import EOT
+from fgpt.inference.generate import Sampling, sample_rows
+from fgpt.inference.kv_cache import KVCache
 from fgpt.model import head, trunk
-from fgpt.tokenizer import EOT
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from fgpt import GPTConfig, forward, init_params
 from fgpt.attention import (causal_attention, dense_window_attention, sliding_window_attention,
                             use_window_kernel)
-from fgpt.flex_window import flex_window_attention
 from fgpt import measure
-from fgpt.kv_cache import KVCache, cached_attention
+from fgpt.flex_window import flex_window_attention
+from fgpt.inference.kv_cache import KVCache, cached_attention
 from fgpt.measure import peak_rss_growth, release_freed_memory
 from run._cli import summary
 
@@ -204,7 +204,7 @@ def gqa(T: int = 1024, B: int = 2, H: int = 12, Hkv: int = 4, context: int = 204
 def gqa_decode(contexts, B: int = 8, H: int = 12, kv_heads=(12, 4, 1)) -> None:
     """One decode step's attention (a query per row over `context` cached keys): SDPA's
     enable_gqa against fgpt's cached attention, which folds each KV head's query group into
-    the query axis (fgpt/kv_cache.py)."""
+    the query axis (fgpt/inference/kv_cache.py)."""
     rows = []
     for context in contexts:
         for Hkv in kv_heads:

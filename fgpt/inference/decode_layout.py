@@ -9,7 +9,7 @@ $FGPT_CACHE/measured.json, default ~/.cache/fgpt; `measured_once`, which says so
 the first time), on enough copies of a matrix of that shape that they outgrow the caches
 as the model does.
 Only strides change: shapes and values stay, so `forward` runs on the result unchanged.
-`just bench generate` shows the decode rates the chosen layouts reach. fgpt/int8.py picks
+`just bench generate` shows the decode rates the chosen layouts reach. fgpt/inference/int8.py picks
 its kernel per shape with the same measurement (`fastest`).
 """
 
@@ -144,7 +144,7 @@ def _measure(shape, dtype, device, repeats) -> str:
 def decode_layout(params: dict) -> dict:
     """The same parameters with every float matrix of a decode step (block linears and the
     tied head) stored in its measured fastest layout. int8 matrices keep the layout their
-    kernel reads (fgpt/int8.py)."""
+    kernel reads (fgpt/inference/int8.py)."""
 
     def relayout(w):  # w used as x @ w, [in, out]
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():

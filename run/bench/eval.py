@@ -16,9 +16,9 @@ import torch
 from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
+from fgpt.evaluation.perplexity import strided_nll
 from fgpt.measure import machine_line, repeat_times, spread
 from fgpt.model import init_params
-from fgpt.perplexity import strided_nll
 from run._cli import summary
 
 

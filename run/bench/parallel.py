@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from fgpt import GPTConfig, count_params, init_params
-from fgpt.model import param_shapes
 from fgpt.errors import FgptError
 from fgpt.measure import machine_line
+from fgpt.model import param_shapes
 
 STRATEGIES = ("ddp", "fsdp", "custom-fsdp")
 PEER = "fsdp"
@@ -166,7 +166,7 @@ def worker(args) -> None:
 
 def launch(args, strategy: str, out: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "run.bench_parallel", "--worker", strategy, "--out", out, "--model", args.model,
+           "-m", "run.bench.parallel", "--worker", strategy, "--out", out, "--model", args.model,
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
            "--precision", args.precision] + (["--n-layer", str(args.n_layer)] if args.n_layer else [])
     # A fixed mmap threshold makes glibc return every freed tensor to the OS at once, so

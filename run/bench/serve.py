@@ -47,9 +47,10 @@ def serve_random(args: argparse.Namespace) -> None:
     """The child: a random-weight model of the preset's shapes behind the real app."""
     import torch
     import uvicorn
-    from fgpt import int8, tree
+    from fgpt import tree
+    from fgpt.inference import int8
     from fgpt.config import GPTConfig
-    from fgpt.generate import decode_layout
+    from fgpt.inference.generate import decode_layout
     from fgpt.model import init_params
     from fgpt.serving.app import Model, make_app
     from fgpt.serving.engine import Engine
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     if not levels or min(levels) < 1 or 1 not in levels:
         raise FgptError(f"--streams needs 1 (the one-at-a-time baseline) and positive counts, got {args.streams}")
     port = free_port()
-    child = subprocess.Popen([sys.executable, "-m", "run.bench_serve", *sys.argv[1:], "--serve-port", str(port)],
+    child = subprocess.Popen([sys.executable, "-m", "run.bench.serve", *sys.argv[1:], "--serve-port", str(port)],
                              stdout=subprocess.PIPE, env={**os.environ})
     try:
         assert child.stdout.readline().strip() == b"ready", "the server child failed to start"

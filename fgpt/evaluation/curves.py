@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fgpt.atomic import atomic_path
 from fgpt.errors import FgptError, require_extra
-from fgpt.run_dir import METRICS_FILE
+from fgpt.training.run_dir import METRICS_FILE
 
 log = logging.getLogger("fgpt")
 

@@ -29,15 +29,14 @@ from typing import Any
 
 import torch
 
-from fgpt.atomic import atomic_path, atomic_write_text
+from fgpt.atomic import atomic_path, atomic_write_text, file_sha256
 from fgpt.checkpoint import CONFIG as CONFIG_FILE, WEIGHTS as MODEL_FILE, load_checkpoint, save_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.outdir import LOCK_FILE, check_not_source, exclusive
 from fgpt.parallel.base import Strategy
 from fgpt.parallel.optimizer_state import SavedOptimizer
-from fgpt.run_config import TrainConfig, absolute_data, resumed
-from fgpt.shards import file_sha256
+from fgpt.training.run_config import TrainConfig, absolute_data, resumed
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"

@@ -24,9 +24,9 @@ from fgpt import GPTConfig, init_params
 from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth, release_freed_memory
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
+from fgpt.training.train import flops_per_token
 from fgpt.tree import COMPUTE_DTYPES
-from fgpt.train import flops_per_token
-from run import bench_train  # this module by its import name, for the child processes
+from run.bench import train as bench_train  # this module by its import name, for the child processes
 
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 

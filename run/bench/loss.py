@@ -22,8 +22,8 @@ import torch
 from fgpt import GPTConfig, model
 from fgpt.cross_entropy import linear_cross_entropy, reference_cross_entropy
 from fgpt.measure import in_child, machine_line, peak_rss_growth, release_freed_memory, repeat_times
-from run import bench_loss  # this module by its import name, for the child processes
 from run._cli import summary
+from run.bench import loss as bench_loss  # this module by its import name, for the child processes
 
 LOSSES = {"F.cross_entropy": reference_cross_entropy, "fgpt": linear_cross_entropy}
 MiB = 2 ** 20
@@ -45,7 +45,7 @@ def head(loss: str, tokens: int, repeats: int) -> dict:
 
 
 def step(loss: str, repeats: int) -> dict:
-    from run.bench_train import fgpt_step
+    from run.bench.train import fgpt_step
     model.linear_cross_entropy = LOSSES[loss]  # this child process's head_loss uses that loss
     config = GPTConfig.preset("gpt2")
     gen = torch.Generator().manual_seed(0)

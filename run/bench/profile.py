@@ -18,8 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fgpt import GPTConfig, init_params
-from fgpt.generate import decode_layout
-from fgpt.kv_cache import KVCache
+from fgpt.inference.generate import decode_layout
+from fgpt.inference.kv_cache import KVCache
 from fgpt.measure import machine_line
 from fgpt.model import forward
 from run._cli import summary
@@ -41,7 +41,7 @@ def print_profile(prof, label: str, wall: float, steps: int = 1, rows: int = 14)
 
 
 def profile_train(args) -> None:
-    from run.bench_train import fgpt_step, make_batches
+    from run.bench.train import fgpt_step, make_batches
     config = GPTConfig.preset(args.model)
     step = fgpt_step(config, args.precision, "cpu")
     batches = make_batches(config, args.batch_size, args.seq_len, "cpu", 3)

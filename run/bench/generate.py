@@ -1,7 +1,7 @@
 """`just bench generate`: greedy decode tokens/s, fgpt vs transformers, in one run.
 
 GPT-2 124M shapes with random weights, batch 1, a short prompt, 128 new tokens. fgpt runs
-in fp32, bf16 and int8 (weight-only, fgpt/int8.py: per shape the kernel it measures
+in fp32, bf16 and int8 (weight-only, fgpt/inference/int8.py: per shape the kernel it measures
 fastest, and again with torch's _weight_int8pack_mm for every product); transformers in
 fp32 (the reference) and bf16. In fp32 both must pick the same tokens, or the comparison
 is void. Each row also shows its bandwidth floor: a step reads every weight it multiplies
@@ -17,11 +17,12 @@ import argparse
 
 import torch
 
-from fgpt import int8, tree
+from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
-from fgpt.decode_layout import measured
-from fgpt.generate import Sampling, decode_layout, generate
+from fgpt.inference import int8
+from fgpt.inference.decode_layout import measured
+from fgpt.inference.generate import Sampling, decode_layout, generate
 from fgpt.measure import best_time, copy_bandwidth, machine_line
 from fgpt.model import init_params
 from fgpt.tree import FLOAT_DTYPES
@@ -164,7 +165,7 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
     """One decode step's products (every block weight, then the head), per kernel: (seconds
     for all of them, bytes they read), best of `repeats`, kernels interleaved; and the int8
     matrices of fgpt's own picks."""
-    from fgpt.decode_layout import _stored, fastest_layout
+    from fgpt.inference.decode_layout import _stored, fastest_layout
     config = GPTConfig.preset(model)
     params = init_params(config, seed=0)
     weights = [p["weight"] for b in params["h"] for part in ("attn", "mlp") for p in b[part].values()]

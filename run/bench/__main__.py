@@ -1,5 +1,5 @@
 """`python -m run.bench WHAT [ARGS...]`: benchmarks that print a table of ratios against a
-peer measured in the same run. WHAT is one of the modules run/bench_<what>.py."""
+peer measured in the same run. WHAT is one of the modules run/bench/<what>.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main() -> None:
         if what in AGAINST_TRANSFORMERS:
             from fgpt.errors import require_extra
             require_extra("transformers", "dev", f"just bench {what} (its peer)")
-        importlib.import_module(f"run.bench_{what}").main()
+        importlib.import_module(f"run.bench.{what}").main()
     main_guard(bench)
 
 

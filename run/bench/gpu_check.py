@@ -147,8 +147,8 @@ def with_window_kernel(step, kernel: str):
 
 def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tuple[str, str, str]]:
     from fgpt import GPTConfig
-    from fgpt.train import flops_per_token, peak_flops
-    from run.bench_train import fgpt_step, hf_model, hf_step
+    from fgpt.training.train import flops_per_token, peak_flops
+    from run.bench.train import fgpt_step, hf_model, hf_step
 
     config, B, T = GPTConfig.preset(scale.model), scale.batch, scale.seq_len
     device, precision = scale.device, scale.precision
@@ -207,7 +207,7 @@ def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tupl
 
 
 def run_decode(budget: Budget, scale: Scale) -> list[tuple[str, str, str]]:
-    from run import bench_generate
+    from run.bench import generate as bench_generate
     if budget.left() < 60:
         return [(f"decode {scale.model}", "skipped", "time budget")]
     result = bench_generate.measure(scale.model, new_tokens=scale.decode_tokens, repeats=2, device=scale.device)

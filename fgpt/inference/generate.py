@@ -17,11 +17,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from fgpt.config import GPTConfig
-from fgpt.decode_layout import decode_layout  # noqa: F401  (re-exported: a decode step's layouts)
+from fgpt.data.tokenizer import EOT
 from fgpt.errors import FgptError
-from fgpt.kv_cache import KVCache
+from fgpt.inference.decode_layout import decode_layout  # noqa: F401  (re-exported: a decode step's layouts)
+from fgpt.inference.kv_cache import KVCache
 from fgpt.model import forward
-from fgpt.tokenizer import EOT
 
 STOPPED = -1  # what `stream` yields for a row that has already met its end-of-text
 

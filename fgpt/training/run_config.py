@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fgpt import recompute, tree
 from fgpt.attention import WINDOW_KERNELS
 from fgpt.config import GPTConfig
-from fgpt import autocompile, precision, recompute, tree
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import resolve_device
+from fgpt.training import autocompile, precision
 
 SCHEDULES = ("cosine", "wsd")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
@@ -46,7 +47,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # <= 0: no clipping
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where measurably faster: fgpt/precision.py)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where measurably faster: fgpt/training/precision.py)
     reduce_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients cross ranks in
     eval_interval: int = 50  # 0: no evaluation
     eval_iters: int = 4  # validation batches per evaluation
@@ -56,7 +57,7 @@ class TrainConfig:
     stop_after: int | None = None  # end this session after that step, checkpointed, as Ctrl-C would
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
-    compile: str = "off"  # auto | on | off (run.train's default is auto: fgpt/autocompile.py)
+    compile: str = "off"  # auto | on | off (run.train's default is auto: fgpt/training/autocompile.py)
     recompute: str = "none"  # none | attention | full: activations computed again in backward
     window_kernel: str = "band"  # kernel of windowed layers: band | flex | dense (fgpt.attention)
     strategy: str = "single"

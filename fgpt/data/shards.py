@@ -20,7 +20,6 @@ kernel's page cache (`just bench data` measures both).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fgpt.atomic import file_sha256
 from fgpt.errors import FgptError
 
 MANIFEST = "manifest.json"
@@ -296,14 +296,6 @@ class ShardWriter:
 
 def split_files(directory: Path, split: str) -> list[Path]:
     return sorted(directory.glob(f"{split}_[0-9]*.bin"))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_entries(directory: Path, split: str, dtype) -> list[dict]:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fgpt.config import GPTConfig
+from fgpt.data.tokenizer import gpt2_encoding
 from fgpt.errors import FgptError, check_at_least
 from fgpt.model import forward
-from fgpt.tokenizer import gpt2_encoding
 
 log = logging.getLogger("fgpt")
 

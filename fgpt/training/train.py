@@ -6,8 +6,8 @@ metrics, checkpoints and exact resume.
 
 Rank-aware throughout: every rank runs the same loop on its slice of the global batch;
 only rank 0 writes metrics, progress and the model; each rank writes its own optimizer
-state (it may be a shard). The settings are `fgpt.run_config.TrainConfig`; the files of
-the output directory and how they are written are `fgpt.run_dir`'s.
+state (it may be a shard). The settings are `fgpt.training.run_config.TrainConfig`; the files of
+the output directory and how they are written are `fgpt.training.run_dir`'s.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fgpt import autocompile, data, precision, run_dir, tree
+from fgpt import data, tree
 from fgpt.attention import use_window_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
@@ -36,7 +36,8 @@ from fgpt.measure import matmul_flops
 from fgpt.model import count_params, init_params
 from fgpt.parallel import Strategy, make_strategy
 from fgpt.parallel.process_group import resolve_device
-from fgpt.run_config import TrainConfig, check_batch_split, validate
+from fgpt.training import autocompile, precision, run_dir
+from fgpt.training.run_config import TrainConfig, check_batch_split, validate
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _start(run: TrainConfig, strategy: Strategy,
 # --- the loop -------------------------------------------------------------------------------
 
 def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult:
-    """Run (or continue) a training run; see `fgpt.run_dir` for what is written.
+    """Run (or continue) a training run; see `fgpt.training.run_dir` for what is written.
     `corpus`: train on these token arrays instead of reading `run.data` (in-process use,
     e.g. the study's restricted-vocabulary corpus)."""
     validate(run)
@@ -198,7 +199,7 @@ def resolve_precision(run: TrainConfig, strategy: Strategy) -> TrainConfig:
 
 
 def resolve_compile(run: TrainConfig, strategy: Strategy, model_config: GPTConfig, *, steps_left: int) -> None:
-    """--compile auto: compile where this session's steps pay for it here (fgpt/autocompile.py);
+    """--compile auto: compile where this session's steps pay for it here (fgpt/training/autocompile.py);
     one stderr line says which and why. The run config keeps `auto`: a resume decides again."""
     dtype = tree.COMPUTE_DTYPES[run.precision]
     decision = autocompile.choose(

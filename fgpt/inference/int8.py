@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
-from fgpt.decode_layout import copies_past_the_caches, fastest, measured_once, on_one_thread
 from fgpt.errors import FgptError
+from fgpt.inference.decode_layout import copies_past_the_caches, fastest, measured_once, on_one_thread
 from fgpt.measure import cpu_flags
 
 QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0

@@ -2,7 +2,7 @@
 
     manifest = prepare(list_files("owt/"), Path("data/owt"), val_fraction=0.0005)
 
-The main thread reads chunks of about a megabyte (`fgpt.sources.read_chunks`) and appends
+The main thread reads chunks of about a megabyte (`fgpt.data.sources.read_chunks`) and appends
 their tokens to the shards; a pool of threads tokenises them (tiktoken releases the GIL while
 it encodes, and `encode_to_numpy` hands back one buffer instead of a Python int per token).
 At most 2 x workers + 1 chunks are in flight, so memory stays at workers x a few megabytes
@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from fgpt.atomic import atomic_path
 from fgpt.errors import FgptError
-from fgpt.shards import (FORMAT, MANIFEST, Shard, ShardWriter, TokenStream, dtype_for, shard_entries,
+from fgpt.data.shards import (FORMAT, MANIFEST, Shard, ShardWriter, TokenStream, dtype_for, shard_entries,
                          shard_name, split_files)
-from fgpt.sources import BOM, Chunk, SourceFile, read_chunks
-from fgpt.tokenizer import EOT, gpt2_encoding
+from fgpt.data.sources import BOM, Chunk, SourceFile, read_chunks
+from fgpt.data.tokenizer import EOT, gpt2_encoding
 
 VAL_FRACTION = 0.1  # share of documents (or, when that leaves a split empty, of tokens) held out
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as llm.c's shards

@@ -1,0 +1,1 @@
+"""Decoding: sampling and generation, the KV cache, weight-only int8, decode layouts."""

@@ -1,0 +1,1 @@
+"""The training loop and its components: run settings, the run directory, precision."""
