@@ -1,4 +1,4 @@
-"""`python -m run.train [strategy=NAME] [nproc=N] [FLAGS...]`: train a GPT (see README "Training").
+"""`python -m run.train [strategy=NAME] [nproc=N] [FLAGS...]`: train a GPT (see docs/training.md).
 
 With no flags it runs the embedded default: the tiny preset on the built-in corpus, on CPU.
 `strategy=` / `nproc=` may appear anywhere (that is how `just train` hands them over). With

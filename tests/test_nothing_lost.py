@@ -203,7 +203,7 @@ def test_generate_names_its_max_new_tokens_default(capsys):
     with pytest.raises(SystemExit):
         run_generate.parse_args(["--help"])
     assert f"(default {default})" in " ".join(capsys.readouterr().out.split())
-    assert f"`--max-new-tokens` defaults to {default}" in (ROOT / "README.md").read_text()
+    assert f"`--max-new-tokens` defaults to {default}" in (ROOT / "docs" / "inference.md").read_text()
 
 
 # --- 5. misleading or silent cases ---------------------------------------------------------------
