@@ -14,7 +14,8 @@ from fgpt import init_params, load_checkpoint, loss_fn, tree
 from fgpt.checkpoint import latest_checkpoint
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt.training.train import TrainConfig, lr_at, peak_flops, train
+from fgpt.training.metrics import peak_flops
+from fgpt.training.train import TrainConfig, lr_at, train
 from train_case import TINY, assert_reordered_losses_match, tiny_run
 
 

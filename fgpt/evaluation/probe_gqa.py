@@ -46,7 +46,7 @@ def uptrain(params: dict, config: GPTConfig, train_tokens, *, steps: int, batch:
         x, y = data.rank_batch(train_tokens, seq_len=seq, batch_size=batch, seed=seed, step=step, rank=0,
                                world_size=1)
         rate = lr_at(step, lr=lr, min_lr=lr, warmup=warmup, total=steps)
-        optimizer_step(strategy, [(x, y)], lr=rate, grad_clip=1.0, step=step + 1, out_dir=None)
+        optimizer_step(strategy, [(x, y)], lr=rate, grad_clip=1.0, step=step + 1)
     out = strategy.full_params()
     strategy.close()
     return out

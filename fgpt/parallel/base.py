@@ -117,6 +117,11 @@ class Strategy(abc.ABC):
     def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank; every rank gets the same answer, so all of them
+        take the same branch (stop, or raise the error rank 0 met)."""
+        return bool(self.mean_across_ranks(torch.tensor(float(flag), device=self.device)) > 0)
+
     def barrier(self) -> None:
         pass
 

@@ -142,7 +142,7 @@ def step_scaling(configs: dict[str, dict], lengths: list[int], repeats: int,
             x = torch.randint(0, config.vocab_size, (1, T), device=device)
 
             def step():
-                optimizer_step(strategy, [(x, x)], lr=1e-4, grad_clip=1.0, step=0, out_dir=None)
+                optimizer_step(strategy, [(x, x)], lr=1e-4, grad_clip=1.0, step=0)
 
             on = {} if device == "cpu" else {"device": device}
             times = repeat_times(step, repeats, **on)

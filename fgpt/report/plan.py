@@ -3,7 +3,7 @@ and the uptraining ladder's), its steps and tokens, its training FLOPs (6·N·D 
 attention), the time they would take on this device (from a short pilot: labelled an
 estimate) and the disk its run directories need.
 
-FLOPs per training token of a run (PaLM, appendix B, as fgpt.training.train.flops_per_token):
+FLOPs per training token of a run (PaLM, appendix B, as fgpt.training.metrics.flops_per_token):
 6·N for the matmuls of forward and backward, N every parameter (embedding included), plus
 12·n_layer·n_embd·T for attention scores and values, T the keys a query sees (n_ctx; the
 window for a windowed arm, whose band kernel computes T·W scores, not T²).

@@ -102,7 +102,7 @@ def train_relay(task: RelayTask, config: GPTConfig, *, steps: int, batch_size: i
         for step in range(steps):
             tokens, targets, _ = task.batch(batch_size, gen, max_distance=cap)
             optimizer_step(strategy, [(tokens, targets)], lr=lr_at(step, lr=lr, min_lr=lr / 10, warmup=warmup,
-                                                                    total=steps), grad_clip=1.0, step=step, out_dir=None)
+                                                                    total=steps), grad_clip=1.0, step=step)
     return strategy.full_params()
 
 

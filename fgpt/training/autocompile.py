@@ -9,7 +9,7 @@ The estimate is deliberately plain: compiling pays when
 
     steps left x eager step time x SAVING  >  COMPILE_S
 
-- eager step time: the step's FLOPs (fgpt.training.train.flops_per_token x tokens) over EAGER_SHARE of this
+- eager step time: the step's FLOPs (fgpt.training.metrics.flops_per_token x tokens) over EAGER_SHARE of this
   device's measured matmul FLOP/s in the run's precision (a 1024^3 matmul, the MFU yardstick);
 - SAVING: the share of an eager step that compiled code saved in `just bench train --compile`
   runs on a 2-core AVX-512 CPU (124M, 4 x 256: bf16 0.29, fp32 0.15); other devices unmeasured;

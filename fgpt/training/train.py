@@ -6,38 +6,37 @@ metrics, checkpoints and exact resume.
 
 Rank-aware throughout: every rank runs the same loop on its slice of the global batch;
 only rank 0 writes metrics, progress and the model; each rank writes its own optimizer
-state (it may be a shard). The settings are `fgpt.training.run_config.TrainConfig`; the files of
-the output directory and how they are written are `fgpt.training.run_dir`'s.
+state (it may be a shard). Read `train` then `_train`: the loop itself. Its components
+live beside it in fgpt/training/: the settings (`run_config.TrainConfig`), the run
+directory's files (`run_dir`), each step's metrics row, progress bar and MFU (`metrics`),
+Ctrl-C / SIGTERM (`signals`), --precision auto (`precision`), --compile auto (`autocompile`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from fgpt import data, tree
 from fgpt.attention import use_window_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
-from fgpt.measure import matmul_flops
-from fgpt.model import count_params, init_params
+from fgpt.model import init_params
 from fgpt.parallel import Strategy, make_strategy
 from fgpt.parallel.process_group import resolve_device
 from fgpt.training import autocompile, precision, run_dir
+from fgpt.training.metrics import StepLog, flops_per_token, peak_flops
 from fgpt.training.run_config import TrainConfig, check_batch_split, validate
+from fgpt.training.signals import StopRequest, stop_requests
 
 
 @dataclass
@@ -51,7 +50,7 @@ class TrainResult:
     interrupted: bool = False  # stopped early by SIGINT / SIGTERM
 
 
-# --- schedule, flops --------------------------------------------------------------------
+# --- the schedule -------------------------------------------------------------------------
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine",
           cooldown: float = 0.2) -> float:
@@ -70,17 +69,6 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, sched
         return lr + (min_lr - lr) * min(1.0, (step - start + 1) / decay)
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def flops_per_token(model_config: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6N for the matmuls, plus attention scores."""
-    return 6 * count_params(model_config) + 12 * model_config.n_layer * model_config.n_embd * seq_len
-
-
-@functools.cache
-def peak_flops(device: str, dtype: torch.dtype) -> float:
-    """This device's measured matmul FLOP/s in `dtype`: the yardstick for the MFU estimate."""
-    return matmul_flops(device, dtype, 4096 if device == "cuda" else 1024)
 
 
 # --- before the first step --------------------------------------------------------------
@@ -110,7 +98,7 @@ def load_corpus(run: TrainConfig, strategy: Strategy | None = None) -> data.Corp
             data.build_cache(run.data, text_field=run.text_field, progress=run.progress)
         except FgptError as e:
             error = e
-    if strategy is not None and _agree(strategy, error is not None):
+    if strategy is not None and strategy.any_rank(error is not None):
         raise error or FgptError("--data: rank 0 could not prepare the corpus (its error says why)")
     if error is not None:
         raise error
@@ -138,10 +126,16 @@ def initial_params(run: TrainConfig) -> tuple[GPTConfig, dict]:
     return model_config, init_params(model_config, seed=run.seed)
 
 
-def _start(run: TrainConfig, strategy: Strategy,
-           corpus: data.Corpus | None) -> tuple[GPTConfig, data.Corpus, int, float]:
-    """Set the strategy up at step 0, or where the checkpoint in `run.out` left off:
-    (model config, corpus, first step, elapsed seconds before it)."""
+class Start(NamedTuple):
+    """Where a session of a run begins."""
+    model_config: GPTConfig
+    corpus: data.Corpus
+    first_step: int  # optimizer steps already done
+    elapsed_s: float  # training time before this session
+
+
+def start(run: TrainConfig, strategy: Strategy, corpus: data.Corpus | None) -> Start:
+    """Set the strategy up at step 0, or where the checkpoint in `run.out` left off."""
     if run.resume:
         model_config, params, resumed = run_dir.load_train_checkpoint(Path(run.out), strategy)
     else:
@@ -154,7 +148,7 @@ def _start(run: TrainConfig, strategy: Strategy,
     del params  # the strategy holds its own (possibly sharded) copy
     if resumed is None:
         torch.manual_seed(run.seed + strategy.rank)  # dropout differs per rank, as in DDP
-        return model_config, corpus, 0, 0.0
+        return Start(model_config, corpus, 0, 0.0)
     strategy.load_optimizer_state(resumed.optimizer)
     if resumed.rng is None:  # another world size: no saved stream fits; only dropout draws
         torch.manual_seed(run.seed + 1_000_003 * resumed.step + strategy.rank)
@@ -163,7 +157,11 @@ def _start(run: TrainConfig, strategy: Strategy,
         if "cuda" in resumed.rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(resumed.rng["cuda"])
     # returning drops this loop's hold on the memory-mapped rank files
-    return model_config, corpus, resumed.step, resumed.elapsed_s
+    return Start(model_config, corpus, resumed.step, resumed.elapsed_s)
+
+
+class NonFiniteLoss(FgptError):
+    """A step's loss is NaN or infinite (checked before the optimizer step)."""
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -211,10 +209,10 @@ def resolve_compile(run: TrainConfig, strategy: Strategy, model_config: GPTConfi
         print(decision.reason, file=sys.stderr)
 
 
-def _train(run: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus | None) -> TrainResult:
+def _train(run: TrainConfig, strategy: Strategy, stop: StopRequest, corpus: data.Corpus | None) -> TrainResult:
     check_batch_split(run, strategy.world_size)
     run = run_dir.effective_settings(run)
-    model_config, corpus, first, elapsed_s = _start(run, strategy, corpus)
+    model_config, corpus, first, elapsed_s = start(run, strategy, corpus)
     if run.compile == "auto":
         resolve_compile(run, strategy, model_config, steps_left=(run.stop_after or run.steps) - first)
     out_dir = Path(run.out) if run.out else None
@@ -230,7 +228,7 @@ def _train(run: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus
             log.write(row)
             result.metrics.append(row)
             result.step = n
-            stopping = _agree(strategy, stop["stop"]) or n == run.stop_after
+            stopping = stop.anywhere(strategy) or n == run.stop_after
             periodic = run.checkpoint_interval and n % run.checkpoint_interval == 0
             if out_dir and (periodic or stopping or n == run.steps):
                 run_dir.save_train_checkpoint(out_dir, strategy, run, model_config, step=n,
@@ -238,6 +236,11 @@ def _train(run: TrainConfig, strategy: Strategy, stop: dict, corpus: data.Corpus
             if stopping:
                 result.interrupted = True
                 break
+    except NonFiniteLoss as e:
+        saved = run_dir.train_state(out_dir)
+        where = (f"; the last good checkpoint (step {saved['step']}) stays in {out_dir}" if saved
+                 else "; no checkpoint had been written" if out_dir else "")
+        raise FgptError(f"{e}{where}") from None
     finally:
         log.close()
     result.params = strategy.full_params()
@@ -253,12 +256,12 @@ def _train_step(run: TrainConfig, strategy: Strategy, corpus: data.Corpus, seq_l
     x, y = data.rank_batch(corpus.train, seq_len=seq_len, batch_size=run.batch_size, seed=run.seed, step=step,
                            rank=strategy.rank, world_size=strategy.world_size, ignore_id=corpus.ignore_id)
     loss, grad_norm = optimizer_step(strategy, data.micro_batches(x, y, run.grad_accum), lr=lr,
-                                     grad_clip=run.grad_clip, step=step + 1, out_dir=run.out)
+                                     grad_clip=run.grad_clip, step=step + 1)
     return log.row(step + 1, loss=loss, lr=lr, grad_norm=grad_norm, step_s=time.perf_counter() - started)
 
 
 def optimizer_step(strategy: Strategy, micro_batches: list, *, lr: float, grad_clip: float,
-                   step: int, out_dir: str | Path | None) -> tuple[float, float]:
+                   step: int) -> tuple[float, float]:
     """Accumulate over the micro-batches, check the loss, clip, step: (loss, grad norm).
     The loss is the mean over the global batch, so every rank takes the same branch."""
     grad_accum = len(micro_batches)
@@ -266,10 +269,7 @@ def optimizer_step(strategy: Strategy, micro_batches: list, *, lr: float, grad_c
               for i, (x, y) in enumerate(micro_batches)]
     loss = float(strategy.mean_across_ranks(torch.stack(losses).mean().float()))
     if not math.isfinite(loss):  # before the optimizer step: the params stay good
-        saved = run_dir.train_state(out_dir)
-        where = (f"; the last good checkpoint (step {saved['step']}) stays in {out_dir}" if saved
-                 else "; no checkpoint had been written" if out_dir else "")
-        raise FgptError(f"loss is {loss} at step {step}: training stopped{where}")
+        raise NonFiniteLoss(f"loss is {loss} at step {step}: training stopped")
     grad_norm = strategy.clip_grad_norm(grad_clip)
     strategy.set_lr(lr)
     strategy.step()
@@ -287,67 +287,3 @@ def evaluate(strategy: Strategy, corpus: data.Corpus, run: TrainConfig, model_co
                                ignore_id=corpus.ignore_id)
         losses.append(strategy.eval_loss(x, y).float().cpu())
     return float(strategy.mean_across_ranks(torch.stack(losses).mean()))
-
-
-class StepLog:
-    """Each step's metrics row (throughput, MFU), the progress bar and rank 0's metrics file."""
-
-    def __init__(self, run: TrainConfig, strategy: Strategy, model_config: GPTConfig, *, first: int,
-                 elapsed_s: float):
-        out = Path(run.out) if run.out and strategy.is_main else None
-        self.metrics = run_dir.MetricsLog(out, keep_until=first) if out else None
-        self.tokens_per_step = run.batch_size * model_config.n_ctx
-        self.flops_per_step = flops_per_token(model_config, model_config.n_ctx) * self.tokens_per_step
-        peak = peak_flops(strategy.device.type, tree.COMPUTE_DTYPES[run.precision]) if strategy.is_main else 1.0
-        self.peak_all_ranks = peak * strategy.world_size
-        self.bar = tqdm(total=run.steps, initial=first, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not (run.progress and strategy.is_main))
-        self.t0 = time.perf_counter() - elapsed_s
-
-    def elapsed_s(self) -> float:
-        """Training time of the whole run, across resumes."""
-        return time.perf_counter() - self.t0
-
-    def row(self, n: int, *, loss: float, lr: float, grad_norm: float, step_s: float) -> dict:
-        return {"step": n, "loss": loss, "lr": lr, "tokens": n * self.tokens_per_step,
-                "elapsed_s": round(self.elapsed_s(), 4), "grad_norm": grad_norm,
-                "tokens_per_s": self.tokens_per_step / step_s,
-                "mfu": self.flops_per_step / step_s / self.peak_all_ranks}
-
-    def write(self, row: dict) -> None:
-        if self.metrics:
-            self.metrics.append(row)
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                             mfu=f"{row['mfu']:.1%}", refresh=False)
-        self.bar.update()
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.metrics:
-            self.metrics.close()
-
-
-@contextmanager
-def stop_requests():
-    """SIGINT / SIGTERM set a flag the loop checks after each step (a second one aborts)."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def on_signal(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _agree(strategy: Strategy, flag: bool) -> bool:
-    """Stop only if any rank was signalled: all ranks must take the same checkpoint path."""
-    return bool(strategy.mean_across_ranks(torch.tensor(float(flag), device=strategy.device)) > 0)

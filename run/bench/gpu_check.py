@@ -147,7 +147,7 @@ def with_window_kernel(step, kernel: str):
 
 def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tuple[str, str, str]]:
     from fgpt import GPTConfig
-    from fgpt.training.train import flops_per_token, peak_flops
+    from fgpt.training.metrics import flops_per_token, peak_flops
     from run.bench.train import fgpt_step, hf_model, hf_step
 
     config, B, T = GPTConfig.preset(scale.model), scale.batch, scale.seq_len

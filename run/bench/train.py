@@ -24,7 +24,7 @@ from fgpt import GPTConfig, init_params
 from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth, release_freed_memory
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
-from fgpt.training.train import flops_per_token
+from fgpt.training.metrics import flops_per_token
 from fgpt.tree import COMPUTE_DTYPES
 from run.bench import train as bench_train  # this module by its import name, for the child processes
 
