@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fgpt.data.prepare import SHARD_TOKENS, VAL_FRACTION, default_workers, prepare
+from fgpt.data.pipeline import SHARD_TOKENS, VAL_FRACTION, default_workers, prepare
 from fgpt.data.sources import list_files
 from fgpt.errors import check_at_least
 from fgpt.outdir import check_not_source, exclusive

@@ -211,7 +211,7 @@ def test_generate_names_its_max_new_tokens_default(capsys):
 def test_sources_name_what_they_are(tmp_path, capsys, monkeypatch):
     """A FIFO is not 'no such file', UTF-16 is not 'binary', a UTF-8 BOM is read (and dropped)."""
     import codecs
-    from fgpt.data.prepare import encode
+    from fgpt.data.pipeline import encode
     from fgpt.data.shards import open_shards
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

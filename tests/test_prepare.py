@@ -1,4 +1,4 @@
-"""Streaming preparation (fgpt.data.prepare, `python -m run.prepare`): every source format gives
+"""Streaming preparation (fgpt.data.pipeline, `python -m run.prepare`): every source format gives
 the tokens tiktoken gives the same documents, the split follows each document's name, the
 output appears only when complete, and bad input is one line naming the file."""
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fgpt import data
-from fgpt.data import prepare as pipeline, shards, sources
-from fgpt.data.prepare import is_val, prepare
+from fgpt.data import pipeline, shards, sources
+from fgpt.data.pipeline import is_val, prepare
 from fgpt.data.shards import open_shards
 from fgpt.data.sources import list_files
 from fgpt.data.tokenizer import EOT, gpt2_encoding

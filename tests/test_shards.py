@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fgpt import GPTConfig, data
-from fgpt.data.prepare import prepare
+from fgpt.data.pipeline import prepare
 from fgpt.data.shards import LLMC_MAGIC, Shard, TokenStream, open_shards
 from fgpt.data.sources import list_files
 from fgpt.errors import FgptError

@@ -7,7 +7,7 @@
                       rank=r, world_size=W)  # [B/W, T] int64 each
 
 A source that is not yet tokenised goes through the same streaming pipeline as
-`python -m run.prepare` (fgpt.data.prepare) into a cache directory named by a hash of its files'
+`python -m run.prepare` (fgpt.data.pipeline) into a cache directory named by a hash of its files'
 paths, sizes and modification times, so the next run reuses it. `corpus.train` / `corpus.val`
 are token streams over the shards (`len`, slicing): many shards read as one array, so the
 *global* batch of step s is a pure function of (seed, s) whatever the shard sizes — every rank
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgpt.data.prepare import VAL_FRACTION, is_val, prepare  # noqa: F401  (is_val: part of the API)
+from fgpt.data.pipeline import VAL_FRACTION, is_val, prepare  # noqa: F401  (is_val: part of the API)
 from fgpt.data.shards import FORMAT, MANIFEST, TokenStream, layout, open_shards
 from fgpt.data.sources import SourceFile, list_files, stdlib_files
 from fgpt.errors import FgptError

@@ -72,7 +72,7 @@ def pilot_flops_per_s(budget: Budget, launch: Launch, steps: int = 2) -> float:
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, 4 * (batch + 1) * (config.n_ctx + 1))
     corpus = data.Corpus(train=tokens, val=tokens[:2 * config.n_ctx + 2], cache_dir=None, description="random")
     result = train(TrainConfig(model=config, steps=1 + steps, batch_size=batch, eval_interval=0, checkpoint_interval=0,
-                               device=launch.device, precision=launch.precision, progress=False, compile=launch.compile),
+                               device=launch.device, precision=launch.precision, progress=False, compile="on" if launch.compile else "off"),
                    corpus=corpus)
     step_s = batch * config.n_ctx / np.median([m["tokens_per_s"] for m in result.metrics[1:]])
     return flops_per_token(config) * batch * config.n_ctx / step_s

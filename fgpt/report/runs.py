@@ -176,7 +176,7 @@ def run_config(config: GPTConfig | None, *, seed: int, steps: int, out: Path, da
     windowed = config is not None and config.window is not None
     return TrainConfig(model=config, data=absolute_data(str(data_dir)), steps=steps, seed=seed, out=str(out),
                        resume=run_dir.train_state(out) is not None, strategy=launch.strategy,
-                       device=launch.device, precision=launch.precision, compile=launch.compile,
+                       device=launch.device, precision=launch.precision, compile="on" if launch.compile else "off",
                        window_kernel="flex" if windowed and launch.device == "cuda" else "band",
                        progress=False, **settings)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fgpt import data
-from fgpt.data.prepare import SHARD_TOKENS, default_workers
+from fgpt.data.pipeline import SHARD_TOKENS, default_workers
 from fgpt.data.shards import FORMAT, MANIFEST, ShardWriter, TokenStream, dtype_for, shard_entries
 from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.measure import machine_line, peak_rss_growth, release_freed_memory, status_bytes
