@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -105,3 +106,15 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
+
+
+def json_safe(x):
+    """x with every NaN or infinite float as None, through dicts, lists and tuples: what
+    strict JSON can hold (results files are read by other programs too)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x

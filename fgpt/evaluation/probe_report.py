@@ -4,12 +4,11 @@ extra), figures beside them; without it, one warning line and no figures."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
-from fgpt.atomic import atomic_write_text
+from fgpt.atomic import atomic_write_text, json_safe
 from fgpt.report.writer import num, table
 
 FIGURES = {"context": "probe_context.png", "window": "probe_window.png", "gqa": "probe_gqa.png",
@@ -183,17 +182,6 @@ def write_outputs(r: dict, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(r, out)
-    atomic_write_text(out / "results.json", json.dumps(_finite(r), indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(json_safe(r), indent=1) + "\n")
     atomic_write_text(out / "probe.md", markdown(r, figures))
     return out
-
-
-def _finite(x):
-    """NaN / inf -> None, so results.json is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fgpt import data
-from fgpt.atomic import atomic_write_text
+from fgpt.atomic import atomic_write_text, json_safe
 from fgpt.config import GPTConfig
 from fgpt.data.shards import FORMAT, MANIFEST, dtype_for, shard_entries, shard_name
 from fgpt.errors import FgptError
@@ -68,17 +67,7 @@ class Launch:
 def _json(value):
     """A value as it reads back from JSON (tuples -> lists, int keys -> strings, NaN -> None),
     so a measurement read back on a rerun is the one computed in an uninterrupted run."""
-    return json.loads(json.dumps(_nan_to_none(value)))
-
-
-def _nan_to_none(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
+    return json.loads(json.dumps(json_safe(value)))
 
 
 class StudyDir:
