@@ -67,3 +67,9 @@ def cast(tree: Tree, dtype: torch.dtype) -> Tree:
 
 def count(tree: Tree) -> int:
     return sum(x.numel() for x in leaves(tree))
+
+
+def weight_decayed(shape) -> bool:
+    """AdamW's weight decay applies to matrices and embeddings (>= 2-D leaves), not to biases
+    or layer-norm gains (1-D): one rule for every strategy's optimizer."""
+    return len(shape) >= 2

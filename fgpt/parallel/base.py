@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fgpt import tree
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel.optimizer_state import SavedOptimizer
@@ -51,8 +52,8 @@ def parse_reduce_dtype(name: str) -> torch.dtype:
 def adamw_param_groups(named: dict[str, torch.Tensor], weight_decay: float) -> list[dict]:
     """AdamW's two groups over whole leaves: decay matrices and embeddings (>= 2-D), not
     biases or layer-norm gains (1-D)."""
-    decay = [p for p in named.values() if p.ndim >= 2]
-    no_decay = [p for p in named.values() if p.ndim < 2]
+    decay = [p for p in named.values() if tree.weight_decayed(p.shape)]
+    no_decay = [p for p in named.values() if not tree.weight_decayed(p.shape)]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -46,13 +46,13 @@ class FlatLayout:
     def __init__(self, unit: dict, world_size: int):
         leaves = tree.flatten(unit)
         # stable sort: >=2-D leaves first, each group in the tree's own (sorted) order
-        ordered = sorted(leaves, key=lambda path: leaves[path].ndim < 2)
+        ordered = sorted(leaves, key=lambda path: not tree.weight_decayed(leaves[path].shape))
         self.slots, offset = [], 0
         for path in ordered:
             self.slots.append(Slot(path, tuple(leaves[path].shape), offset))
             offset += self.slots[-1].numel
         self.numel = offset
-        self.decay_numel = sum(s.numel for s in self.slots if len(s.shape) >= 2)
+        self.decay_numel = sum(s.numel for s in self.slots if tree.weight_decayed(s.shape))
         self.world_size = world_size
         self.shard_numel = -(-self.numel // world_size)  # ceil: every rank gets the same size
         self.padded_numel = self.shard_numel * world_size
