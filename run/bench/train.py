@@ -142,18 +142,37 @@ def recompute_step(model: str, B: int, T: int, dev: str, precision: str, mode: s
             "grad_bytes": sum(g.numel() * g.element_size() for g in tree.leaves(grads))}
 
 
-def recompute_table(args) -> None:
-    """--recompute-memory: none / attention / full, each in its own child, `--rounds` rounds
-    alternating; the fastest time and the last memory of each."""
-    modes = ("none", "attention", "full")
-    best: dict[str, dict] = {}
+def recompute_times(args, modes) -> dict[str, float]:
+    """Seconds of one forward + backward per mode: the modes' models side by side in this
+    process, interleaved round by round (load that drifts hits them alike), the best of
+    `--rounds` (the first round also warms up)."""
+    config = bench_config(args.model, args.seq_len)
+    strategies = {}
+    for mode in modes:
+        strategies[mode] = SingleDevice(args.device, recompute=mode)
+        strategies[mode].setup(init_params(config, seed=0), config, precision=args.precision, **OPT)
+    ((x, y),) = make_batches(config, args.batch_size, args.seq_len, args.device, 1)
+    best = dict.fromkeys(modes, float("inf"))
     for _ in range(args.rounds):
-        for mode in modes:
-            r = in_child(bench_train, "recompute_step", args.model, args.batch_size, args.seq_len, args.device,
-                         args.precision, mode)
-            best[mode] = r | {"s": min(r["s"], best.get(mode, r)["s"])}
+        for mode, strategy in strategies.items():
+            start = time.perf_counter()
+            strategy.forward_backward(x, y, scale=1.0, sync=True)
+            best[mode] = min(best[mode], time.perf_counter() - start)
+            strategy.optimizer.zero_grad(set_to_none=True)
+    return best
+
+
+def recompute_table(args) -> None:
+    """--recompute-memory: none / attention / full; memory each in its own child process,
+    time interleaved in this one (recompute_times)."""
+    modes = ("none", "attention", "full")
+    best = {mode: in_child(bench_train, "recompute_step", args.model, args.batch_size, args.seq_len, args.device,
+                           args.precision, mode) for mode in modes}
+    for mode, seconds in recompute_times(args, modes).items():
+        best[mode]["s"] = seconds
     print(f"--recompute, fgpt single device, {args.model} at n_ctx {args.seq_len}, batch {args.batch_size}, "
-          f"{args.precision}: one forward + backward per child process, best of {args.rounds}; {machine_line()}")
+          f"{args.precision}: memory of one forward + backward in a child process per mode; time the best of "
+          f"{args.rounds} interleaved rounds in one process; {machine_line()}")
     grads = best["none"]["grad_bytes"] / 2 ** 20
     print(f"kept: what the forward leaves held for backward; peak: the resident set's growth over forward + "
           f"backward, which includes the {grads:,.0f} MiB {args.precision} gradient tree; peak - grads: without it")
