@@ -42,6 +42,10 @@ eval *args:
 plot *args:
     python -m run.plot "$@"
 
+# convert a checkpoint: --to-gqa N | --to-safetensors | --to-gguf f32|f16|q8_0, --out PATH
+convert *args:
+    python -m run.convert "$@"
+
 # tokenise a corpus (text / JSONL / Parquet) into token shards: just prepare --data SRC --out DIR
 prepare *args:
     python -m run.prepare "$@"

@@ -25,3 +25,10 @@ def require_extra(module: str, extra: str, purpose: str):
             raise
         raise FgptError(f"{purpose} needs {module}, which a plain install leaves out: "
                         f"pip install 'fgpt[{extra}]'") from None
+
+
+def compiler_failure(error: BaseException) -> str:
+    """The one warning line for a compile that failed."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"warning: torch.compile failed ({type(error).__name__}: {first}); "
+            "training continues without compiling")

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fgpt.data.pipeline import SHARD_TOKENS, VAL_FRACTION, default_workers, prepare
+from fgpt.data.pipeline import SHARD_TOKENS, VAL_FRACTION, prepare
 from fgpt.data.sources import list_files
 from fgpt.errors import check_at_least
 from fgpt.outdir import check_not_source, exclusive
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="text / JSONL / Parquet file, directory or glob")
     ap.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
     ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (text)")
-    ap.add_argument("--workers", type=int, default=None, help=f"tokeniser threads (all cores: {default_workers()})")
+    ap.add_argument("--workers", type=int, default=None, help="tokeniser threads (default: all cores)")
     split = ap.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                        help=f"share of documents held out for validation, by a hash of each document's name ({VAL_FRACTION})")

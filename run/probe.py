@@ -19,10 +19,10 @@ import sys
 
 import numpy as np
 
-from fgpt.checkpoint import latest_checkpoint, load_checkpoint
+from fgpt.checkpoint import load_checkpoint
 from fgpt.evaluation.probe import SETTINGS, ProbeOptions, check_model, check_options, run_probe
 from fgpt.evaluation.probe_report import write_outputs
-from run._cli import ArgumentParser, main_guard, summary
+from run._cli import ArgumentParser, checkpoint_or_default, main_guard, summary
 from run.eval import load_tokens
 
 
@@ -36,7 +36,7 @@ def int_list(text: str) -> tuple[int, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     d = ProbeOptions()
     ap = ArgumentParser(prog="python -m run.probe", description=summary(__doc__))
-    ap.add_argument("--checkpoint", help="a checkpoint file or directory (default: the newest under out/)")
+    ap.add_argument("--checkpoint", help="a checkpoint file or directory (default: the newest training run under out/)")
     ap.add_argument("--data", help="evaluation text: a text file, or anything run.train --data takes "
                     "(default: the built-in corpus)")
     ap.add_argument("--out", default="probe", help="output directory (default probe/)")
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
                         decode_tokens=args.decode_tokens, decode_runs=args.decode_runs,
                         batch_size=args.batch_size, seed=args.seed)
     check_options(opts)
-    path = args.checkpoint or latest_checkpoint()
+    path = checkpoint_or_default(args.checkpoint)
     config, params = load_checkpoint(path)
     check_model(opts, config)  # before any text is read
     tokens = load_tokens(args.data)

@@ -441,6 +441,8 @@ BAD = [
     ("wrong type", {"model": "learned", "prompt": "hi", "max_tokens": "ten"}, None, 400, None),
     ("unsupported penalty", {"model": "learned", "prompt": "hi", "presence_penalty": 0.5}, None, 400,
      "unsupported_parameter"),
+    ("model not a string", {"model": ["learned"], "prompt": "hi"}, None, 400, None),
+    ("stream_options not an object", {"model": "learned", "prompt": "hi", "stream_options": "x"}, None, 400, None),
     ("oversized body", None, json.dumps({"model": "learned", "prompt": "x" * (2 << 20)}).encode(), 413,
      "body_too_large"),
 ]

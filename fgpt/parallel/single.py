@@ -9,12 +9,11 @@ from torch.func import vjp
 
 from fgpt import tree
 from fgpt.config import GPTConfig
-from fgpt.errors import FgptError
+from fgpt.errors import FgptError, compiler_failure
 from fgpt.model import loss_fn
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
 from fgpt.recompute import check as recompute_mode
-from fgpt.training.autocompile import compiler_failure
 from fgpt.tree import COMPUTE_DTYPES
 
 
@@ -64,11 +63,14 @@ class SingleDevice(Strategy):
         (no C++ compiler, a Python torch.compile refuses, an inductor error) says so in one
         line and the run continues eagerly; nothing was accumulated yet, so the step reruns."""
         if self.compile:
+            first = self._compiled is None
             try:
-                if self._compiled is None:
+                if first:
                     self._compiled = torch.compile(self._eager)
                 return self._compiled(*args)
             except Exception as e:  # noqa: BLE001 - any compiler failure; eager code is the fallback
+                if not first:  # it compiled and ran before: this is the step's own error, not the compiler's
+                    raise
                 print(compiler_failure(e), file=sys.stderr)
                 self.compile, self._compiled = False, None
         return self._eager(*args)

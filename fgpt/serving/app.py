@@ -13,6 +13,7 @@ import asyncio
 import codecs
 import contextlib
 import json
+import logging
 import os
 import secrets
 import time
@@ -97,6 +98,13 @@ def _float(body: dict, key: str, default):
     return float(v)
 
 
+def _object(body: dict, key: str) -> dict:
+    value = body.get(key) or {}
+    if not isinstance(value, dict):
+        raise ApiError(f"'{key}' must be an object", key)
+    return value
+
+
 def _bool(body: dict, key: str) -> bool:
     v = body.get(key, False)
     if v is None:
@@ -121,6 +129,10 @@ class Server:
                     return await fn(request)
                 except ApiError as e:
                     return e.response()
+                except Exception as e:  # a bug, not bad input: still the API's error shape, and serving goes on
+                    logging.getLogger("fgpt.serve").exception("internal error")
+                    return ApiError(f"internal error ({type(e).__name__})", code="internal_error", status=500,
+                                    type="server_error").response()
             return route
         return Starlette(routes=[
             Route("/v1/completions", guarded(self.completions), methods=["POST"]),
@@ -185,6 +197,8 @@ class Server:
 
     def _model(self, body: dict) -> Model:
         name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(f"'model' must be a string, got {json.dumps(name)}", "model")
         if name is None and len(self.models) == 1:
             return next(iter(self.models.values()))
         if name not in self.models:
@@ -252,7 +266,7 @@ class Server:
         return dict(model=model, prompts=prompts, max_tokens=max_tokens, n=n, sampling=sampling, seed=seed,
                     logprobs=logprobs, stop=stop, echo=_bool(body, "echo"), stream=_bool(body, "stream"),
                     ignore_eos=_bool(body, "ignore_eos"),
-                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+                    include_usage=bool(_object(body, "stream_options").get("include_usage")))
 
     async def completions(self, request: Request):
         req = self._parse(await self._body(request))

@@ -68,11 +68,3 @@ def choose(*, strategy: str, recompute: str, precision: str, step_flops: float, 
     return Decision(on, f"--compile auto: {verdict} ({steps_left} steps x ~{step} s eager x "
                         f"{SAVING[precision]:.0%} saved = ~{saved:.0f} s {relation} ~{compile_s:.0f} s to compile; "
                         f"--compile on|off to choose)")
-
-
-def compiler_failure(error: BaseException) -> str:
-    """The one warning line for a compile that failed."""
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    return (f"warning: torch.compile failed ({type(error).__name__}: {first}); "
-            "training continues without compiling")
-

@@ -38,7 +38,7 @@ from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.measure import machine_line, peak_rss_growth, release_freed_memory, status_bytes
 from run._cli import summary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MB = 1e6
 
 
