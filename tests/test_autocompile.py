@@ -56,6 +56,7 @@ def losses(result) -> list[float]:
     return [row["loss"] for row in result.metrics]
 
 
+@pytest.mark.slow  # training runs
 @pytest.mark.parametrize("where", ["wrap", "first call"])
 def test_a_failing_compiler_is_one_warning_and_the_run_continues_eagerly(text_file, monkeypatch, capsys, where):
     """torch.compile refusing at once (an unsupported Python), or the compiled function failing
@@ -79,6 +80,7 @@ def test_a_failing_compiler_is_one_warning_and_the_run_continues_eagerly(text_fi
     assert got == eager
 
 
+@pytest.mark.slow  # training runs
 def test_auto_compiles_a_long_run_and_says_so(text_file, monkeypatch, capsys):
     """With the compile estimated free, auto turns compiling on (a stand-in that runs the same
     function is called); with it estimated dear, off. The run config keeps `auto`."""

@@ -79,6 +79,7 @@ def test_bad_targets_are_clear_errors(n_head, n_kv_head, target, message):
         to_gqa(config, init_params(config), target)
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_cli_writes_a_loadable_gqa_checkpoint(tmp_path):
     config = tiny(4, 2, "rope", window=(4, None))
     _, mha_params = repeat_kv_heads(config, init_params(config, seed=3))
@@ -91,6 +92,7 @@ def test_cli_writes_a_loadable_gqa_checkpoint(tmp_path):
                                forward(mha_params, tokens, config.replace(n_kv_head=None)))
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_cli_never_overwrites_a_checkpoint_unless_forced(tmp_path):
     config = tiny(4)
     save_checkpoint(tmp_path / "mha", config, init_params(config))
@@ -107,6 +109,7 @@ def test_cli_never_overwrites_a_checkpoint_unless_forced(tmp_path):
     assert load_checkpoint(tmp_path / "old")[0].kv_heads == 2
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_cli_never_writes_over_its_input_even_forced(tmp_path):
     config = tiny(4)
     save_checkpoint(tmp_path / "mha", config, init_params(config))
@@ -120,6 +123,7 @@ def test_cli_never_writes_over_its_input_even_forced(tmp_path):
     assert (tmp_path / "mha" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_cli_bad_target_is_a_one_line_error(tmp_path):
     config = tiny(4)
     save_checkpoint(tmp_path / "mha", config, init_params(config))

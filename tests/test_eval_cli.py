@@ -49,6 +49,7 @@ def run_inprocess(argv, capsys) -> tuple[int, str, str]:
     return exit_info.value.code, out.out, out.err
 
 
+@pytest.mark.slow  # a subprocess
 def test_perplexity_of_a_text_file_from_the_command_line(gpt2_vocab_model, text_file):
     model, ckpt = gpt2_vocab_model
     proc = subprocess.run([sys.executable, "-m", "run.eval", "--checkpoint", str(ckpt), "--data", str(text_file),

@@ -45,6 +45,7 @@ def test_greedy_equals_transformers_generate(shape, tmp_path):
                     ignore_eos=True) == [ref]
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_cli_greedy_prints_what_transformers_prints(tmp_path):
     from fgpt.data.tokenizer import gpt2_encoding
     model = hf_model(50257, 64, 2, 2, 32)  # the real vocabulary, tiny dims
@@ -63,6 +64,7 @@ def test_cli_greedy_prints_what_transformers_prints(tmp_path):
         assert out.stdout == enc.decode(ref) + "\n"
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_cli_never_samples_the_padding_of_a_padded_vocabulary(tmp_path):
     """vocab 50304 (padded as nanoGPT does): rows past GPT-2's 50257 are made the likeliest,
     yet the CLI prints only what the tokenizer can decode -- greedy over the real ids."""
@@ -271,6 +273,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_without_traceback(case, cli_checkpoint, tmp_path):
     args, message = BAD[case]

@@ -46,6 +46,7 @@ def field(reader, key):
     return reader.fields[key].contents()
 
 
+@pytest.mark.slow  # GPT-2-vocabulary files written and read back
 @pytest.mark.parametrize("file_type", ["f32", "f16", "q8_0"])
 def test_every_tensor_reads_back_as_the_source(checkpoint, file_type):
     root, params = checkpoint

@@ -126,6 +126,7 @@ print(torch.equal(digits.double(), e.double() @ q.double().T),
 """
 
 
+@pytest.mark.slow  # kernel timing or a subprocess
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="fbgemm is x86-only")
 @pytest.mark.parametrize("instructions", [None, "AVX2"])  # this machine's own choice; AVX2's, on every fbgemm CPU
 def test_fbgemm_sums_the_extreme_digits_exactly(instructions):
@@ -155,6 +156,7 @@ def test_a_pack_belongs_to_its_matrix():
     assert a.fbgemm_pack is a.fbgemm_pack and a.fbgemm_pack is not b.fbgemm_pack
 
 
+@pytest.mark.slow  # kernel timing or a subprocess
 @pytest.mark.skipif(not int8.FBGEMM_AVAILABLE, reason="one CPU kernel only: nothing to choose")
 @pytest.mark.parametrize("slowed", ["fbgemm", "int8pack"])
 def test_quantize_gives_each_shape_the_kernel_measured_faster(monkeypatch, tmp_path, slowed):
@@ -263,6 +265,7 @@ def test_int8_cached_decoding_equals_its_full_forward():
     assert got == ref
 
 
+@pytest.mark.slow  # kernel timing or a subprocess
 def test_cli_dtype_int8_prints_the_int8_greedy_text(tmp_path):
     config = GPTConfig(n_ctx=32, n_layer=1, n_head=2, n_embd=32)  # GPT-2's vocabulary, tiny dims
     params = wide_params(config)

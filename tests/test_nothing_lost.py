@@ -141,6 +141,7 @@ def test_prepare_has_one_writer_per_output(tmp_path, capsys, monkeypatch):
     assert (out / "manifest.json").exists()
 
 
+@pytest.mark.slow  # a subprocess run
 def test_the_study_has_one_writer_per_output(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "study"
@@ -156,6 +157,7 @@ def test_the_study_has_one_writer_per_output(tmp_path):
 
 # --- 3. the first int8 run says what it measures, and the next one reuses it ----------------------
 
+@pytest.mark.slow  # a subprocess run
 def test_the_first_int8_run_says_it_measures_and_where_it_caches(tmp_path):
     from fgpt import GPTConfig
     save_checkpoint(tmp_path / "m", GPTConfig(n_ctx=32, n_layer=1, n_head=2, n_embd=32), init_params(

@@ -299,6 +299,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_end_to_end(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", DOCS)
     out = tmp_path / "out"

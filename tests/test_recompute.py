@@ -113,6 +113,7 @@ def test_run_records_recompute_and_resumes_with_it(text_file, tmp_path):
     assert losses == [row["loss"] for row in plain.metrics]
 
 
+@pytest.mark.slow  # gloo process groups
 def test_distributed_recompute_equals_none(tmp_path):
     """ddp, fsdp, custom-fsdp on 2 gloo ranks: each mode's losses, step-1 gradients and final
     parameters equal the same strategy's with none, in fp32 and bf16."""

@@ -80,12 +80,14 @@ def quick_report(tmp_path_factory):
     return out, markdown, results
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_every_number_in_the_report_comes_from_results(quick_report):
     _, markdown, results = quick_report
     assert len(NUMBER.findall(markdown)) > 200  # the report quotes its measurements
     assert unquoted_numbers(markdown, results) == []
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_the_check_flags_a_number_not_in_results(quick_report):
     _, markdown, results = quick_report
     values = flatten(results)
@@ -100,6 +102,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_every_figure_is_a_real_plot_linked_from_the_report(quick_report):
     out, markdown, _ = quick_report
     sizes = set()
@@ -113,6 +116,7 @@ def test_every_figure_is_a_real_plot_linked_from_the_report(quick_report):
     assert len(sizes) == len(PLOTS)  # no figure is a copy of another
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_every_claim_has_a_verdict_from_the_rule(quick_report):
     _, markdown, results = quick_report
     claims = results["claims"]
@@ -157,6 +161,7 @@ def test_every_claim_has_a_verdict_from_the_rule(quick_report):
     assert "agrees" not in markdown  # the old report's word for a null result
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_results_hold_every_arm_on_its_seeds(quick_report):
     _, _, results = quick_report
     window = results["window_rule"]["window"]
@@ -415,6 +420,7 @@ def test_relay_status_reads_the_measured_edge_not_a_mean():
     assert relay_status(model(60, window=None, edge=111), chance) == "not learned"
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_render_rebuilds_the_same_report_from_results_json(quick_report, tmp_path):
     from run.report import main
     out, markdown, _ = quick_report
@@ -459,6 +465,7 @@ def without_timings(results: dict) -> dict:
                  for arm, runs in results["runs"].items()}}
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_a_study_stopped_after_its_first_run_and_rerun_ends_as_an_uninterrupted_one(quick_report, tmp_path):
     from fgpt.training import run_dir
     from run.report import main
@@ -486,6 +493,7 @@ def test_a_study_stopped_after_its_first_run_and_rerun_ends_as_an_uninterrupted_
     assert (runs / "rope-seed1" / "train_state.pt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_a_rerun_with_another_budget_or_data_into_the_same_output_is_refused(quick_report, tmp_path, text_file):
     from run.report import main
     out, _, _ = quick_report
@@ -574,6 +582,7 @@ def test_dry_run_plans_match_six_n_d_plus_attention(preset, capsys, monkeypatch,
     assert re.search(r"estimated disk: [\d.]+ GiB", text)
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_dry_run_of_the_quick_budget_times_a_pilot_here(capsys, tmp_path):
     from run.report import main
     main(["--budget", "quick", "--dry-run", "--out", str(tmp_path / "out")])
@@ -604,6 +613,7 @@ def test_every_preset_is_consistent():
     assert not PRESETS["gpt2"].restrict_vocab and PRESETS["cpu"].restrict_vocab
 
 
+@pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
 def test_train_runs_resumes_a_half_trained_run_and_skips_a_finished_one(tmp_path):
     """A study run is a run.train run directory: stopped halfway, train_runs resumes it from
     its checkpoint to the same weights as an uninterrupted run; a finished one is skipped.

@@ -346,6 +346,7 @@ def hf_tokenizer_dir(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a server under load, a browser, lm-eval or a signal
 @pytest.mark.lm_eval
 def test_lm_eval_local_completions_accuracy_equals_run_eval(server, checkpoints, tmp_path, capsys, monkeypatch):
     """lm-evaluation-harness's `local-completions` model scores a local multiple-choice task
@@ -391,6 +392,7 @@ def test_lm_eval_local_completions_accuracy_equals_run_eval(server, checkpoints,
         assert acc == pytest.approx(want["acc"]), model
 
 
+@pytest.mark.slow  # a server under load, a browser, lm-eval or a signal
 @pytest.mark.browser
 def test_playground_streams_into_every_column(server, tmp_path):
     """The page in a real headless chromium: it lists both models as columns, and a submitted
@@ -474,6 +476,7 @@ def test_models_and_health(server):
     assert not re.search(rb"""(src|href)\s*=|@import|url\(|https?://""", body, re.IGNORECASE)
 
 
+@pytest.mark.slow  # a server under load, a browser, lm-eval or a signal
 def test_load_with_clients_leaving_mid_stream(server):
     """32 clients x 8 requests on loopback, every fourth request streamed and dropped after its
     first token: every well-formed request is answered and no batch row is left behind."""
@@ -546,6 +549,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(checkpoints, tmp_path, capsys):
         busy.close()
 
 
+@pytest.mark.slow  # a server under load, a browser, lm-eval or a signal
 def test_sigterm_stops_the_server_cleanly(checkpoints):
     port = free_port()
     proc = run_serve("--checkpoint", checkpoints["learned"], "--port", port)

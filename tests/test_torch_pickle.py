@@ -49,6 +49,7 @@ def test_bin_gives_the_logits_of_its_safetensors_twin_and_of_transformers(hub_st
     assert direct["wte"]["weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.slow  # a subprocess
 def test_convert_writes_the_safetensors_twin(tmp_path):
     model = hf_model(*CONFIGS[2])
     save_bin(model, tmp_path / "bin")

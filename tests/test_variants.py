@@ -189,6 +189,7 @@ def test_bad_variant_configs_are_one_line_errors(kwargs, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow  # three torchrun launches
 def test_a_variant_trains_alike_under_every_strategy(tmp_path, monkeypatch):
     """rope + GQA + a per-layer window through `python -m run.train` on 2 gloo ranks for ddp,
     fsdp and custom-fsdp: the same losses as the single-device run, the variant in config.json."""
