@@ -31,3 +31,15 @@ def test_a_bench_against_transformers_without_it_names_the_extra(what, capsys, m
     assert exit_info.value.code == 2
     assert lines == [f"error: just bench {what} (its peer) needs transformers, which a plain install leaves "
                      "out: pip install 'fgpt[dev]'"]
+
+
+@pytest.mark.parametrize("argv", [["bogus"], []])
+def test_an_unknown_or_missing_bench_is_one_error_line(argv, capsys, monkeypatch):
+    import sys
+    from run import bench
+    monkeypatch.setattr(sys, "argv", ["run.bench", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert all(name in lines[0] for name in bench.BENCHES)

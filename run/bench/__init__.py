@@ -16,7 +16,8 @@ def main() -> None:
         print(f"{usage}\n\n{__doc__.strip()}\n`python -m run.bench WHAT --help` lists WHAT's own arguments.")
         return
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
-        print(usage, file=sys.stderr)
+        given = f"{sys.argv[1]!r} is not a benchmark" if len(sys.argv) > 1 else "no benchmark named"
+        print(f"error: {given}: choose one of {', '.join(BENCHES)}", file=sys.stderr)
         sys.exit(2)
     what = sys.argv[1]
     sys.argv = [f"run.bench {what}"] + sys.argv[2:]
