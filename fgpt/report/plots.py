@@ -24,6 +24,19 @@ def _err(iv: dict) -> tuple[float, float]:
     return iv["mean"] - iv["lo"], iv["hi"] - iv["mean"]
 
 
+def _finish(fig, ax, path: Path, **labels) -> None:
+    """Axis labels and title, the legend, then the file."""
+    ax.set(**labels)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _intervals(ax, xs: list, ivs: list[dict], label: str | None = None) -> None:
+    """Means with their 95% intervals as error bars."""
+    ax.errorbar(xs, [iv["mean"] for iv in ivs], yerr=list(zip(*[_err(iv) for iv in ivs])), marker="o",
+                capsize=3, label=label)
+
+
 def curves(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, runs in r["runs"].items():
@@ -32,9 +45,7 @@ def curves(r: dict, path: Path) -> None:
         ax.plot(steps, mean, marker=".", label=f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     total = r["pilot"]["steps"]
     ax.axvline(total * (1 - r["budget"]["cooldown"]), color="grey", ls=":", label="cooldown starts")
-    ax.set(xlabel="optimizer step", ylabel="validation loss (mean over seeds)", title="Validation loss")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="optimizer step", ylabel="validation loss (mean over seeds)", title="Validation loss")
 
 
 def context(r: dict, path: Path) -> None:
@@ -42,14 +53,10 @@ def context(r: dict, path: Path) -> None:
     cuts = c["cuts"][:-1]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, e in c["arms"].items():
-        ivs = [e[str(k)] for k in cuts]
-        ax.errorbar(cuts, [iv["mean"] for iv in ivs], yerr=list(zip(*[_err(iv) for iv in ivs])), marker="o",
-                    capsize=3, label=arm)
+        _intervals(ax, cuts, [e[str(k)] for k in cuts], arm)
     ax.axhline(r["rules"]["context_use_nats"], color="grey", ls=":", label="threshold")
-    ax.set(xscale="log", xlabel="context k (tokens)", ylabel=f"loss(k) − loss({c['cuts'][-1]}) (nats)",
-           title="What the context beyond k is worth")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xscale="log", xlabel="context k (tokens)",
+            ylabel=f"loss(k) − loss({c['cuts'][-1]}) (nats)", title="What the context beyond k is worth")
 
 
 def length(r: dict, path: Path) -> None:
@@ -62,9 +69,8 @@ def length(r: dict, path: Path) -> None:
     for i in range(1, r["budget"]["length_mult"]):
         ax.axvline(i * L["n_ctx"], color="k", ls="--", lw=0.8)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="position", ylabel="loss, one pass − sliding n_ctx (nats)", title="Penalty past the training length")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="position", ylabel="loss, one pass − sliding n_ctx (nats)",
+            title="Penalty past the training length")
 
 
 def copy(r: dict, path: Path) -> None:
@@ -73,15 +79,12 @@ def copy(r: dict, path: Path) -> None:
     for name, entries in cp["models"].items():
         pts = [(D, e) for D, e in zip(cp["distances"], entries) if e is not None and e["mean"] is not None]
         if pts:
-            ax.errorbar([D for D, _ in pts], [e["mean"] for _, e in pts],
-                        yerr=list(zip(*[_err(e) for _, e in pts])), marker="o", capsize=3, label=name)
+            _intervals(ax, [D for D, _ in pts], [e for _, e in pts], name)
     ax.axvline(cp["reach"], color="grey", ls=":", label="rope+swa reach L·(W−1)")
     ax.axvline(r["budget"]["n_ctx"], color="k", ls="--", lw=0.8, label="n_ctx")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xscale="log", xlabel="distance between the copies (tokens)", ylabel="second − first copy loss (nats)",
-           title="Copying a random span")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xscale="log", xlabel="distance between the copies (tokens)",
+            ylabel="second − first copy loss (nats)", title="Copying a random span")
 
 
 def relay(r: dict, path: Path) -> None:
@@ -94,10 +97,8 @@ def relay(r: dict, path: Path) -> None:
         if m["window"] is not None:
             ax.axvline(m["predicted_edge"] + 0.5, color=line.get_color(), ls="--", lw=1)
     ax.axhline(rel["chance"], color="grey", ls=":", label="chance")
-    ax.set(xlabel="distance from the value", ylabel="accuracy at reads", ylim=(-0.02, 1.02),
-           title="Relay (dashed: predicted edge L·(W−1))")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="distance from the value", ylabel="accuracy at reads", ylim=(-0.02, 1.02),
+            title="Relay (dashed: predicted edge L·(W−1))")
 
 
 def gqa(r: dict, path: Path) -> None:
@@ -109,9 +110,7 @@ def gqa(r: dict, path: Path) -> None:
     for h, a in pts:
         ax1.scatter([h] * len(d["final"][a]["per_seed"]), d["final"][a]["per_seed"], color="grey", s=10)
     ax1.set(xscale="log", xlabel="KV heads (∝ KV-cache bytes)", ylabel="validation loss", title="Quality vs KV heads")
-    gaps = d["uptrain"]["gap"]
-    ax2.errorbar(d["uptrain"]["points"], [g["mean"] for g in gaps], yerr=list(zip(*[_err(g) for g in gaps])),
-                 marker="o", capsize=3)
+    _intervals(ax2, d["uptrain"]["points"], d["uptrain"]["gap"])
     m = r["rules"]["margin_nats"]
     ax2.axhspan(-m, m, color="grey", alpha=0.2, label="± margin")
     ax2.set(xlabel="uptraining, % of pre-training steps", ylabel="converted − MHA control (nats)",
