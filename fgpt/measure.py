@@ -65,6 +65,25 @@ def best_time(fn: Callable[[], object], repeats: int = 3, **kwargs) -> float:
     return min(repeat_times(fn, repeats, **kwargs))
 
 
+def interleaved_best(candidates: dict, rounds: int, *, device: str | torch.device | None = None,
+                     give_up: Callable[[dict], bool] | None = None) -> dict:
+    """Each candidate's fastest single call, in seconds: the one way the project times options
+    to keep the fastest. A candidate is a callable or a list of them (say, the same product
+    over several copies of a weight, as a decode step reads another weight each time).
+    Round-robin over `rounds` rounds, so that load drifting on shared cores hits every
+    candidate alike, and the minimum, the call least disturbed by other work. `give_up(best)`
+    after a round ends the rounds early (a candidate already plainly slower)."""
+    calls = {name: fns if isinstance(fns, (list, tuple)) else [fns] for name, fns in candidates.items()}
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, fns in calls.items():
+            for fn in fns:
+                best[name] = min(best[name], best_time(fn, 1, warmup=0, device=device))
+        if give_up is not None and give_up(best):
+            break
+    return best
+
+
 def spread(values: list[float]) -> dict:
     """Median, min and max of repeated measurements, and how many there were."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -136,13 +155,19 @@ def in_child(module, function: str, *args):
 
 # --- the machine ------------------------------------------------------------------------
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, device: str | torch.device = "cpu") -> float:
-    """Bytes per second that one tensor copy moves (read + written, as STREAM counts them)
-    over a buffer far larger than the caches: the memory system's rate, against which a
-    step that must read N bytes has a floor of N / bandwidth seconds."""
+def copy_probe(nbytes: int = 256 << 20, device: str | torch.device = "cpu") -> tuple[Callable[[], object], int]:
+    """A tensor copy over a buffer far larger than the caches, and the bytes it moves (read +
+    written, as STREAM counts them): timed, the memory system's rate (`copy_bandwidth`)."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / best_time(lambda: dst.copy_(src), repeats, device=device)
+    return (lambda: dst.copy_(src)), 2 * src.nbytes
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Bytes per second of `copy_probe`: the rate against which a step that must read N
+    bytes has a floor of N / bandwidth seconds."""
+    copy, moved = copy_probe(nbytes, device)
+    return moved / best_time(copy, repeats, device=device)
 
 
 def cpu_name() -> str:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from fgpt.atomic import atomic_write_text
-from fgpt.measure import best_time, cpu_name
+from fgpt.measure import cpu_name, interleaved_best
 
 IN_OUT, OUT_IN = "in_out", "out_in"
 _MEASURE_BYTES = 64 << 20  # per layout: past a 32 MiB L3, as a model's weights are
@@ -119,16 +119,11 @@ def copies_past_the_caches(nbytes: int) -> int:
 
 def fastest(candidates: dict[str, list[Callable[[], object]]], repeats: int = 4,
             device: torch.device | str = "cpu") -> str:
-    """The candidate whose fastest single call is fastest. Each call of a candidate reads
-    another copy, as a decode step reads another weight, and the minimum over all of them
-    is what a product costs undisturbed: on cores shared with other work some calls wait
-    for a descheduled thread, and a whole pass rarely escapes that. Round-robin, so that
-    drifting load hits every candidate alike; the first round warms up."""
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(repeats + 1):
-        for name, calls in candidates.items():
-            for call in calls:
-                best[name] = min(best[name], best_time(call, 1, warmup=0, device=device))
+    """The candidate whose fastest single call is fastest (fgpt.measure.interleaved_best).
+    Each call of a candidate reads another copy, as a decode step reads another weight; on
+    cores shared with other work some calls wait for a descheduled thread, and a whole pass
+    rarely escapes that. The first round warms up."""
+    best = interleaved_best(candidates, repeats + 1, device=device)
     return min(best, key=best.get)
 
 

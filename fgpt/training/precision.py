@@ -16,7 +16,7 @@ import functools
 import torch
 
 from fgpt.errors import FgptError
-from fgpt.measure import best_time
+from fgpt.measure import interleaved_best
 from fgpt.tree import COMPUTE_DTYPES
 
 PRECISIONS = ("auto", *COMPUTE_DTYPES)
@@ -25,9 +25,9 @@ _PROBE = {"cuda": 4096, "cpu": 512}  # matmul size: large enough to reach the fa
 _ROUNDS = 5
 
 
-def _matmul_seconds(device: str, dtype: torch.dtype, n: int):
+def _matmul(device: str, dtype: torch.dtype, n: int):
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return lambda: best_time(lambda: a @ b, 1, warmup=0, device=device)
+    return lambda: a @ b
 
 
 @functools.cache
@@ -38,15 +38,11 @@ def measured_speedup(device: str) -> float:
     if torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
         return 0.0
     n = _PROBE.get(torch.device(device).type, 512)
-    timers = {dtype: _matmul_seconds(device, dtype, n) for dtype in (torch.float32, torch.bfloat16)}
-    for t in timers.values():
-        t()  # warm-up: allocator, kernel selection, thread pool
-    best = dict.fromkeys(timers, float("inf"))
-    for _ in range(_ROUNDS):
-        for dtype, t in timers.items():
-            best[dtype] = min(best[dtype], t())
-        if best[torch.bfloat16] > 3 * best[torch.float32]:
-            break
+    products = {dtype: _matmul(device, dtype, n) for dtype in (torch.float32, torch.bfloat16)}
+    for product in products.values():
+        product()  # warm-up: allocator, kernel selection, thread pool
+    best = interleaved_best(products, _ROUNDS, device=device,
+                            give_up=lambda best: best[torch.bfloat16] > 3 * best[torch.float32])
     return best[torch.float32] / best[torch.bfloat16]
 
 

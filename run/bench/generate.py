@@ -23,7 +23,7 @@ from fgpt.errors import FgptError
 from fgpt.inference import int8
 from fgpt.inference.decode_layout import measured
 from fgpt.inference.generate import Sampling, decode_layout, generate
-from fgpt.measure import best_time, copy_bandwidth, machine_line
+from fgpt.measure import copy_bandwidth, copy_probe, interleaved_best, machine_line
 from fgpt.model import init_params
 from fgpt.tree import FLOAT_DTYPES
 from run._cli import summary
@@ -95,13 +95,10 @@ def measure(model: str = "gpt2", new_tokens: int = 128, prompt_len: int = 8, rep
     tokens = {key: run() for key, run in engines.items()}  # warm-up
     if tokens["fgpt", "float32"] != tokens["transformers", "float32"]:
         raise FgptError("fgpt and transformers chose different greedy tokens in fp32")
-    best, bandwidth = dict.fromkeys(engines, float("inf")), 0.0
-    for _ in range(repeats):  # the bandwidth too, so that it sees the load the engines saw
-        for key, run in engines.items():
-            best[key] = min(best[key], best_time(run, 1, warmup=0, device=device))
-        bandwidth = max(bandwidth, copy_bandwidth(device=device, repeats=2))
-    return {"rate": {key: new_tokens / seconds for key, seconds in best.items()}, "step_bytes": step_bytes,
-            "bandwidth": bandwidth,
+    copy, moved = copy_probe(device=device)  # in the same rounds: the bandwidth sees the load the engines saw
+    best = interleaved_best(engines | {"copy": copy}, repeats, device=device)
+    return {"rate": {key: new_tokens / best[key] for key in engines}, "step_bytes": step_bytes,
+            "bandwidth": moved / best["copy"],
             "same_as_fp32": {name: sum(a == b for a, b in zip(tokens[engine, name], tokens["fgpt", "float32"]))
                              for engine, name in engines if name.startswith(("int8", "gguf"))},
             "n_tokens": len(tokens["fgpt", "int8"]), "int8": trees["int8"]}
@@ -187,10 +184,8 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
         matrices = [int8.Int8Matrix(w, s, int8.choose_kernel(*w.shape, torch.float32, kernel=kernel)) for w, s in q]
         picks = matrices if kernel == "auto" else picks
         kernels[f"int8 {name}"] = ([lambda m=m, x=x[m.q.shape[1]]: m.matmul(x) for m in matrices], int8_bytes)
-    best = dict.fromkeys(kernels, float("inf"))
-    for _ in range(repeats + 1):
-        for name, (calls, _) in kernels.items():
-            best[name] = min(best[name], best_time(lambda calls=calls: [c() for c in calls], 1, warmup=0))
+    steps = {name: (lambda calls=calls: [c() for c in calls]) for name, (calls, _) in kernels.items()}
+    best = interleaved_best(steps, repeats + 1)  # the first round warms up
     return {name: (best[name], nbytes) for name, (_, nbytes) in kernels.items()}, picks
 
 
