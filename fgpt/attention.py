@@ -6,8 +6,6 @@ All take q [B, H, T, hd] and k, v [B, H_kv, S, hd] with H a multiple of H_kv
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
@@ -16,12 +14,10 @@ from fgpt.errors import FgptError
 # Kernels for windowed layers: "band" (plain PyTorch, O(T·W), below), "flex" (compiled
 # flex_attention, fgpt/flex_window.py) or "dense" (the window as a mask over all T² scores:
 # more work, but one SDPA call, which is faster for short sequences on CPU — see
-# `just bench attention`). The choice is fgpt's one process-wide setting (for
-# every thread), read by `attention` at each call, as torch.nn.attention.sdpa_kernel sets
-# SDPA's backends: both kernels compute the same maths, so it says how, not what, and
-# belongs neither in the config (saved with checkpoints) nor in every strategy's signature.
+# `just bench attention`). They compute the same maths, so the choice says how, not what:
+# an argument of each call (`window_kernel=` from forward / loss_fn down), never part of
+# the config that is saved with checkpoints.
 WINDOW_KERNELS = ("band", "flex", "dense")
-_window_kernel = "band"
 
 
 def _sdpa(q, k, v, *, mask=None, causal=False, dropout_p=0.0):
@@ -104,33 +100,20 @@ def sliding_window_attention(q, k, v, window: int, block: int | None = None,
     return out[:, :, :T]
 
 
-def set_window_kernel(name: str) -> str:
-    """Choose the kernel of windowed layers for this process; returns the previous choice."""
-    global _window_kernel
+def check_window_kernel(name: str) -> str:
     if name not in WINDOW_KERNELS:
         raise FgptError(f"unknown window kernel {name!r}; choose from {', '.join(WINDOW_KERNELS)}")
-    previous, _window_kernel = _window_kernel, name
-    return previous
+    return name
 
 
-@contextmanager
-def use_window_kernel(name: str):
-    """`with use_window_kernel("flex"): ...` — the previous kernel comes back on exit."""
-    previous = set_window_kernel(name)
-    try:
-        yield
-    finally:
-        set_window_kernel(previous)
-
-
-def attention(q, k, v, window: int | None, dropout_p: float = 0.0) -> torch.Tensor:
+def attention(q, k, v, window: int | None, dropout_p: float = 0.0, kernel: str = "band") -> torch.Tensor:
     """Causal self-attention over a whole sequence: the training / fresh-prefill path.
-    Windowed layers run the kernel of `use_window_kernel` (the process-wide setting above)."""
+    Windowed layers run `kernel`, one of WINDOW_KERNELS."""
     if window is None or window >= q.shape[-2]:  # the window hides nothing
         return causal_attention(q, k, v, dropout_p)
-    if _window_kernel == "flex":
+    if check_window_kernel(kernel) == "flex":
         from fgpt.flex_window import flex_window_attention  # imports torch.compile's machinery
         return flex_window_attention(q, k, v, window, dropout_p)
-    if _window_kernel == "dense":
+    if kernel == "dense":
         return dense_window_attention(q, k, v, window, dropout_p)
     return sliding_window_attention(q, k, v, window, dropout_p=dropout_p)

@@ -1,5 +1,5 @@
 """Sliding-window attention through compiled `flex_attention`: an opt-in kernel for windowed
-layers (`fgpt.attention.use_window_kernel("flex")`), imported only when chosen, so the
+layers (`window_kernel="flex"` of forward / loss_fn), imported only when chosen, so the
 plain band kernel never pays for torch.compile.
 
 Limits of torch 2.13, found by trying them here: on CPU the compiled kernel is forward

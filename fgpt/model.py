@@ -21,8 +21,6 @@ so torch.func.grad / vjp / jacrev apply. The exceptions, all of them:
   (`KVCache.advance`); the cache is the one argument that is mutated.
 - dropout (`train=True` and `config.dropout > 0`) draws from torch's default generator of
   the device: `torch.manual_seed` seeds it, and torch.func.vmap needs `randomness=` then.
-- windowed layers read the one process-wide setting, the window kernel
-  (`fgpt.attention.use_window_kernel`): which implementation computes them, not what.
 Rotary cos / sin tables are memoised per (length, head dim, base, dtype, device) in
 fgpt/rope.py: a memo of values, which never changes a result.
 """
@@ -134,8 +132,9 @@ def embed(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCac
 
 
 def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, pos: Positions,
-                    cache: KVCache | None = None, train: bool = False) -> torch.Tensor:
-    """Causal self-attention: [B, T, d] -> [B, T, d]; q, k, v come from one c_attn matmul."""
+                    cache: KVCache | None = None, train: bool = False, window_kernel: str = "band") -> torch.Tensor:
+    """Causal self-attention: [B, T, d] -> [B, T, d]; q, k, v come from one c_attn matmul.
+    `window_kernel`: which of fgpt.attention.WINDOW_KERNELS computes windowed layers."""
     hd, H, Hkv = config.head_dim, config.n_head, config.kv_heads
     qkv = linear(p["c_attn"], x)  # [B, T, (H + 2*Hkv)*hd]
     q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
@@ -146,27 +145,29 @@ def attention_block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, 
         q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
     window = config.layer_windows[layer]
     if cache is not None:
-        y = cache.attend(layer, q, k, v, window)
+        y = cache.attend(layer, q, k, v, window, kernel=window_kernel)
     else:
-        y = attention(q, k, v, window, dropout_p=config.dropout if train else 0.0)
+        y = attention(q, k, v, window, dropout_p=config.dropout if train else 0.0, kernel=window_kernel)
     y = rearrange(y, "b h t d -> b t (h d)")
     return dropout(linear(p["c_proj"], y), config.dropout, train)
 
 
 def block(p: dict, x: torch.Tensor, config: GPTConfig, *, layer: int, pos: Positions,
-          cache: KVCache | None = None, train: bool = False, recompute: str = "none") -> torch.Tensor:
+          cache: KVCache | None = None, train: bool = False, recompute: str = "none",
+          window_kernel: str = "band") -> torch.Tensor:
     """One pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)).
     `recompute` ("attention" or "full"): that part's activations are not kept for backward
-    but computed again there (fgpt/recompute.py); the result is the same."""
+    but computed again there (fgpt/recompute.py); the result is the same. `window_kernel`:
+    see `attention_block`."""
     eps = config.layer_norm_epsilon
     random = train and config.dropout > 0
     if recompute == "full" and cache is None:
-        return recomputed(lambda p, x: block(p, x, config, layer=layer, pos=pos, train=train), p, x,
-                          random=random)
+        return recomputed(lambda p, x: block(p, x, config, layer=layer, pos=pos, train=train,
+                                             window_kernel=window_kernel), p, x, random=random)
 
     def attend(p: dict, x: torch.Tensor) -> torch.Tensor:
         return attention_block(p["attn"], layer_norm(p["ln_1"], x, eps), config,
-                               layer=layer, pos=pos, cache=cache, train=train)
+                               layer=layer, pos=pos, cache=cache, train=train, window_kernel=window_kernel)
     if recompute == "attention" and cache is None:
         x = x + recomputed(attend, {"attn": p["attn"], "ln_1": p["ln_1"]}, x, random=random)
     else:
@@ -192,12 +193,13 @@ def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTC
 
 
 def trunk(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCache | None = None,
-          train: bool = False, recompute: str = "none") -> torch.Tensor:
+          train: bool = False, recompute: str = "none", window_kernel: str = "band") -> torch.Tensor:
     """embed, then every block: tokens [B, T] -> the residual stream [B, T, d] the head reads.
     With `cache`, the tokens continue the cached sequence and their keys / values join it."""
     x, pos = embed(params, tokens, config, cache=cache, train=train)
     for i, p in enumerate(params["h"]):
-        x = block(p, x, config, layer=i, pos=pos, cache=cache, train=train, recompute=recompute)
+        x = block(p, x, config, layer=i, pos=pos, cache=cache, train=train, recompute=recompute,
+                  window_kernel=window_kernel)
     if cache is not None:
         cache.advance(tokens.shape[1])
     return x
@@ -205,17 +207,20 @@ def trunk(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCac
 
 def forward(params: dict, tokens: torch.Tensor, config: GPTConfig, *,
             cache: KVCache | None = None, train: bool = False, last_only: bool = False,
-            logits_for: slice | None = None) -> torch.Tensor:
+            logits_for: slice | None = None, window_kernel: str = "band") -> torch.Tensor:
     """tokens [B, T] int64 -> logits [B, T, V]. With `cache`, tokens continue the cached
     sequence and their keys/values are appended to it. `last_only`: logits [B, 1, V] of the
     last position alone (what sampling needs; spares the head's T x V matmul); `logits_for`:
-    those of the positions in that slice alone (what scoring a few targets needs)."""
-    x = trunk(params, tokens, config, cache=cache, train=train)
+    those of the positions in that slice alone (what scoring a few targets needs).
+    `window_kernel`: which kernel computes windowed layers (fgpt.attention.WINDOW_KERNELS)."""
+    x = trunk(params, tokens, config, cache=cache, train=train, window_kernel=window_kernel)
     keep = slice(-1, None) if last_only else logits_for or slice(None)
     return head(params, x[:, keep], config)
 
 
 def loss_fn(params: dict, tokens: torch.Tensor, targets: torch.Tensor, config: GPTConfig,
-            *, train: bool = False, recompute: str = "none") -> torch.Tensor:
-    """Mean next-token cross-entropy; targets of -1 are ignored. `recompute`: see `block`."""
-    return head_loss(params, trunk(params, tokens, config, train=train, recompute=recompute), targets, config)
+            *, train: bool = False, recompute: str = "none", window_kernel: str = "band") -> torch.Tensor:
+    """Mean next-token cross-entropy; targets of -1 are ignored. `recompute`, `window_kernel`:
+    see `block`."""
+    x = trunk(params, tokens, config, train=train, recompute=recompute, window_kernel=window_kernel)
+    return head_loss(params, x, targets, config)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from fgpt import tree
-from fgpt.attention import WINDOW_KERNELS, use_window_kernel
+from fgpt.attention import WINDOW_KERNELS
 from fgpt.checkpoint import load_checkpoint
 from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.errors import FgptError, check_at_least
@@ -48,9 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    with use_window_kernel(args.window_kernel):  # the prefill is the only full-sequence pass
-        sample_and_print(args)
+    sample_and_print(parse_args(argv))
 
 
 def sample_and_print(args: argparse.Namespace) -> None:
@@ -80,7 +78,7 @@ def sample_and_print(args: argparse.Namespace) -> None:
 
     # a vocabulary padded past GPT-2's (50304 is common) must not sample ids it cannot decode
     options = dict(sampling=sampling, ignore_eos=args.ignore_eos, allow_past_ctx=args.allow_past_ctx,
-                   vocab_limit=enc.n_vocab)
+                   vocab_limit=enc.n_vocab, window_kernel=args.window_kernel)
     t0, n_new = time.perf_counter(), 0
     if args.stream:  # samples one after another, each printed as it grows
         for i in range(args.num_samples):

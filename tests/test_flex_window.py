@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import fgpt.flex_window
 from fgpt import FgptError, GPTConfig, forward, init_params, save_checkpoint
-from fgpt.attention import attention, set_window_kernel, use_window_kernel
+from fgpt.attention import attention
 from fgpt.flex_window import flex_window_attention, window_block_mask
 from fgpt.inference.generate import Sampling, generate
 from fgpt.model import loss_fn
@@ -72,18 +72,14 @@ def test_flex_refuses_what_torch_cannot_do_on_cpu_with_one_line_errors():
         flex_window_attention(*qkv(*CASES[0][:5], dtype=torch.float64), 16)
 
 
-def test_use_window_kernel_selects_flex_and_restores_the_previous_kernel():
+def test_the_kernel_argument_selects_flex_and_nothing_else_changes():
     q, k, v = qkv(*CASES[0][:5], grad=True)
-    attention(q, k, v, 16).sum().backward()  # band: differentiable
-    with use_window_kernel("flex"):
-        with pytest.raises(FgptError, match="no backward"):  # only the flex kernel refuses
-            attention(q, k, v, 16)
-        with pytest.raises(RuntimeError, match="boom"), use_window_kernel("band"):
-            raise RuntimeError("boom")
-        assert set_window_kernel("flex") == "flex"  # back to flex after the inner block's error
-    assert set_window_kernel("band") == "band"
+    attention(q, k, v, 16).sum().backward()  # band (the default): differentiable
+    with pytest.raises(FgptError, match="no backward"):  # only the flex kernel refuses
+        attention(q, k, v, 16, kernel="flex")
+    attention(q, k, v, 16).sum().backward()  # no setting was left behind
     with pytest.raises(FgptError, match="unknown window kernel 'sparse'"):
-        set_window_kernel("sparse")
+        attention(q, k, v, 16, kernel="sparse")
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +96,8 @@ def test_model_logits_and_loss_with_flex_equal_the_band_kernel(windowed_model):
     config, params, tokens = windowed_model
     targets = tokens.roll(-1, dims=1)
     band = forward(params, tokens, config), loss_fn(params, tokens, targets, config)
-    with use_window_kernel("flex"):
-        flex = forward(params, tokens, config), loss_fn(params, tokens, targets, config)
+    flex = (forward(params, tokens, config, window_kernel="flex"),
+            loss_fn(params, tokens, targets, config, window_kernel="flex"))
     torch.testing.assert_close(flex, band)
 
 
@@ -109,8 +105,7 @@ def test_greedy_generation_with_a_flex_prefill_equals_the_band_kernel(windowed_m
     config, params, tokens = windowed_model
     prompts = [row[:-8].tolist() for row in tokens]  # prefill shorter than n_ctx, longer than W
     band = generate(params, config, prompts, 8, sampling=Sampling(temperature=0))
-    with use_window_kernel("flex"):
-        flex = generate(params, config, prompts, 8, sampling=Sampling(temperature=0))
+    flex = generate(params, config, prompts, 8, sampling=Sampling(temperature=0), window_kernel="flex")
     assert flex == band
 
 

@@ -68,7 +68,7 @@ def test_fast_window_path_equals_dense_mask_in_values_and_grads(models, combo, m
     tokens, targets = tokens_from(1, 2, 30), tokens_from(2, 2, 30)
     fast_logits = forward(params, tokens, config)
     fast_grads = torch.func.grad(loss_fn)(params, tokens, targets, config)
-    monkeypatch.setattr(fgpt.model, "attention", lambda q, k, v, window, dropout_p=0.0:
+    monkeypatch.setattr(fgpt.model, "attention", lambda q, k, v, window, dropout_p=0.0, kernel="band":
                         dense_window_attention(q, k, v, window))
     torch.testing.assert_close(fast_logits, forward(params, tokens, config))
     dense_grads = torch.func.grad(loss_fn)(params, tokens, targets, config)
@@ -221,15 +221,29 @@ def test_a_variant_trains_alike_under_every_strategy(tmp_path, monkeypatch):
 @pytest.mark.parametrize("window", [3, (2, None, 5)])
 def test_dense_window_kernel_gives_the_band_kernels_loss_and_gradients(window):
     from fgpt import tree
-    from fgpt.attention import use_window_kernel
     config = GPTConfig(vocab_size=31, n_ctx=40, n_layer=3, n_head=4, n_embd=16, n_kv_head=2, pos_emb="rope",
                        window=window)
     params = init_params(config, seed=1)
     x = torch.randint(0, 31, (2, 40), generator=torch.Generator().manual_seed(0))
     grad = torch.func.grad_and_value(loss_fn)
     band = grad(params, x[:, :-1], x[:, 1:], config)
-    with use_window_kernel("dense"):
-        dense = grad(params, x[:, :-1], x[:, 1:], config)
+    dense = grad(params, x[:, :-1], x[:, 1:], config, window_kernel="dense")
     torch.testing.assert_close(dense[1], band[1], rtol=1e-5, atol=1e-6)
     for (path, a), b in zip(tree.flatten(dense[0]).items(), tree.flatten(band[0]).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=path)
+
+
+@pytest.mark.parametrize("kernel", ["band", "dense"])
+def test_a_strategy_computes_windowed_layers_with_the_kernel_it_was_given(kernel, monkeypatch):
+    import fgpt.attention
+    from fgpt.parallel import make_strategy
+    dense_calls = []
+    dense = fgpt.attention.dense_window_attention
+    monkeypatch.setattr(fgpt.attention, "dense_window_attention",
+                        lambda *a, **k: dense_calls.append(a[3]) or dense(*a, **k))
+    config = GPTConfig(vocab_size=31, n_ctx=16, n_layer=2, n_head=2, n_embd=8, window=(4, None))
+    strategy = make_strategy("single", window_kernel=kernel)
+    strategy.setup(init_params(config), config, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), precision="fp32")
+    x = torch.randint(0, 31, (2, 16), generator=torch.Generator().manual_seed(0))
+    strategy.forward_backward(x[:, :-1], x[:, 1:], scale=1.0, sync=True)
+    assert dense_calls == ([4] if kernel == "dense" else [])  # the windowed layer alone, once

@@ -78,9 +78,10 @@ def sample_rows(logits: torch.Tensor, samplings: Sequence[Sampling],
     return out
 
 
-def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache) -> torch.Tensor:
+def _step(params: dict, tokens: torch.Tensor, config: GPTConfig, cache: KVCache,
+          window_kernel: str = "band") -> torch.Tensor:
     """tokens [B, T] continue the cached sequence -> logits of the last position [B, V]."""
-    return forward(params, tokens, config, cache=cache, last_only=True)[:, -1]
+    return forward(params, tokens, config, cache=cache, last_only=True, window_kernel=window_kernel)[:, -1]
 
 
 def check_length(config: GPTConfig, longest: int, max_new_tokens: int, allow_past_ctx: bool = False) -> None:
@@ -111,11 +112,12 @@ def _validate(prompts: Sequence[Sequence[int]], config: GPTConfig, max_new_token
 def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
            sampling: Sampling = Sampling(), seed: int | None = None, num_samples: int = 1,
            eos_id: int | None = EOT, ignore_eos: bool = False, allow_past_ctx: bool = False,
-           vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+           vocab_limit: int | None = None, window_kernel: str = "band") -> Iterator[torch.Tensor]:
     """Yield, per step, the new token of every row ([len(prompts) * num_samples] ids; rows
     are prompt-major). A row that produced `eos_id` yields STOPPED afterwards; the stream
     ends when every row has stopped or after `max_new_tokens` steps. `vocab_limit`: sample
-    only ids below it (a vocabulary padded past the tokenizer's, e.g. 50304 for 50257)."""
+    only ids below it (a vocabulary padded past the tokenizer's, e.g. 50304 for 50257).
+    `window_kernel`: the kernel of windowed layers in the prefill, the one full-sequence pass."""
     _validate(prompts, config, max_new_tokens, num_samples)
     if vocab_limit is not None and not 0 < vocab_limit <= config.vocab_size:
         raise FgptError(f"vocab_limit must be in [1, {config.vocab_size}], got {vocab_limit}")
@@ -134,7 +136,7 @@ def stream(params: dict, config: GPTConfig, prompts: Sequence[Sequence[int]], ma
     stops = eos_id is not None and not ignore_eos
     stopped = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
-    logits = _step(params, tokens, config, cache)  # prefill: [N, V]
+    logits = _step(params, tokens, config, cache, window_kernel)  # prefill: [N, V]
     for i in range(max_new_tokens):
         new = sample(logits[:, :vocab_limit], sampling, generator)  # [N]
         yield new.masked_fill(stopped, STOPPED)

@@ -120,8 +120,9 @@ class KVCache:
         self.v[layer][:, :, idx] = v
         self.slot_pos[layer][idx] = slots
 
-    def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
-        """Attention of the new queries over everything cached plus the new keys; stores k, v."""
+    def attend(self, layer: int, q, k, v, window: int | None, kernel: str = "band") -> torch.Tensor:
+        """Attention of the new queries over everything cached plus the new keys; stores k, v.
+        `kernel`: the window kernel of a fresh prefill (fgpt.attention.attention's)."""
         T = q.shape[2]
         if self.length + T > self.capacity:
             raise FgptError(f"KV cache overflow: {self.length + T} slots > capacity {self.capacity}")
@@ -129,7 +130,7 @@ class KVCache:
         size = self.slot_pos[layer].numel()
         if self.length == 0 and not self.has_padding:  # fresh prefill: the training kernels
             self._write(layer, k, v, slots)
-            return attention(q, k, v, window)
+            return attention(q, k, v, window, kernel=kernel)
         if size == self.capacity or T == 1:  # nothing needed is overwritten: write, then read
             self._write(layer, k, v, slots)
             end = self.length + T if size == self.capacity else size

@@ -154,7 +154,7 @@ class CustomFSDP(DistributedStrategy):
                 self.blocks[i + 1].start_gather()  # overlaps this block's compute
             x_in = x.detach().requires_grad_(x.requires_grad)
             x = block(unit.layout.as_tree(leaves), x_in, self.config, layer=i, pos=pos, train=train,
-                      recompute=self.recompute)
+                      recompute=self.recompute, window_kernel=self.window_kernel)
             saved.append((leaves, x_in, x))  # x: [B, T, d]
             unit.free()
         x_last = x.detach().requires_grad_(x.requires_grad)

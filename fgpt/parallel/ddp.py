@@ -31,7 +31,7 @@ class DDP(WrappedModuleStrategy):
         if bf16_reduce:
             check_bf16_reduction(dist.get_backend())
         compute_dtype = None if precision == "fp32" else COMPUTE_DTYPES[precision]  # autocast for bf16
-        module = GPTModule(params, self.config, compute_dtype, self.recompute)
+        module = GPTModule(params, self.config, compute_dtype, self.recompute, self.window_kernel)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids, device_mesh=self.mesh)
         if bf16_reduce:  # divide by N, cast to bf16, all-reduce, cast back into the fp32 bucket

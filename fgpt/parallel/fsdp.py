@@ -17,7 +17,7 @@ class FSDP2(WrappedModuleStrategy):
     name = "fsdp"
 
     def wrap(self, params, precision):
-        module = GPTModule(params, self.config, recompute=self.recompute)
+        module = GPTModule(params, self.config, recompute=self.recompute, window_kernel=self.window_kernel)
         policy = MixedPrecisionPolicy(param_dtype=None if precision == "fp32" else COMPUTE_DTYPES[precision],
                                       reduce_dtype=self.reduce_dtype)  # --reduce-dtype
         for blk in module.h:

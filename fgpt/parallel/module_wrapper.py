@@ -52,30 +52,32 @@ def cast_to(node: dict, dtype: torch.dtype | None) -> dict:
 
 class Block(ParamTree):
     def __init__(self, node: dict, config: GPTConfig, layer: int, compute_dtype: torch.dtype | None,
-                 recompute: str = "none"):
+                 recompute: str = "none", window_kernel: str = "band"):
         super().__init__(node)
-        self.config, self.layer, self.compute_dtype, self.recompute = config, layer, compute_dtype, recompute
+        self.config, self.layer, self.compute_dtype = config, layer, compute_dtype
+        self.recompute, self.window_kernel = recompute, window_kernel
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         p = cast_to(self.tree(), self.compute_dtype)
         return block(p, x, self.config, layer=self.layer, pos=pos, train=self.training,
-                     recompute=self.recompute)
+                     recompute=self.recompute, window_kernel=self.window_kernel)
 
 
 class GPTModule(nn.Module):
     """tokens, targets -> mean loss, through fgpt.model's embed / block / head_loss.
     `compute_dtype` casts the parameters for compute (ddp's bf16); fsdp leaves it None
     because its MixedPrecisionPolicy gathers in bf16 already. `recompute`: what each block
-    computes again in backward (fgpt/recompute.py)."""
+    computes again in backward (fgpt/recompute.py); `window_kernel`: how windowed layers compute."""
 
     def __init__(self, params: dict, config: GPTConfig, compute_dtype: torch.dtype | None = None,
-                 recompute: str = "none"):
+                 recompute: str = "none", window_kernel: str = "band"):
         super().__init__()
         self.config, self.compute_dtype = config, compute_dtype
         self.root_keys = sorted(k for k in params if k != "h")  # ln_f, wpe, wte: one unit
         for key in self.root_keys:
             self.add_module(key, ParamTree(params[key]))
-        self.h = nn.ModuleList(Block(p, config, i, compute_dtype, recompute) for i, p in enumerate(params["h"]))
+        self.h = nn.ModuleList(Block(p, config, i, compute_dtype, recompute, window_kernel)
+                               for i, p in enumerate(params["h"]))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         root = cast_to({k: getattr(self, k).tree() for k in self.root_keys}, self.compute_dtype)

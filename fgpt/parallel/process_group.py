@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fgpt.errors import FgptError
 from fgpt.parallel.base import Strategy
+from fgpt.attention import check_window_kernel
 from fgpt.recompute import check as recompute_mode
 
 # A dead peer must end the job promptly; torchrun kills the survivors, and this bounds the
@@ -108,8 +109,9 @@ def restart_store() -> dist.Store | None:
 class DistributedStrategy(Strategy):
     """The rank / world / device / mesh bookkeeping every multi-process strategy shares."""
 
-    def __init__(self, device: str = "auto", recompute: str = "none", **_):
+    def __init__(self, device: str = "auto", recompute: str = "none", window_kernel: str = "band", **_):
         self.recompute = recompute_mode(recompute)  # --recompute: what each block recomputes
+        self.window_kernel = check_window_kernel(window_kernel)  # --window-kernel: how windowed layers compute
         self.device = pick_device(device)
         self._owns_group = join_process_group(self.name, self.device)
         if self.device.type == "cpu":

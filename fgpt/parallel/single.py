@@ -13,6 +13,7 @@ from fgpt.errors import FgptError, compiler_failure
 from fgpt.model import loss_fn
 from fgpt.parallel.base import Strategy, adamw_param_groups
 from fgpt.parallel.optimizer_state import SavedOptimizer, load_per_parameter, save_per_parameter, whole
+from fgpt.attention import check_window_kernel
 from fgpt.recompute import check as recompute_mode
 from fgpt.tree import COMPUTE_DTYPES
 
@@ -37,13 +38,14 @@ class SingleDevice(Strategy):
     name = "single"
 
     def __init__(self, device: str | torch.device = "cpu", compile: bool = False,
-                 reduce_dtype: str = "fp32", recompute: str = "none", **_):
+                 reduce_dtype: str = "fp32", recompute: str = "none", window_kernel: str = "band", **_):
         if reduce_dtype != "fp32":
             raise FgptError(f"--reduce-dtype {reduce_dtype}: strategy=single reduces no gradients "
                             "across ranks; use it with ddp, fsdp or custom-fsdp")
         self.device = torch.device(device)
         self.compile = compile
         self.recompute = recompute_mode(recompute)
+        self.window_kernel = check_window_kernel(window_kernel)
 
     def setup(self, params, config: GPTConfig, *, lr, weight_decay, betas, precision):
         self.config = config
@@ -84,7 +86,8 @@ class SingleDevice(Strategy):
         return self._compute_tree
 
     def _loss(self, params, tokens, targets):
-        return loss_fn(params, tokens, targets, self.config, train=True, recompute=self.recompute)
+        return loss_fn(params, tokens, targets, self.config, train=True, recompute=self.recompute,
+                       window_kernel=self.window_kernel)
 
     def forward_backward(self, tokens, targets, *, scale, sync):
         grads, loss = self._grads_and_loss(self._compute_params(), tokens.to(self.device),

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fgpt.attention import use_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.model import forward, init_params
 from fgpt.parallel import make_strategy
@@ -92,17 +91,16 @@ def train_relay(task: RelayTask, config: GPTConfig, *, steps: int, batch_size: i
                 lr: float = 3e-3) -> dict:
     """The single-device strategy on fresh random batches (warmup, then cosine); final params.
     The probe asks what the masks let through, so it runs the dense-mask kernel (KERNEL)."""
-    strategy = make_strategy("single", device="cpu")
+    strategy = make_strategy("single", device="cpu", window_kernel=KERNEL)
     strategy.setup(init_params(config, seed=seed), config, lr=lr, weight_decay=0.0,
                    betas=(0.9, 0.98), precision="fp32")
     gen = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 20)
     cap = training_distance(task, config)
-    with use_window_kernel(KERNEL):
-        for step in range(steps):
-            tokens, targets, _ = task.batch(batch_size, gen, max_distance=cap)
-            optimizer_step(strategy, [(tokens, targets)], lr=lr_at(step, lr=lr, min_lr=lr / 10, warmup=warmup,
-                                                                    total=steps), grad_clip=1.0, step=step)
+    for step in range(steps):
+        tokens, targets, _ = task.batch(batch_size, gen, max_distance=cap)
+        optimizer_step(strategy, [(tokens, targets)], lr=lr_at(step, lr=lr, min_lr=lr / 10, warmup=warmup,
+                                                                total=steps), grad_clip=1.0, step=step)
     return strategy.full_params()
 
 
@@ -113,8 +111,7 @@ def accuracy_by_distance(task: RelayTask, params: dict, config: GPTConfig, *, n_
     1..seq_len-1, and how many reads each distance had."""
     gen = torch.Generator().manual_seed(seed)
     tokens, targets, distance = task.batch(n_seqs, gen)
-    with use_window_kernel(KERNEL):
-        guess = forward(params, tokens, config)[..., :task.n_values].argmax(-1)  # [B, T]
+    guess = forward(params, tokens, config, window_kernel=KERNEL)[..., :task.n_values].argmax(-1)  # [B, T]
     reads = targets >= 0
     hit = (guess == targets) & reads
     D = task.seq_len

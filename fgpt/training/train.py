@@ -26,7 +26,6 @@ from typing import NamedTuple
 import torch
 
 from fgpt import data, tree
-from fgpt.attention import use_window_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
@@ -172,10 +171,10 @@ def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult
     e.g. the study's restricted-vocabulary corpus)."""
     validate(run)
     strategy = make_strategy(run.strategy, device=resolve_device(run.device), compile=run.compile == "on",
-                             reduce_dtype=run.reduce_dtype, recompute=run.recompute)
+                             reduce_dtype=run.reduce_dtype, recompute=run.recompute, window_kernel=run.window_kernel)
     try:
         run = resolve_precision(run, strategy)
-        with stop_requests() as stop, use_window_kernel(run.window_kernel):
+        with stop_requests() as stop:
             return _train(run, strategy, stop, corpus)
     finally:
         strategy.close()

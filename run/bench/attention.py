@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, forward, init_params
-from fgpt.attention import (causal_attention, dense_window_attention, sliding_window_attention,
-                            use_window_kernel)
+from fgpt.attention import causal_attention, dense_window_attention, sliding_window_attention
 from fgpt import measure
 from fgpt.flex_window import flex_window_attention
 from fgpt.inference.kv_cache import KVCache, cached_attention
@@ -155,8 +154,8 @@ def model_forward(lengths, flex: bool) -> None:
             t_full = best_time(lambda: forward(params, tokens, full))
             t_swa = best_time(lambda: forward(params, tokens, swa), 5)
             if flex:
-                with use_window_kernel("flex"):  # the warm-up call compiles
-                    t_flex = best_time(lambda: forward(params, tokens, swa), 5)
+                # the warm-up call compiles
+                t_flex = best_time(lambda: forward(params, tokens, swa, window_kernel="flex"), 5)
         growth = f"{t_swa / prev:.2f}" if prev else "-"
         rows.append([str(T), t_full * 1e3, t_swa * 1e3, t_full / t_swa, growth])
         if flex:

@@ -138,15 +138,6 @@ def run_strategies(budget: Budget, scale: Scale) -> list[tuple[str, str, str]]:
     return rows
 
 
-def with_window_kernel(step, kernel: str):
-    from fgpt.attention import use_window_kernel
-
-    def run(x, y):
-        with use_window_kernel(kernel):
-            step(x, y)
-    return run
-
-
 def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tuple[str, str, str]]:
     from fgpt import GPTConfig
     from fgpt.training.metrics import flops_per_token, peak_flops
@@ -169,7 +160,7 @@ def run_training_speed(budget: Budget, scale: Scale, compile: bool) -> list[tupl
     band = f"fgpt {precision}, window {scale.window}, band kernel"
     for kernel in ("band", "flex"):
         contenders[f"fgpt {precision}, window {scale.window}, {kernel} kernel"] = (
-            lambda kernel=kernel: with_window_kernel(fgpt_step(windowed, precision, device), kernel))
+            lambda kernel=kernel: fgpt_step(windowed, precision, device, window_kernel=kernel))
     rows, rate = [], {}
     for name, build in contenders.items():
         label = f"train {scale.model} {precision} {B}x{T}: {name}"

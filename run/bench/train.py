@@ -31,8 +31,9 @@ from run.bench import train as bench_train  # this module by its import name, fo
 OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
 
-def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = False, recompute: str = "none"):
-    strategy = SingleDevice(device, compile=compile, recompute=recompute)
+def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = False, recompute: str = "none",
+              window_kernel: str = "band"):
+    strategy = SingleDevice(device, compile=compile, recompute=recompute, window_kernel=window_kernel)
     strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
 
     def step(x, y):
