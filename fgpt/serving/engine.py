@@ -8,7 +8,8 @@ every row keeps its own left padding, so positions start at 0 in each). Then eve
 advances one token per step, each with its own sampling settings and generator
 (`fgpt.inference.generate.sample_rows`), and leaves when it is done or cancelled (a client that went
 away, a stop string met). Live rows stay packed at the front of the cache, so a step costs
-what its live rows need: the weights are read once for all of them.
+what its live rows need: the weights are read once for all of them, where float weights are
+stored for products over several rows (`fgpt.inference.batched`, measured per machine).
 
 The cache's slots are shared by all rows; a prompt longer than the cursor shifts the others
 right to make room, and when the cursor reaches the end the slots before every live row's
@@ -28,6 +29,7 @@ import torch
 
 from fgpt.config import GPTConfig
 from fgpt.data.tokenizer import EOT
+from fgpt.inference.batched import batched_layout
 from fgpt.inference.generate import Sampling, sample_rows
 from fgpt.inference.kv_cache import KVCache
 from fgpt.model import head, trunk
@@ -100,6 +102,7 @@ class Engine:
     left: dict = field(default_factory=lambda: {"stop": 0, "length": 0, "cancelled": 0})  # rows, by why they left
 
     def __post_init__(self):
+        self.params = batched_layout(self.params, self.max_batch)
         ln_f = self.params["ln_f"]["weight"]
         self.dtype, self.device = ln_f.dtype, ln_f.device
         self.cache = KVCache.allocate(self.config, self.max_batch, self.config.n_ctx, dtype=self.dtype,

@@ -1,0 +1,138 @@
+"""Weights for decode steps over several rows at once (a continuous batch, fgpt/serving).
+
+A step over one row is a matrix-vector product per weight, bound by reading the weight once;
+`decode_layout` stores each weight for that. A step over M rows could read each weight once
+for all M rows, but torch's default float GEMM is not built for a handful of rows: on the CPUs
+measured here 8 fp32 rows cost about three times one row (docs/performance.md). oneDNN's
+linear over a weight reordered once into its own blocked layout reads it once per step.
+
+`BatchedMatrix` keeps both: the plain weight for steps of few rows, the reordered copy (made
+on first use, so while both live the weight takes twice its bytes) from `min_rows` rows up.
+Where the switch pays, if anywhere, is measured once per (dtype, shape) per machine, as the
+decode layouts are (`measured_once`); shapes, values and results stay those of the plain
+product, up to the float rounding of another summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import optree
+import torch
+import torch.nn.functional as F
+
+from fgpt import tree
+from fgpt.inference.decode_layout import copies_past_the_caches, measured_once, on_one_thread
+from fgpt.measure import interleaved_best
+
+NEVER = "never"
+
+
+def available() -> bool:
+    """oneDNN's reorder and linear ops are in this torch build (x86 and most ARM CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _reorder(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """W [in, out] as oneDNN's opaque blocked [out, in] weight, laid out for `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), rows)
+
+
+def _onednn_linear(x: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, reordered, bias, "none", [], "")
+
+
+@dataclass(frozen=True, eq=False)
+class BatchedMatrix:
+    """W [in, out] (x @ W), multiplied by the plain product below `min_rows` rows and by
+    oneDNN's over its copy reordered for `max_rows` rows from there up. Used as the float
+    weight it wraps is: `linear`; as the tied embedding table (then W = wte.T), `rows` and
+    `unembed`."""
+    weight: torch.Tensor  # [in, out], in its decode layout
+    min_rows: int
+    max_rows: int
+
+    @functools.cached_property
+    def reordered(self) -> torch.Tensor:
+        return _reorder(self.weight, self.max_rows)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, in] @ W (+ bias) -> [M, out]."""
+        if x.shape[0] >= self.min_rows:
+            return _onednn_linear(x, self.reordered, bias)
+        return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1)
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight.T)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+optree.register_pytree_node(BatchedMatrix, lambda m: ((m.weight,), (m.min_rows, m.max_rows), ("weight",)),
+                            lambda rows, children: BatchedMatrix(*children, *rows), namespace=tree.NAMESPACE)
+
+
+def _row_counts(max_rows: int) -> list[int]:
+    """The batch sizes measured: 2, 4, 8, ... up to max_rows (and max_rows itself)."""
+    counts = [m for m in (2 ** k for k in range(1, 12)) if m < max_rows]
+    return counts + [max_rows] if max_rows >= 2 else []
+
+
+def _measure(shape: tuple[int, int], dtype: torch.dtype, max_rows: int) -> str:
+    """Plain against reordered at each row count up to max_rows: `first_winning_rows`."""
+    K, N = shape
+    plain = [torch.full(shape, 0.01, dtype=dtype) for _ in range(copies_past_the_caches(K * N * dtype.itemsize))]
+    packed = [_reorder(w, max_rows) for w in plain]
+    faster = {}
+    for M in _row_counts(max_rows):
+        x = torch.full((M, K), 0.5, dtype=dtype)
+        best = interleaved_best({"plain": [lambda w=w: x @ w for w in plain],
+                                 "reordered": [lambda p=p: _onednn_linear(x, p, None) for p in packed]}, 5)
+        faster[M] = best["reordered"] < best["plain"]
+    return first_winning_rows(faster)
+
+
+def first_winning_rows(faster: dict[int, bool]) -> str:
+    """The smallest row count from which the reordered product won at every measured count
+    (faster[M]: it won at M rows), or NEVER."""
+    winners = [M for M in faster if all(won for m, won in faster.items() if m >= M)]
+    return str(min(winners)) if winners else NEVER
+
+
+@functools.cache
+def switch_rows(shape: tuple[int, int], dtype: torch.dtype, max_rows: int) -> int | None:
+    """From how many rows BatchedMatrix should use the reordered product, for steps of up to
+    max_rows rows; None where it never pays (or oneDNN is missing). Measured once per machine,
+    on one thread (the reason is decode_layout's)."""
+    if max_rows < 2 or not available():
+        return None
+    choices = (*map(str, _row_counts(max_rows)), NEVER)
+    choice = measured_once("batched products", f"batched {dtype} {shape} up to {max_rows} rows",
+                           lambda: on_one_thread(lambda: _measure(shape, dtype, max_rows)), choices)
+    return None if choice == NEVER else int(choice)
+
+
+def batched_layout(params: dict, max_rows: int) -> dict:
+    """The same (decode-layout) parameters with each float matrix of a decode step, block
+    linears and the tied head, a BatchedMatrix where the reordered product pays for steps of
+    up to max_rows rows on this machine. CPU float trees only; others come back unchanged."""
+
+    def wrap(w):  # w used as x @ w, [in, out]
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.device.type != "cpu":
+            return w
+        rows = switch_rows(tuple(w.shape), w.dtype, max_rows)
+        return w if rows is None else BatchedMatrix(w, rows, max_rows)
+
+    def block(b: dict) -> dict:
+        return {**b, **{part: {k: {**v, "weight": wrap(v["weight"])} for k, v in b[part].items()}
+                        for part in ("attn", "mlp")}}
+
+    wte = params["wte"]["weight"]
+    head = wrap(wte.T) if isinstance(wte, torch.Tensor) else wte
+    head = head if isinstance(head, BatchedMatrix) else wte
+    return {**params, "h": [block(b) for b in params["h"]], "wte": {**params["wte"], "weight": head}}

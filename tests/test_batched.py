@@ -1,0 +1,99 @@
+"""Weights for decode steps over several rows (fgpt/inference/batched.py): the reordered
+oneDNN product against the plain one, the rule that picks where it starts, and a batched
+model against the plain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fgpt import GPTConfig, forward, init_params, tree
+from fgpt.inference import batched
+from fgpt.inference.batched import BatchedMatrix, batched_layout, first_winning_rows
+from fgpt.inference.generate import Sampling, generate
+from fgpt.inference.kv_cache import KVCache
+
+needs_onednn = pytest.mark.skipif(not batched.available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@given(rows=st.integers(1, 12), n_in=st.integers(1, 40), n_out=st.integers(1, 40), min_rows=st.integers(2, 8))
+@settings(max_examples=25, deadline=None)
+def test_the_product_equals_the_plain_one_on_both_sides_of_min_rows(dtype, tol, rows, n_in, n_out, min_rows):
+    gen = torch.Generator().manual_seed(rows * 1000 + n_in * 10 + n_out)
+    w, bias = torch.randn(n_in, n_out, generator=gen).to(dtype), torch.randn(n_out, generator=gen).to(dtype)
+    x = torch.randn(2, rows, n_in, generator=gen).to(dtype)
+    m = BatchedMatrix(w, min_rows, max_rows=8)
+    torch.testing.assert_close(m.linear(x, bias), x @ w + bias, rtol=tol, atol=tol)
+    torch.testing.assert_close(m.unembed(x), x @ w, rtol=tol, atol=tol)
+    tokens = torch.randint(0, n_out, (3,), generator=gen)
+    assert torch.equal(m.rows(tokens), w.T[tokens])  # as the tied table: rows of W.T
+
+
+@pytest.mark.parametrize("faster, expected", [
+    ({2: True, 4: True, 8: True}, "2"),
+    ({2: False, 4: True, 8: True}, "4"),
+    ({2: True, 4: False, 8: True}, "8"),  # a loss at 4 rows: only from 8 up is it faster throughout
+    ({2: True, 4: True, 8: False}, batched.NEVER),  # slower at the most rows: never
+    ({}, batched.NEVER),
+])
+def test_the_switch_is_where_the_reordered_product_wins_at_every_larger_count(faster, expected):
+    assert first_winning_rows(faster) == expected
+
+
+def tiny() -> tuple[GPTConfig, dict]:
+    config = GPTConfig(vocab_size=96, n_ctx=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos_emb="rope",
+                       window=(8, None))
+    return config, init_params(config, seed=4)
+
+
+@pytest.fixture
+def always(monkeypatch):
+    """The reordered product from 2 rows up, whatever this machine measures."""
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: 2)
+
+
+@needs_onednn
+def test_a_batched_model_gives_the_plain_models_logits_and_greedy_tokens(always):
+    config, params = tiny()
+    fast = batched_layout(params, 4)
+    wrapped = [leaf for leaf in tree.leaves(fast, is_leaf=lambda x: isinstance(x, BatchedMatrix))
+               if isinstance(leaf, BatchedMatrix)]
+    assert len(wrapped) == 4 * config.n_layer + 1  # every block linear and the head
+    tokens = torch.randint(0, 96, (4, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(forward(fast, tokens, config), forward(params, tokens, config), rtol=1e-5, atol=1e-5)
+    cache, plain_cache = (KVCache.allocate(config, 4, 24) for _ in range(2))
+    forward(fast, tokens, config, cache=cache)
+    forward(params, tokens, config, cache=plain_cache)
+    step = tokens[:, -1:]
+    torch.testing.assert_close(forward(fast, step, config, cache=cache), forward(params, step, config, cache=plain_cache),
+                               rtol=1e-5, atol=1e-5)
+    prompts = [row[:6].tolist() for row in tokens]
+    greedy = dict(sampling=Sampling(temperature=0), ignore_eos=True)
+    assert generate(fast, config, prompts, 8, **greedy) == generate(params, config, prompts, 8, **greedy)
+
+
+@needs_onednn
+def test_tree_functions_see_the_plain_weight_and_rebuild_the_matrix(always):
+    config, params = tiny()
+    fast = batched_layout(params, 4)
+    flat = tree.flatten(fast)  # a wrapped weight's one leaf is the plain matrix (the head: wte.T)
+    assert len(flat) == len(tree.flatten(params))
+    for path, value in tree.flatten(params).items():
+        got = flat.get(path, flat.get(path + ".weight"))
+        assert torch.equal(got if got.shape == value.shape else got.T, value), path
+    half = tree.cast(fast, torch.bfloat16)
+    m = half["h"][0]["mlp"]["c_fc"]["weight"]
+    assert isinstance(m, BatchedMatrix) and m.weight.dtype == torch.bfloat16 and (m.min_rows, m.max_rows) == (2, 4)
+    x = torch.randn(3, config.n_embd).bfloat16()
+    torch.testing.assert_close(m.matmul(x), x @ m.weight, rtol=2e-2, atol=2e-2)  # re-reordered from bf16
+
+
+def test_nothing_changes_where_it_never_pays_or_where_one_row_is_all(monkeypatch):
+    config, params = tiny()
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: None)
+    assert all(a is b for a, b in zip(tree.leaves(batched_layout(params, 8)), tree.leaves(params)))
+    monkeypatch.undo()
+    assert batched.switch_rows((32, 32), torch.float32, 1) is None  # one row: nothing measured
