@@ -28,7 +28,8 @@ def test_the_rehearsal_runs_every_check_on_the_cpu(capsys, monkeypatch):
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert code == 0 and not [name for name, (status, _) in rows.items() if status == "FAIL"], out
-    assert rows["CUDA tests (tests/test_cuda.py)"][0] == "ok"  # all skipped without CUDA, none failed
+    status, detail = rows["CUDA tests (tests/test_cuda.py)"]
+    assert status == "skipped" and " skipped" in detail and "failed" not in detail  # no CUDA here: all skip
     for strategy in gpu_check.STRATEGIES:
         status, detail = rows[f"{strategy} on gloo x2 vs single"]
         assert status == "ok" and detail.startswith("6 steps"), detail
@@ -39,3 +40,18 @@ def test_the_rehearsal_runs_every_check_on_the_cpu(capsys, monkeypatch):
     decode = [name for name, (status, _) in rows.items() if name.startswith("decode ") and status == "ok"]
     assert {"decode tiny batch 1: fgpt float32", "decode tiny batch 1: transformers float32",
             "decode tiny batch 1: fgpt int8"} <= set(decode)
+
+
+@pytest.mark.parametrize("cuda, code, last, status", [
+    (True, 0, "12 passed in 30.1s", "ok"),
+    (True, 0, "12 skipped in 1.0s", "FAIL"),  # a GPU where every CUDA test skipped: not a pass
+    (False, 0, "12 skipped in 1.0s", "skipped"),  # the rehearsal: nothing could run
+    (True, 1, "1 failed, 11 passed in 30.1s", "FAIL"),
+])
+def test_the_cuda_tests_row_says_what_ran(cuda, code, last, status, monkeypatch):
+    import subprocess
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(gpu_check, "run_group",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, code, f"..\n{last}\n", ""))
+    budget = gpu_check.Budget(480)
+    assert gpu_check.run_tests(budget, None) == [("CUDA tests (tests/test_cuda.py)", status, last)]
