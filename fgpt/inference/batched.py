@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
-from fgpt.inference.decode_layout import copies_past_the_caches, measured_once, on_one_thread
+from fgpt.inference.decode_layout import copies_past_the_caches, map_step_matrices, measured_once, on_one_thread
 from fgpt.measure import interleaved_best
 
 NEVER = "never"
@@ -122,17 +122,9 @@ def batched_layout(params: dict, max_rows: int) -> dict:
     linears and the tied head, a BatchedMatrix where the reordered product pays for steps of
     up to max_rows rows on this machine. CPU float trees only; others come back unchanged."""
 
-    def wrap(w):  # w used as x @ w, [in, out]
+    def wrap(w):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.device.type != "cpu":
             return w
         rows = switch_rows(tuple(w.shape), w.dtype, max_rows)
         return w if rows is None else BatchedMatrix(w, rows, max_rows)
-
-    def block(b: dict) -> dict:
-        return {**b, **{part: {k: {**v, "weight": wrap(v["weight"])} for k, v in b[part].items()}
-                        for part in ("attn", "mlp")}}
-
-    wte = params["wte"]["weight"]
-    head = wrap(wte.T) if isinstance(wte, torch.Tensor) else wte
-    head = head if isinstance(head, BatchedMatrix) else wte
-    return {**params, "h": [block(b) for b in params["h"]], "wte": {**params["wte"], "weight": head}}
+    return map_step_matrices(params, wrap)

@@ -141,15 +141,23 @@ def decode_layout(params: dict) -> dict:
     tied head) stored in its measured fastest layout. int8 matrices keep the layout their
     kernel reads (fgpt/inference/int8.py)."""
 
-    def relayout(w):  # w used as x @ w, [in, out]
+    def relayout(w):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             return w
         return _stored(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
+    return map_step_matrices(params, relayout)
+
+
+def map_step_matrices(params: dict, fn: Callable) -> dict:
+    """params with fn(W) in place of every matrix W a decode step multiplies by as x @ W
+    [in, out]: the block linears, and the tied head (W = wte.T; a result that is still a
+    tensor goes back transposed, as wte)."""
 
     def block(b: dict) -> dict:
-        return {**b, **{part: {k: {**v, "weight": relayout(v["weight"])} for k, v in b[part].items()}
+        return {**b, **{part: {k: {**v, "weight": fn(v["weight"])} for k, v in b[part].items()}
                         for part in ("attn", "mlp")}}
 
     wte = params["wte"]["weight"]
-    head = relayout(wte.T).T if isinstance(wte, torch.Tensor) else wte  # the head computes x @ wte.T
+    head = fn(wte.T) if isinstance(wte, torch.Tensor) else wte
+    head = head.T if isinstance(head, torch.Tensor) else head
     return {**params, "h": [block(b) for b in params["h"]], "wte": {**params["wte"], "weight": head}}
