@@ -25,7 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fgpt.atomic import atomic_write_text
+from fgpt.atomic import atomic_write_text, json_safe
 from fgpt.errors import FgptError, require_extra
 from fgpt.measure import machine, machine_line
 from fgpt.outdir import LOCK_FILE, exclusive
@@ -97,8 +97,9 @@ def read_results(path: str) -> dict:
 
 
 def save_results(asset_dir: Path, results: dict) -> None:
+    """Strict JSON (NaN, say of a single seed's spread, as null): other programs read it too."""
     asset_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(asset_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(asset_dir / "results.json", json.dumps(json_safe(results), indent=1, allow_nan=False) + "\n")
 
 
 def dry_run(budget: Budget, launch: Launch, data_spec: str | None) -> None:

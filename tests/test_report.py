@@ -421,6 +421,14 @@ def test_relay_status_reads_the_measured_edge_not_a_mean():
 
 
 @pytest.mark.slow  # the quick study through ddp on 2 gloo ranks
+def test_results_json_is_strict_json_even_where_a_number_is_nan(tmp_path):
+    from run.report import save_results
+    save_results(tmp_path, {"spread": float("nan"), "ratios": [1.5, float("inf")]})
+    text = (tmp_path / "results.json").read_text()
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert strict == {"spread": None, "ratios": [1.5, None]}
+
+
 def test_render_rebuilds_the_same_report_from_results_json(quick_report, tmp_path):
     from run.report import main
     out, markdown, _ = quick_report
