@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
-from fgpt.inference.decode_layout import copies_past_the_caches, map_step_matrices, measured_once, on_one_thread
+from fgpt.inference.decode_layout import (copies_past_the_caches, fastest_layout, map_step_matrices,
+                                          measured_once, on_one_thread, stored_as)
 from fgpt.measure import interleaved_best
 
 NEVER = "never"
@@ -84,10 +85,17 @@ def _row_counts(max_rows: int) -> list[int]:
 
 
 def _measure(shape: tuple[int, int], dtype: torch.dtype, max_rows: int) -> str:
-    """Plain against reordered at each row count up to max_rows: `first_winning_rows`."""
+    """Plain (in its decode layout) against reordered at each row count up to max_rows:
+    `first_winning_rows`. NEVER where oneDNN refuses the dtype here (bf16 on some CPUs)."""
     K, N = shape
-    plain = [torch.full(shape, 0.01, dtype=dtype) for _ in range(copies_past_the_caches(K * N * dtype.itemsize))]
-    packed = [_reorder(w, max_rows) for w in plain]
+    layout = fastest_layout(shape, dtype)
+    plain = [stored_as(torch.full(shape, 0.01, dtype=dtype), layout)
+             for _ in range(copies_past_the_caches(K * N * dtype.itemsize))]
+    try:
+        packed = [_reorder(w, max_rows) for w in plain]
+        _onednn_linear(torch.ones(1, K, dtype=dtype), packed[0], None)
+    except RuntimeError:
+        return NEVER
     faster = {}
     for M in _row_counts(max_rows):
         x = torch.full((M, K), 0.5, dtype=dtype)

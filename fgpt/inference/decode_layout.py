@@ -32,7 +32,7 @@ _MAX_COPIES = 64
 _chosen: dict[tuple, str] = {}  # (device, dtype, (in, out)) -> IN_OUT | OUT_IN
 
 
-def _stored(w: torch.Tensor, layout: str) -> torch.Tensor:
+def stored_as(w: torch.Tensor, layout: str) -> torch.Tensor:
     """W [in, out] with the same values, its memory rows along `layout`."""
     return w.contiguous() if layout == IN_OUT else w.T.contiguous().T
 
@@ -131,7 +131,7 @@ def _measure(shape, dtype, device, repeats) -> str:
     K, N = shape
     copies = copies_past_the_caches(K * N * torch.empty((), dtype=dtype).element_size())
     x = torch.full((1, K), 0.5, dtype=dtype, device=device)
-    candidates = {layout: [lambda w=_stored(torch.full(shape, 0.01, dtype=dtype, device=device), layout): x @ w
+    candidates = {layout: [lambda w=stored_as(torch.full(shape, 0.01, dtype=dtype, device=device), layout): x @ w
                            for _ in range(copies)] for layout in (IN_OUT, OUT_IN)}
     return fastest(candidates, repeats, device)
 
@@ -144,7 +144,7 @@ def decode_layout(params: dict) -> dict:
     def relayout(w):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             return w
-        return _stored(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
+        return stored_as(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
     return map_step_matrices(params, relayout)
 
 

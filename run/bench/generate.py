@@ -162,7 +162,7 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
     """One decode step's products (every block weight, then the head), per kernel: (seconds
     for all of them, bytes they read), best of `repeats`, kernels interleaved; and the int8
     matrices of fgpt's own picks."""
-    from fgpt.inference.decode_layout import _stored, fastest_layout
+    from fgpt.inference.decode_layout import fastest_layout, stored_as
     config = GPTConfig.preset(model)
     params = init_params(config, seed=0)
     weights = [p["weight"] for b in params["h"] for part in ("attn", "mlp") for p in b[part].values()]
@@ -170,7 +170,7 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
     x = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
     kernels = {}
     for name, dtype in FLOAT_DTYPES.items():
-        stored = [_stored(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
+        stored = [stored_as(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
         xs = {k: v.to(dtype) for k, v in x.items()}
         kernels[f"{name}, measured layouts"] = ([lambda w=w, xs=xs: xs[w.shape[0]] @ w for w in stored],
                                                  sum(w.numel() * w.element_size() for w in stored))
