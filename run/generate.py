@@ -20,6 +20,7 @@ from fgpt.checkpoint import load_checkpoint
 from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.errors import FgptError, check_at_least
 from fgpt.inference import int8
+from fgpt.inference.batched import batched_layout
 from fgpt.inference.generate import Sampling, STOPPED, check_length, decode_layout, generate, stream
 from fgpt.tree import FLOAT_DTYPES
 from run._cli import ArgumentParser, checkpoint_or_default, main_guard, summary
@@ -73,6 +74,8 @@ def sample_and_print(args: argparse.Namespace) -> None:
     if args.dtype == "int8":
         params = int8.quantize(params)
     params = decode_layout(params)
+    if args.num_samples > 1 and not args.stream:  # the samples decode together, one row each
+        params = batched_layout(params, args.num_samples)
     print(f"loaded {path} ({n_params:,} parameters, {args.dtype}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
 

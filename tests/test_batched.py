@@ -98,3 +98,25 @@ def test_nothing_changes_where_it_never_pays_or_where_one_row_is_all(monkeypatch
     assert all(a.data_ptr() == b.data_ptr() and torch.equal(a, b) for a, b in same)  # the same tensors, no copy
     monkeypatch.undo()
     assert batched.switch_rows((32, 32), torch.float32, 1) is None  # one row: nothing measured
+
+
+@needs_onednn
+def test_run_generate_decodes_its_samples_with_batched_weights_and_prints_the_same_text(always, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import run.generate
+    from fgpt import save_checkpoint
+    from fgpt.data.tokenizer import gpt2_encoding
+    config = GPTConfig(vocab_size=50257, n_ctx=32, n_layer=2, n_head=2, n_embd=16)
+    params = init_params(config, seed=2)
+    save_checkpoint(tmp_path, config, params)
+    calls = []
+    product = batched._onednn_linear
+    monkeypatch.setattr(batched, "_onednn_linear", lambda *a: calls.append(a[0].shape[0]) or product(*a))
+    run.generate.main(["--checkpoint", str(tmp_path), "--prompt", "Hello there", "--max-new-tokens", "6",
+                       "--num-samples", "3", "--seed", "5", "--top-k", "20", "--ignore-eos"])
+    printed = capsys.readouterr().out
+    assert calls and max(calls) >= 3  # the three samples' steps ran the batched product
+    enc = gpt2_encoding()
+    rows = generate(params, config, [enc.encode("Hello there")], 6, num_samples=3, seed=5,
+                    sampling=Sampling(top_k=20), ignore_eos=True, vocab_limit=enc.n_vocab)
+    assert printed == "\n\n".join(enc.decode(row) for row in rows) + "\n"  # samples apart by a blank line
