@@ -92,6 +92,7 @@ class Engine:
     params: dict
     config: GPTConfig
     max_batch: int = 8
+    batched_weights: bool = True  # float weights for products over several rows (fgpt.inference.batched)
     vocab_limit: int | None = None  # sample only ids below it (a padded vocabulary)
     eos_id: int = EOT
     _queue: queue.Queue = field(default_factory=queue.Queue)
@@ -102,7 +103,8 @@ class Engine:
     left: dict = field(default_factory=lambda: {"stop": 0, "length": 0, "cancelled": 0})  # rows, by why they left
 
     def __post_init__(self):
-        self.params = batched_layout(self.params, self.max_batch)
+        if self.batched_weights:
+            self.params = batched_layout(self.params, self.max_batch)
         ln_f = self.params["ln_f"]["weight"]
         self.dtype, self.device = ln_f.dtype, ln_f.device
         self.cache = KVCache.allocate(self.config, self.max_batch, self.config.n_ctx, dtype=self.dtype,

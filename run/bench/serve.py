@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(1, 4, 8, 16, 1, 4, ...); the best round counts (the least disturbed by other work)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    ap.add_argument("--plain-weights", action="store_true",
+                    help="the engine without batched weights (fgpt.inference.batched): what they change")
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice); on "
                     "cores shared with other work, 1 thread spares every op a barrier wait")
     ap.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the child: serve, then exit
@@ -65,7 +67,7 @@ def serve_random(args: argparse.Namespace) -> None:
         params = tree.cast(params, FLOAT_DTYPES[args.dtype])
     params = decode_layout(params)
     batch = max(int(s) for s in args.streams.split(","))
-    engine = Engine(params, config, max_batch=batch, vocab_limit=50257)
+    engine = Engine(params, config, max_batch=batch, vocab_limit=50257, batched_weights=not args.plain_weights)
     app = make_app([Model(args.model, engine, config.n_ctx, config.vocab_size, 0)])
     print("ready", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=args.serve_port, log_level="warning")
@@ -153,7 +155,8 @@ def main(argv=None) -> None:
         child.terminate()
         child.wait(30)
     base = rows[0]["tok_s"]
-    print(f"completion server, {args.model} shapes, random weights, {args.dtype}, greedy, prompt "
+    weights = "plain weights" if args.plain_weights else "batched weights where measured faster"
+    print(f"completion server, {args.model} shapes, random weights, {args.dtype} ({weights}), greedy, prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens per request, {args.requests} requests per "
           f"stream back to back, max batch {max(levels)}, loopback HTTP + SSE; best of {max(1, args.rounds)} "
           f"interleaved rounds")
