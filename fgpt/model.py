@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from fgpt import tree
-from fgpt.attention import attention
+from fgpt.attention import attention, check_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.cross_entropy import IGNORE, linear_cross_entropy
 from fgpt.errors import FgptError
@@ -186,7 +186,7 @@ def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTC
     Past one chunk of rows, a chunk at a time (fgpt.cross_entropy): the [B, T, V] logits
     never exist whole."""
     x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
-    if not isinstance(params["wte"]["weight"], torch.Tensor):  # int8 (evaluation only): its own product
+    if not isinstance(params["wte"]["weight"], torch.Tensor):  # int8 or batched (no gradients): its own product
         logits = unembed(params["wte"], x)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
     return linear_cross_entropy(x.flatten(0, 1), params["wte"]["weight"], targets.flatten())
@@ -196,6 +196,7 @@ def trunk(params: dict, tokens: torch.Tensor, config: GPTConfig, *, cache: KVCac
           train: bool = False, recompute: str = "none", window_kernel: str = "band") -> torch.Tensor:
     """embed, then every block: tokens [B, T] -> the residual stream [B, T, d] the head reads.
     With `cache`, the tokens continue the cached sequence and their keys / values join it."""
+    check_window_kernel(window_kernel)  # also where no window hides anything on this input
     x, pos = embed(params, tokens, config, cache=cache, train=train)
     for i, p in enumerate(params["h"]):
         x = block(p, x, config, layer=i, pos=pos, cache=cache, train=train, recompute=recompute,

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgpt import GPTConfig, forward, load_checkpoint, save_checkpoint
+from fgpt import GPTConfig, forward, load_checkpoint, save_checkpoint, tree
 from fgpt.data.tokenizer import EOT, gpt2_encoding
 from fgpt.inference.generate import Sampling, decode_layout, generate
 from helpers import wide_params
@@ -253,11 +253,15 @@ def test_stream_pieces_join_to_the_plain_text_and_stop_strings(server, reference
     wait_idle(state)
 
 
-def test_engine_rows_join_shift_and_leave_as_if_alone():
+@pytest.mark.parametrize("batched_weights", [False, True])
+def test_engine_rows_join_shift_and_leave_as_if_alone(batched_weights, monkeypatch):
     """The engine without HTTP, on a short context and a small batch so that rows queue, join a
     running batch, shift the cache both ways and leave in any order: each row's tokens equal
-    fgpt.inference.generate for it alone (greedy and sampled; learned and rotary + windowed layers)."""
+    fgpt.inference.generate for it alone (greedy and sampled; learned and rotary + windowed layers),
+    with plain weights and with batched ones (from 2 rows up, whatever this machine measures)."""
     import queue
+    from fgpt.inference import batched
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: 2 if batched.available() else None)
     from fgpt.inference.kv_cache import KVCache
     from fgpt.serving.engine import DoneEvent, Engine, Job, Row
     shifts = []
@@ -271,7 +275,10 @@ def test_engine_rows_join_shift_and_leave_as_if_alone():
                    GPTConfig(vocab_size=300, n_ctx=40, n_layer=2, n_head=4, n_embd=32, n_kv_head=1,
                              pos_emb="rope", window=7)):
         params = wide_params(config, seed=3)
-        engine = Engine(params, config, max_batch=3, eos_id=-1)
+        engine = Engine(params, config, max_batch=3, eos_id=-1, batched_weights=batched_weights)
+        leaves = tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, batched.BatchedMatrix))
+        wrapped = any(isinstance(leaf, batched.BatchedMatrix) for leaf in leaves)
+        assert wrapped == (batched_weights and batched.available())
         gen = torch.Generator().manual_seed(0)
         jobs = []
         for i in range(10):

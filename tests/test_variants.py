@@ -246,4 +246,5 @@ def test_a_strategy_computes_windowed_layers_with_the_kernel_it_was_given(kernel
     strategy.setup(init_params(config), config, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), precision="fp32")
     x = torch.randint(0, 31, (2, 16), generator=torch.Generator().manual_seed(0))
     strategy.forward_backward(x[:, :-1], x[:, 1:], scale=1.0, sync=True)
-    assert dense_calls == ([4] if kernel == "dense" else [])  # the windowed layer alone, once
+    strategy.eval_loss(x[:, :-1], x[:, 1:])
+    assert dense_calls == ([4, 4] if kernel == "dense" else [])  # the windowed layer, in training and evaluation

@@ -2,15 +2,16 @@
 
 A step over one row is a matrix-vector product per weight, bound by reading the weight once;
 `decode_layout` stores each weight for that. A step over M rows could read each weight once
-for all M rows, but torch's default float GEMM is not built for a handful of rows: on the CPUs
-measured here 8 fp32 rows cost about three times one row (docs/performance.md). oneDNN's
-linear over a weight reordered once into its own blocked layout reads it once per step.
+for all M rows, but torch's default float GEMM is not built for a handful of rows: it can
+cost several times one row (docs/serve.md has the numbers). oneDNN's linear over a weight
+reordered once into its own blocked layout comes much closer to reading it once per step.
 
-`BatchedMatrix` keeps both: the plain weight for steps of few rows, the reordered copy (made
-on first use, so while both live the weight takes twice its bytes) from `min_rows` rows up.
-Where the switch pays, if anywhere, is measured once per (dtype, shape) per machine, as the
-decode layouts are (`measured_once`); shapes, values and results stay those of the plain
-product, up to the float rounding of another summation order.
+`BatchedMatrix` keeps both: the plain weight for steps of few rows, the reordered copy (so
+the weight takes twice its bytes) from `min_rows` rows up. Where the switch pays, if
+anywhere, is measured once per (dtype, shape, batch size) per machine, on one thread as the
+decode layouts are (`measured_once`). Shapes, values and results stay those of the plain
+product, up to the float rounding of another summation order. Inference only: the reordered
+product has no gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
+from fgpt.errors import FgptError
 from fgpt.inference.decode_layout import (copies_past_the_caches, fastest_layout, map_step_matrices,
                                           measured_once, on_one_thread, stored_as)
 from fgpt.measure import interleaved_best
@@ -61,6 +63,8 @@ class BatchedMatrix:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, in] @ W (+ bias) -> [M, out]."""
         if x.shape[0] >= self.min_rows:
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                raise FgptError("batched weights (fgpt.inference.batched) are for inference: they have no gradient")
             return _onednn_linear(x, self.reordered, bias)
         return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
 
@@ -74,8 +78,21 @@ class BatchedMatrix:
         return self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
-optree.register_pytree_node(BatchedMatrix, lambda m: ((m.weight,), (m.min_rows, m.max_rows), ("weight",)),
-                            lambda rows, children: BatchedMatrix(*children, *rows), namespace=tree.NAMESPACE)
+def _flatten(m: BatchedMatrix):
+    return (m.weight,), (m.min_rows, m.max_rows, m.weight.dtype, m.weight.device), ("weight",)
+
+
+def _unflatten(measured, children):
+    """A tree function's result: batched again where the weight kept the dtype and device its
+    switch was measured for; else (a cast, a move to a GPU) the plain weight."""
+    min_rows, max_rows, dtype, device = measured
+    (weight,) = children
+    if not isinstance(weight, torch.Tensor) or (weight.dtype, weight.device) != (dtype, device):
+        return weight
+    return BatchedMatrix(weight, min_rows, max_rows)
+
+
+optree.register_pytree_node(BatchedMatrix, _flatten, _unflatten, namespace=tree.NAMESPACE)
 
 
 def _row_counts(max_rows: int) -> list[int]:
@@ -134,5 +151,9 @@ def batched_layout(params: dict, max_rows: int) -> dict:
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.device.type != "cpu":
             return w
         rows = switch_rows(tuple(w.shape), w.dtype, max_rows)
-        return w if rows is None else BatchedMatrix(w, rows, max_rows)
+        if rows is None:
+            return w
+        m = BatchedMatrix(w, rows, max_rows)
+        _ = m.reordered  # made now, not in the first batched step a user waits for
+        return m
     return map_step_matrices(params, wrap)

@@ -123,6 +123,8 @@ def quantize(params: dict, *, embedding: bool = True, kernel: str = "auto") -> d
     for every product, or "auto" (`choose_kernel`, measured once per shape)."""
     if is_quantized(params):
         raise FgptError("parameters are already quantized to int8")
+    if not isinstance(params["wte"]["weight"], torch.Tensor):
+        raise FgptError("quantize the plain parameters (these hold batched weights: fgpt.inference.batched)")
     dtype = params["wte"]["weight"].dtype
     if not dtype.is_floating_point:
         raise FgptError(f"cannot quantize {dtype} parameters")

@@ -102,7 +102,8 @@ class SingleDevice(Strategy):
 
     def eval_loss(self, tokens, targets):
         with torch.no_grad():
-            return loss_fn(self._compute_params(), tokens.to(self.device), targets.to(self.device), self.config)
+            return loss_fn(self._compute_params(), tokens.to(self.device), targets.to(self.device), self.config,
+                           window_kernel=self.window_kernel)
 
     def clip_grad_norm(self, max_norm):
         grads = [p.grad for p in self.named.values() if p.grad is not None]
