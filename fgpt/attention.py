@@ -102,7 +102,7 @@ def sliding_window_attention(q, k, v, window: int, block: int | None = None,
 
 def check_window_kernel(name: str) -> str:
     if name not in WINDOW_KERNELS:
-        raise FgptError(f"unknown window kernel {name!r}; choose from {', '.join(WINDOW_KERNELS)}")
+        raise FgptError(f"--window-kernel must be one of {', '.join(WINDOW_KERNELS)}, got {name!r}")
     return name
 
 
@@ -111,9 +111,10 @@ def attention(q, k, v, window: int | None, dropout_p: float = 0.0, kernel: str =
     Windowed layers run `kernel`, one of WINDOW_KERNELS."""
     if window is None or window >= q.shape[-2]:  # the window hides nothing
         return causal_attention(q, k, v, dropout_p)
-    if check_window_kernel(kernel) == "flex":
+    if kernel == "flex":
         from fgpt.flex_window import flex_window_attention  # imports torch.compile's machinery
         return flex_window_attention(q, k, v, window, dropout_p)
     if kernel == "dense":
         return dense_window_attention(q, k, v, window, dropout_p)
+    check_window_kernel(kernel)  # "band", or a name that is none of them
     return sliding_window_attention(q, k, v, window, dropout_p=dropout_p)

@@ -78,7 +78,7 @@ def test_the_kernel_argument_selects_flex_and_nothing_else_changes():
     with pytest.raises(FgptError, match="no backward"):  # only the flex kernel refuses
         attention(q, k, v, 16, kernel="flex")
     attention(q, k, v, 16).sum().backward()  # no setting was left behind
-    with pytest.raises(FgptError, match="unknown window kernel 'sparse'"):
+    with pytest.raises(FgptError, match="--window-kernel must be one of band, flex, dense, got 'sparse'"):
         attention(q, k, v, 16, kernel="sparse")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fgpt import recompute, tree
-from fgpt.attention import WINDOW_KERNELS
+from fgpt.attention import check_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
@@ -129,8 +129,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
     recompute.check(run.recompute)
     autocompile.check(run.compile)
-    if run.window_kernel not in WINDOW_KERNELS:
-        raise FgptError(f"--window-kernel must be one of {', '.join(WINDOW_KERNELS)}, got {run.window_kernel!r}")
+    check_window_kernel(run.window_kernel)
     device = resolve_device(run.device)
     if run.strategy == "ddp" and run.reduce_dtype == "bf16":  # here, not in each rank
         from fgpt.parallel.ddp import check_bf16_reduction
