@@ -21,13 +21,15 @@ BF16_OK = batched.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  
 @needs_onednn
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), pytest.param(
     torch.bfloat16, 2e-2, marks=pytest.mark.skipif(not BF16_OK, reason="oneDNN has no bf16 on this CPU"))])
-@given(rows=st.integers(1, 12), n_in=st.integers(1, 40), n_out=st.integers(1, 40), min_rows=st.integers(2, 8))
+@given(rows=st.integers(1, 12), n_in=st.integers(1, 40), block=st.integers(1, 12), parts=st.integers(1, 4),
+       min_rows=st.integers(2, 8))
 @settings(max_examples=25, deadline=None)
-def test_the_product_equals_the_plain_one_on_both_sides_of_min_rows(dtype, tol, rows, n_in, n_out, min_rows):
+def test_the_product_equals_the_plain_one_on_both_sides_of_min_rows(dtype, tol, rows, n_in, block, parts, min_rows):
+    n_out = block * parts  # below min_rows: the decode layout's product, split in `parts` (1: plain)
     gen = torch.Generator().manual_seed(rows * 1000 + n_in * 10 + n_out)
     w, bias = torch.randn(n_in, n_out, generator=gen).to(dtype), torch.randn(n_out, generator=gen).to(dtype)
-    x = torch.randn(2, rows, n_in, generator=gen).to(dtype)
-    m = BatchedMatrix(w, min_rows, max_rows=8)
+    x = torch.randn(rows, 1, n_in, generator=gen).to(dtype)  # one row: the split product
+    m = BatchedMatrix(w.T.contiguous().T, parts, min_rows, max_rows=8)
     torch.testing.assert_close(m.linear(x, bias), x @ w + bias, rtol=tol, atol=tol)
     torch.testing.assert_close(m.unembed(x), x @ w, rtol=tol, atol=tol)
     tokens = torch.randint(0, n_out, (3,), generator=gen)

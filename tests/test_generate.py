@@ -315,18 +315,24 @@ def test_bf16_cached_decoding_follows_the_bf16_full_forward():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_decode_layout_changes_strides_to_the_measured_choice_and_nothing_else(dtype):
     from fgpt.inference import int8
-    from fgpt.inference.decode_layout import IN_OUT, fastest_layout
+    from fgpt.inference.decode_layout import IN_OUT, SPLIT, SplitMatrix, fastest_layout, row_blocks
     config = GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=2, n_embd=32)
     params = init_params(config, seed=0)
     params = int8.quantize(params) if dtype == "int8" else tree.cast(params, getattr(torch, dtype))
     fast = decode_layout(params)
-    assert tree.flatten(fast).keys() == tree.flatten(params).keys()
-    for path, t in tree.flatten(fast).items():
-        before = tree.flatten(params)[path]
+    flat = tree.flatten(fast)
+    for path, before in tree.flatten(params).items():
+        split = path + ".weight" in flat  # a SplitMatrix's child: W [in, out] (the head's: wte.T)
+        t = flat[path] if not split else flat[path + ".weight"].T if path == "wte.weight" else flat[path + ".weight"]
         assert t.dtype == before.dtype and torch.equal(t, before), path
         if t.dim() == 2 and t.is_floating_point() and path != "wpe.weight":
             used = t.T if path == "wte.weight" else t  # the head multiplies by wte.T
+            layout = fastest_layout(tuple(used.shape), t.dtype)
+            assert split == (layout == SPLIT), path
             rows_in = used.stride(1) == 1  # memory rows run along `out`: stored [in, out]
-            assert rows_in == (fastest_layout(tuple(used.shape), t.dtype) == IN_OUT), path
+            assert rows_in == (layout == IN_OUT), path
         elif t.dtype == torch.int8:
             assert t.is_contiguous(), path  # [out, in] rows, as torch's int8 kernel reads them
+    for m in tree.leaves(fast, is_leaf=lambda x: isinstance(x, SplitMatrix)):
+        if isinstance(m, SplitMatrix):
+            assert m.parts == row_blocks(m.weight.shape[1])

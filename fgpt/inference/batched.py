@@ -6,10 +6,11 @@ for all M rows, but torch's default float GEMM is not built for a handful of row
 cost several times one row (docs/serve.md has the numbers). oneDNN's linear over a weight
 reordered once into its own blocked layout comes much closer to reading it once per step.
 
-`BatchedMatrix` keeps both: the plain weight for steps of few rows, the reordered copy (so
-the weight takes twice its bytes) from `min_rows` rows up. Where the switch pays, if
-anywhere, is measured once per (dtype, shape, batch size) per machine, on one thread as the
-decode layouts are (`measured_once`). Shapes, values and results stay those of the plain
+`BatchedMatrix` keeps both: the weight in its decode layout for steps of few rows (a
+SplitMatrix's split product for one row), the reordered copy (so the weight takes twice its
+bytes) from `min_rows` rows up. Where the switch pays, if anywhere, is measured once per
+(dtype, shape, batch size) per machine, on one thread (`on_one_thread`, cached by
+`measured_once`). Shapes, values and results stay those of the plain
 product, up to the float rounding of another summation order. Inference only: the reordered
 product has no gradient.
 """
@@ -21,11 +22,10 @@ from dataclasses import dataclass
 
 import optree
 import torch
-import torch.nn.functional as F
 
 from fgpt import tree
 from fgpt.errors import FgptError
-from fgpt.inference.decode_layout import (copies_past_the_caches, fastest_layout, map_step_matrices,
+from fgpt.inference.decode_layout import (SplitMatrix, copies_past_the_caches, fastest_layout, map_step_matrices,
                                           measured_once, on_one_thread, stored_as)
 from fgpt.measure import interleaved_best
 
@@ -47,12 +47,11 @@ def _onednn_linear(x: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor 
 
 
 @dataclass(frozen=True, eq=False)
-class BatchedMatrix:
-    """W [in, out] (x @ W), multiplied by the plain product below `min_rows` rows and by
-    oneDNN's over its copy reordered for `max_rows` rows from there up. Used as the float
-    weight it wraps is: `linear`; as the tied embedding table (then W = wte.T), `rows` and
-    `unembed`."""
-    weight: torch.Tensor  # [in, out], in its decode layout
+class BatchedMatrix(SplitMatrix):
+    """W [in, out] (x @ W), multiplied as its decode layout has it (SplitMatrix; `parts` 1:
+    the plain product) below `min_rows` rows and by oneDNN's over its copy reordered for
+    `max_rows` rows from there up. Used as the float weight it wraps is: `linear`; as the
+    tied embedding table (then W = wte.T), `rows` and `unembed`."""
     min_rows: int
     max_rows: int
 
@@ -66,30 +65,21 @@ class BatchedMatrix:
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 raise FgptError("batched weights (fgpt.inference.batched) are for inference: they have no gradient")
             return _onednn_linear(x, self.reordered, bias)
-        return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1)
-
-    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.weight.T)
-
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        return super().matmul(x, bias)
 
 
 def _flatten(m: BatchedMatrix):
-    return (m.weight,), (m.min_rows, m.max_rows, m.weight.dtype, m.weight.device), ("weight",)
+    return (m.weight,), (m.parts, m.min_rows, m.max_rows, m.weight.dtype, m.weight.device), ("weight",)
 
 
 def _unflatten(measured, children):
     """A tree function's result: batched again where the weight kept the dtype and device its
     switch was measured for; else (a cast, a move to a GPU) the plain weight."""
-    min_rows, max_rows, dtype, device = measured
+    parts, min_rows, max_rows, dtype, device = measured
     (weight,) = children
     if not isinstance(weight, torch.Tensor) or (weight.dtype, weight.device) != (dtype, device):
         return weight
-    return BatchedMatrix(weight, min_rows, max_rows)
+    return BatchedMatrix(weight, parts, min_rows, max_rows)
 
 
 optree.register_pytree_node(BatchedMatrix, _flatten, _unflatten, namespace=tree.NAMESPACE)
@@ -133,7 +123,7 @@ def first_winning_rows(faster: dict[int, bool]) -> str:
 def switch_rows(shape: tuple[int, int], dtype: torch.dtype, max_rows: int) -> int | None:
     """From how many rows BatchedMatrix should use the reordered product, for steps of up to
     max_rows rows; None where it never pays (or oneDNN is missing). Measured once per machine,
-    on one thread (the reason is decode_layout's)."""
+    on one thread (`on_one_thread`)."""
     if max_rows < 2 or not available():
         return None
     choices = (*map(str, _row_counts(max_rows)), NEVER)
@@ -148,12 +138,13 @@ def batched_layout(params: dict, max_rows: int) -> dict:
     up to max_rows rows on this machine. CPU float trees only; others come back unchanged."""
 
     def wrap(w):
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.device.type != "cpu":
+        plain, parts = (w.weight, w.parts) if type(w) is SplitMatrix else (w, 1)
+        if not isinstance(plain, torch.Tensor) or not plain.is_floating_point() or plain.device.type != "cpu":
             return w
-        rows = switch_rows(tuple(w.shape), w.dtype, max_rows)
+        rows = switch_rows(tuple(plain.shape), plain.dtype, max_rows)
         if rows is None:
             return w
-        m = BatchedMatrix(w, rows, max_rows)
+        m = BatchedMatrix(plain, parts, rows, max_rows)
         _ = m.reordered  # made now, not in the first batched step a user waits for
         return m
     return map_step_matrices(params, wrap)

@@ -2,13 +2,18 @@
 
 A decode step multiplies one row vector by every weight W [in, out] (the head: W = wte.T).
 The same W can be stored row-major as [in, out] or as [out, in] (its transpose's rows), and
-which of the two the matrix-vector kernels read faster depends on the dtype, the shape and
-the machine: MKL's fp32 product and torch's bf16 one disagree, and an AVX-512 CPU is not an
-AVX2 one. So the choice is measured, once per (dtype, shape) per CPU machine (cached in
-$FGPT_CACHE/measured.json, default ~/.cache/fgpt; `measured_once`, which says so on stderr
-the first time), on enough copies of a matrix of that shape that they outgrow the caches
-as the model does.
-Only strides change: shapes and values stay, so `forward` runs on the result unchanged.
+the product can run as one matrix-vector kernel or SPLIT: stored [out, in], as `row_blocks`
+blocks of rows in one torch.bmm, which spreads the blocks over torch's threads (on the
+2-core EPYCs measured here, torch's fp32 product of one row ran on one core, MKL's choice
+for a matrix this small, and at half the rate of the split one: docs/performance.md).
+Which is faster depends on the dtype, the shape and the machine: MKL's fp32 product and
+torch's bf16 one disagree, and an AVX-512 CPU is not an AVX2 one. So the choice is
+measured, once per (dtype, shape) per CPU machine (cached in $FGPT_CACHE/measured.json,
+default ~/.cache/fgpt; `measured_once`, which says so on stderr the first time), on enough
+copies of a matrix of that shape that they outgrow the caches as the model does.
+Shapes and values stay: a plain layout changes only strides, a split one wraps the weight in
+a `SplitMatrix` (products of several rows stay plain), so `forward` runs on the result
+unchanged, up to the float rounding of another summation order.
 `just bench generate` shows the decode rates the chosen layouts reach. fgpt/inference/int8.py picks
 its kernel per shape with the same measurement (`fastest`).
 """
@@ -18,36 +23,112 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import optree
 import torch
+import torch.nn.functional as F
 
+from fgpt import tree
 from fgpt.atomic import atomic_write_text
 from fgpt.measure import cpu_name, interleaved_best
 
-IN_OUT, OUT_IN = "in_out", "out_in"
+IN_OUT, OUT_IN, SPLIT = "in_out", "out_in", "out_in_split"
+LAYOUTS = (IN_OUT, OUT_IN, SPLIT)
 _MEASURE_BYTES = 64 << 20  # per layout: past a 32 MiB L3, as a model's weights are
 _MAX_COPIES = 64
-_chosen: dict[tuple, str] = {}  # (device, dtype, (in, out)) -> IN_OUT | OUT_IN
+_chosen: dict[tuple, str] = {}  # (device, dtype, (in, out), threads) -> one of LAYOUTS
 
 
 def stored_as(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """W [in, out] with the same values, its memory rows along `layout`."""
+    """W [in, out] with the same values, its memory rows along `layout` (SPLIT: [out, in])."""
     return w.contiguous() if layout == IN_OUT else w.T.contiguous().T
+
+
+def row_blocks(n_out: int) -> int | None:
+    """How many blocks of rows a SPLIT product cuts W.T [out, in] into: the divisor of out
+    in 2..64 nearest 16 (enough for each thread of a 16-core CPU to get a block; GPT-2's
+    head, 50257 = 29 x 1733, gets 29); None where out has none."""
+    divisors = [d for d in range(2, 65) if n_out % d == 0]
+    return min(divisors, key=lambda d: abs(d - 16)) if divisors else None
+
+
+def split_product(w: torch.Tensor, parts: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, in] @ W [in, out] (+ bias) with W stored [out, in], as `parts` matrix-vector
+    products over blocks of W.T's rows in one torch.bmm -> [1, out]."""
+    blocks = w.T.view(parts, -1, w.shape[0])  # [parts, out / parts, in], no copy
+    column = x.T.expand(parts, -1, -1)  # [parts, in, 1], no copy
+    y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(parts, -1, 1), blocks, column)
+    return y.view(1, -1)
+
+
+@dataclass(frozen=True, eq=False)
+class SplitMatrix:
+    """W [in, out] stored [out, in], whose products of one row run as `split_product` and
+    of several rows as the plain product. Used as the float weight it wraps is: `linear`;
+    as the tied embedding table (then W = wte.T), `rows` and `unembed`."""
+    weight: torch.Tensor  # [in, out], stored [out, in]
+    parts: int
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, in] @ W (+ bias) -> [M, out]."""
+        if x.shape[0] == 1 and self.parts > 1:
+            return split_product(self.weight, self.parts, x, bias)
+        return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1)
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight.T)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+def _unflatten_split(measured, children):
+    """A tree function's result: split again where the weight kept the dtype, device and
+    shape its layout was measured for; else (a cast, a move to a GPU) the plain weight."""
+    parts, dtype, device, shape = measured
+    (weight,) = children
+    if not isinstance(weight, torch.Tensor) or (weight.dtype, weight.device, weight.shape) != (dtype, device, shape):
+        return weight
+    return SplitMatrix(weight, parts)
+
+
+optree.register_pytree_node(
+    SplitMatrix, lambda m: ((m.weight,), (m.parts, m.weight.dtype, m.weight.device, m.weight.shape), ("weight",)),
+    _unflatten_split, namespace=tree.NAMESPACE)
 
 
 def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str = "cpu",
                    repeats: int = 4) -> str:
-    """IN_OUT or OUT_IN: whichever computes x [1, in] @ W [in, out] faster here. Measured on
-    one CPU thread: which layout a kernel reads fast is a property of the kernel, and with
-    one thread no product waits at a barrier for a thread that other work descheduled."""
-    key = (str(device), dtype, tuple(shape))
+    """One of LAYOUTS: whichever computes x [1, in] @ W [in, out] fastest here, on torch's
+    present number of threads (a SPLIT product's gain is in spreading its blocks over them,
+    so the count is part of the question, and of the cache key). Each candidate counts by its
+    fastest single call, which a call that waited at a barrier for a descheduled thread
+    does not decide."""
+    threads = torch.get_num_threads()
+    key = (str(device), dtype, tuple(shape), threads)
     if key not in _chosen:
-        measure = lambda: on_one_thread(lambda: _measure(tuple(shape), dtype, torch.device(device), repeats))  # noqa: E731
-        _chosen[key] = (measured_once("weight layouts", f"layout {dtype} {tuple(shape)}", measure, (IN_OUT, OUT_IN))
+        measure = lambda: _measure(tuple(shape), dtype, torch.device(device), repeats)  # noqa: E731
+        _chosen[key] = (measured_once("weight layouts", f"decode product {dtype} {tuple(shape)} on {threads} threads",
+                                      measure, LAYOUTS)
                         if torch.device(device).type == "cpu" else measure())
     return _chosen[key]
+
+
+def decode_matrix(w: torch.Tensor, layout: str) -> torch.Tensor | SplitMatrix:
+    """W [in, out] stored in `layout`: a tensor, or for SPLIT a SplitMatrix."""
+    stored = stored_as(w, layout)
+    return SplitMatrix(stored, row_blocks(w.shape[1])) if layout == SPLIT else stored
+
+
+def one_row_product(w: torch.Tensor | SplitMatrix, x: torch.Tensor) -> torch.Tensor:
+    """x [1, in] @ W, W as `decode_matrix` gives it."""
+    return x @ w if isinstance(w, torch.Tensor) else w.matmul(x)
 
 
 # --- the per-machine cache of measured choices -------------------------------------------------
@@ -98,7 +179,10 @@ def measured_once(what: str, key: str, measure: Callable[[], str], choices: tupl
 
 
 def on_one_thread(fn: Callable[[], str]) -> str:
-    """fn() with torch on one thread (the reason is fastest_layout's), then as before."""
+    """fn() with torch on one thread, then as before: where the question is which kernel
+    reads a layout faster, one thread answers it, and never waits at a barrier for a thread
+    that other work descheduled (on 2 threads at load 5 such waits once chose a bf16 layout
+    20x slower than the other: docs/performance.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -108,7 +192,7 @@ def on_one_thread(fn: Callable[[], str]) -> str:
 
 
 def measured() -> dict[tuple, str]:
-    """What this process has measured so far: (device, dtype, (in, out)) -> layout."""
+    """What this process has measured so far: (device, dtype, (in, out), threads) -> layout."""
     return dict(_chosen)
 
 
@@ -131,33 +215,35 @@ def _measure(shape, dtype, device, repeats) -> str:
     K, N = shape
     copies = copies_past_the_caches(K * N * torch.empty((), dtype=dtype).element_size())
     x = torch.full((1, K), 0.5, dtype=dtype, device=device)
-    candidates = {layout: [lambda w=stored_as(torch.full(shape, 0.01, dtype=dtype, device=device), layout): x @ w
-                           for _ in range(copies)] for layout in (IN_OUT, OUT_IN)}
+    layouts = LAYOUTS if row_blocks(N) else (IN_OUT, OUT_IN)
+    candidates = {layout: [lambda w=decode_matrix(torch.full(shape, 0.01, dtype=dtype, device=device), layout):
+                           one_row_product(w, x) for _ in range(copies)] for layout in layouts}
     return fastest(candidates, repeats, device)
 
 
 def decode_layout(params: dict) -> dict:
     """The same parameters with every float matrix of a decode step (block linears and the
-    tied head) stored in its measured fastest layout. int8 matrices keep the layout their
-    kernel reads (fgpt/inference/int8.py)."""
+    tied head) in its measured fastest layout (`decode_matrix`). int8 matrices keep the
+    layout their kernel reads (fgpt/inference/int8.py)."""
 
     def relayout(w):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             return w
-        return stored_as(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
+        return decode_matrix(w, fastest_layout(tuple(w.shape), w.dtype, w.device))
     return map_step_matrices(params, relayout)
 
 
 def map_step_matrices(params: dict, fn: Callable) -> dict:
     """params with fn(W) in place of every matrix W a decode step multiplies by as x @ W
     [in, out]: the block linears, and the tied head (W = wte.T; a result that is still a
-    tensor goes back transposed, as wte)."""
+    tensor goes back transposed, as wte). A weight that is not a tensor (a SplitMatrix, an
+    int8 matrix) is given to fn as it is."""
 
     def block(b: dict) -> dict:
         return {**b, **{part: {k: {**v, "weight": fn(v["weight"])} for k, v in b[part].items()}
                         for part in ("attn", "mlp")}}
 
     wte = params["wte"]["weight"]
-    head = fn(wte.T) if isinstance(wte, torch.Tensor) else wte
+    head = fn(wte.T) if isinstance(wte, torch.Tensor) else fn(wte)
     head = head.T if isinstance(head, torch.Tensor) else head
     return {**params, "h": [block(b) for b in params["h"]], "wte": {**params["wte"], "weight": head}}

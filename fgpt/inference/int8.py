@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from fgpt import tree
 from fgpt.errors import FgptError
-from fgpt.inference.decode_layout import copies_past_the_caches, fastest, measured_once, on_one_thread
+from fgpt.inference.decode_layout import SplitMatrix, copies_past_the_caches, fastest, measured_once, on_one_thread
 from fgpt.measure import cpu_flags
 
 QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0
@@ -123,8 +123,9 @@ def quantize(params: dict, *, embedding: bool = True, kernel: str = "auto") -> d
     for every product, or "auto" (`choose_kernel`, measured once per shape)."""
     if is_quantized(params):
         raise FgptError("parameters are already quantized to int8")
-    if not isinstance(params["wte"]["weight"], torch.Tensor):
-        raise FgptError("quantize the plain parameters (these hold batched weights: fgpt.inference.batched)")
+    if any(isinstance(x, SplitMatrix) for x in tree.leaves(params, is_leaf=lambda x: isinstance(x, SplitMatrix))):
+        raise FgptError("quantize the plain parameters, before decode_layout / batched_layout (these hold weights "
+                        "wrapped for decoding)")
     dtype = params["wte"]["weight"].dtype
     if not dtype.is_floating_point:
         raise FgptError(f"cannot quantize {dtype} parameters")
@@ -202,8 +203,8 @@ def choose_kernel(n_out: int, n_in: int, dtype: torch.dtype, device: torch.devic
 
 def fastest_kernel(n_out: int, n_in: int, dtype: torch.dtype = torch.float32) -> str:
     """fbgemm's or `_weight_int8pack_mm`, whichever runs x [1, in] @ W.T faster on this
-    machine for activations of `dtype`, measured once per shape per machine as decode_layout
-    measures float layouts (one thread; copies that outgrow the caches); the pick then serves
+    machine for activations of `dtype`, measured once per shape per machine on one thread
+    (`on_one_thread`) over copies that outgrow the caches; the pick then serves
     any number of rows. The digits cost a few small ops per product, so small matrices can
     favour torch's kernel and large ones fbgemm's."""
     def measure() -> str:

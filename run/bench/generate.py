@@ -162,7 +162,7 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
     """One decode step's products (every block weight, then the head), per kernel: (seconds
     for all of them, bytes they read), best of `repeats`, kernels interleaved; and the int8
     matrices of fgpt's own picks."""
-    from fgpt.inference.decode_layout import fastest_layout, stored_as
+    from fgpt.inference.decode_layout import decode_matrix, fastest_layout, one_row_product
     config = GPTConfig.preset(model)
     params = init_params(config, seed=0)
     weights = [p["weight"] for b in params["h"] for part in ("attn", "mlp") for p in b[part].values()]
@@ -170,10 +170,11 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
     x = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
     kernels = {}
     for name, dtype in FLOAT_DTYPES.items():
-        stored = [stored_as(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
+        stored = [decode_matrix(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
         xs = {k: v.to(dtype) for k, v in x.items()}
-        kernels[f"{name}, measured layouts"] = ([lambda w=w, xs=xs: xs[w.shape[0]] @ w for w in stored],
-                                                 sum(w.numel() * w.element_size() for w in stored))
+        kernels[f"{name}, measured layouts"] = ([lambda m=m, x=xs[w.shape[0]]: one_row_product(m, x)
+                                                  for w, m in zip(weights, stored)],
+                                                 sum(w.numel() * dtype.itemsize for w in weights))
     q = [int8.quantize_rows(w.T) for w in weights]  # [out, in] rows, per-output-channel scales
     int8_bytes = sum(w.numel() for w, _ in q)
     picks = []
@@ -218,7 +219,7 @@ def main(argv=None) -> None:
           + ", ".join(f"{name} at {same}" for name, same in result["same_as_fp32"].items()))
     print(f"machine: {machine_line()}; copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s")
     layouts = ", ".join(f"{str(dtype).removeprefix('torch.')} {k}x{m} {layout}"
-                        for (_, dtype, (k, m)), layout in measured().items())
+                        for (_, dtype, (k, m), _), layout in measured().items())
     print(f"decode layouts measured for x @ W [in, out]: {layouts}")
     print(f"int8 kernels fgpt picked for x @ W [in, out]: {int8_picks(result['int8'])}")
     print("\n".join(table(result)))

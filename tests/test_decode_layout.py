@@ -1,0 +1,77 @@
+"""The decode layouts' split product (fgpt/inference/decode_layout.py): one row times a
+weight as blocks of its rows in one torch.bmm, against the plain product, and a model whose
+every decode matrix is split against the same model with plain weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fgpt import GPTConfig, forward, init_params, tree
+from fgpt.errors import FgptError
+from fgpt.inference import decode_layout as dl, int8
+from fgpt.inference.generate import Sampling, generate
+from fgpt.inference.kv_cache import KVCache
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@given(rows=st.integers(1, 5), n_in=st.integers(1, 40), block=st.integers(1, 12), parts=st.integers(1, 6),
+       bias=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_a_split_matrix_multiplies_as_the_plain_weight(dtype, tol, rows, n_in, block, parts, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + n_in * 10 + block)
+    w = torch.randn(n_in, block * parts, generator=gen).to(dtype)
+    b = torch.randn(block * parts, generator=gen).to(dtype) if bias else None
+    m = dl.SplitMatrix(dl.stored_as(w, dl.SPLIT), parts)
+    x = torch.randn(rows, n_in, generator=gen).to(dtype)  # one row takes the split product, more the plain one
+    plain = x @ w if b is None else x @ w + b
+    torch.testing.assert_close(m.matmul(x, b), plain, rtol=tol, atol=tol)
+    torch.testing.assert_close(m.unembed(x[:1]), x[:1] @ w, rtol=tol, atol=tol)
+    tokens = torch.randint(0, block * parts, (3,), generator=gen)
+    assert torch.equal(m.rows(tokens), w.T[tokens])  # as the tied table: rows of W.T
+
+
+@pytest.mark.parametrize("n_out, parts", [(2304, 16), (768, 16), (3072, 16), (50257, 29), (12, 12), (7, 7), (67, None)])
+def test_row_blocks_are_a_divisor_near_16_or_none(n_out, parts):
+    assert dl.row_blocks(n_out) == parts
+
+
+def tiny() -> tuple[GPTConfig, dict]:
+    config = GPTConfig(vocab_size=96, n_ctx=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos_emb="rope",
+                       window=(8, None))
+    return config, init_params(config, seed=4)
+
+
+@pytest.fixture
+def split_everywhere(monkeypatch):
+    """Every decode matrix split, whatever this machine measures."""
+    monkeypatch.setattr(dl, "fastest_layout", lambda shape, dtype, device="cpu": dl.SPLIT)
+
+
+def test_a_split_model_decodes_as_the_plain_model(split_everywhere):
+    config, params = tiny()
+    fast = dl.decode_layout(params)
+    split = [m for m in tree.leaves(fast, is_leaf=lambda x: isinstance(x, dl.SplitMatrix))
+             if isinstance(m, dl.SplitMatrix)]
+    assert len(split) == 4 * config.n_layer + 1 and all(m.parts > 1 for m in split)  # every block linear, the head
+    tokens = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
+    cache, plain_cache = (KVCache.allocate(config, 1, 24) for _ in range(2))
+    torch.testing.assert_close(forward(fast, tokens, config, cache=cache),
+                               forward(params, tokens, config, cache=plain_cache), rtol=1e-5, atol=1e-5)
+    for t in range(3):  # one-row decode steps: the split products
+        step = torch.tensor([[t + 5]])
+        torch.testing.assert_close(forward(fast, step, config, cache=cache),
+                                   forward(params, step, config, cache=plain_cache), rtol=1e-5, atol=1e-5)
+    greedy = dict(sampling=Sampling(temperature=0), ignore_eos=True)
+    prompt = [tokens[0, :6].tolist()]
+    assert generate(fast, config, prompt, 10, **greedy) == generate(params, config, prompt, 10, **greedy)
+
+
+def test_a_cast_gives_plain_weights_back_and_quantize_refuses_split_ones(split_everywhere):
+    config, params = tiny()
+    fast = dl.decode_layout(params)
+    cast = tree.cast(fast, torch.bfloat16)  # measured for fp32: another dtype gets its own measurement
+    assert not any(isinstance(x, dl.SplitMatrix) for x in tree.leaves(cast, is_leaf=lambda x: isinstance(x, dl.SplitMatrix)))
+    with pytest.raises(FgptError, match="quantize the plain parameters"):
+        int8.quantize(fast)
