@@ -113,8 +113,16 @@ class KVCache:
         self._has_padding = None
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        size = self.slot_pos[layer].numel()
-        k, v, slots = k[:, :, -size:], v[:, :, -size:], slots[-size:]  # a rolling buffer keeps the last `size`
+        size, T = self.slot_pos[layer].numel(), k.shape[2]
+        n = min(T, size)  # a rolling buffer keeps the last `size`
+        k, v, slots = k[:, :, T - n:], v[:, :, T - n:], slots[T - n:]
+        first = (self.length + T - n) % size  # where slots[0] goes
+        if first + n <= size:  # no wrap: slices, cheaper than index_put in a decode step
+            at = slice(first, first + n)
+            self.k[layer][:, :, at] = k
+            self.v[layer][:, :, at] = v
+            self.slot_pos[layer][at] = slots
+            return
         idx = slots % size
         self.k[layer][:, :, idx] = k
         self.v[layer][:, :, idx] = v

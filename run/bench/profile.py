@@ -1,12 +1,16 @@
-"""`just bench profile train|decode`: where one step's time goes, op by op (torch.profiler).
+"""`just bench profile train|decode|products`: where one step's time goes, op by op.
 
-  train   one eager training step of GPT-2 124M (forward, backward, clip, fused AdamW) after
-          two warm-up steps; --precision bf16 (default) or fp32, --batch-size x --seq-len.
-  decode  8 greedy decode steps of 124M at batch 1 after a 64-token prefill (KV cache, the
-          weights in their measured decode layouts), fp32 or bf16.
-The table lists the ops by self CPU time; the first line gives the share of the matrix
-products and attention kernels, and how many aten calls the step made: what an op-fusing
-compiler or step capture could remove is the rest.
+  train     one eager training step of GPT-2 124M (forward, backward, clip, fused AdamW)
+            after two warm-up steps; --precision bf16 (default) or fp32, --batch-size x --seq-len.
+  decode    8 greedy decode steps of 124M at batch 1 after a 64-token prefill (KV cache, the
+            weights in their measured decode layouts), fp32 or bf16.
+  products  the training step's matrix products alone, each shape timed on its own (forward
+            x @ W, then dY @ W.T and X.T @ dY per weight), and SDPA forward + backward: a
+            floor under any training step at that shape, however well fused, and so the most
+            of the 1024^3 matmul rate (`just bench train`'s ceiling) such a step can reach.
+The train and decode tables (torch.profiler) list the ops by self CPU time; the first line
+gives the share of the matrix products and attention kernels, and how many aten calls the
+step made: what an op-fusing compiler or step capture could remove is the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from fgpt import GPTConfig, init_params
@@ -24,7 +29,7 @@ from fgpt.measure import machine_line
 from fgpt.model import forward
 from run._cli import summary
 
-KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
            "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
            "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
 
@@ -73,17 +78,69 @@ def profile_decode(args) -> None:
                   wall, steps=8)
 
 
+def product_shapes(config: GPTConfig, tokens: int) -> list[tuple[str, int, int, int, int, bool, bool]]:
+    """(name, M, K, N, count, a transposed, b transposed) of every matrix product a @ b of one
+    training step over `tokens` rows, with the operands laid out as autograd gets them: per
+    block weight W [K, N] (stored so, HF's Conv1D) x @ W, dY @ W.T and X.T @ dY; for the tied
+    head (wte [V, d]) x @ wte.T, dY @ wte and dY.T @ X. "Transposed": a view of the other layout."""
+    d, qkv = config.n_embd, config.head_dim * (config.n_head + 2 * config.kv_heads)
+    blocks = [("attn.c_attn", d, qkv), ("attn.c_proj", d, d), ("mlp.c_fc", d, 4 * d), ("mlp.c_proj", 4 * d, d)]
+    rows = [row for name, K, N in blocks for row in (
+        (f"{name} x @ W", tokens, K, N, config.n_layer, False, False),
+        (f"{name} dY @ W.T", tokens, N, K, config.n_layer, False, True),
+        (f"{name} X.T @ dY", K, tokens, N, config.n_layer, True, False))]
+    V = config.vocab_size
+    return rows + [("head x @ wte.T", tokens, d, V, 1, False, True), ("head dY @ wte", tokens, V, d, 1, False, False),
+                   ("head dY.T @ X", V, tokens, d, 1, True, False)]
+
+
+def profile_products(args) -> None:
+    from fgpt.measure import best_time, matmul_flops
+    from fgpt.training.metrics import flops_per_token
+    config = GPTConfig.preset(args.model)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    tokens = args.batch_size * args.seq_len
+    gen = torch.Generator().manual_seed(0)
+
+    def operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
+        shape = (cols, rows) if transposed else (rows, cols)
+        t = torch.randn(*shape, generator=gen).to(dtype)
+        return t.T if transposed else t
+    print(f"{args.precision} training step's matrix products, {args.model}, {args.batch_size} x {args.seq_len}, "
+          f"each shape the best of 3\n| product | M x K x N | calls | ms each | GFLOP/s |\n|---|---|---:|---:|---:|")
+    total = 0.0
+    for name, M, K, N, n, a_t, b_t in product_shapes(config, tokens):
+        a, b = operand(M, K, a_t), operand(K, N, b_t)
+        seconds = best_time(lambda: a @ b, 3)
+        total += n * seconds
+        print(f"| {name} | {M} x {K} x {N} | {n} | {seconds * 1e3:.1f} | {2 * M * K * N / seconds / 1e9:.0f} |")
+    B, H, T, hd = args.batch_size, config.n_head, args.seq_len, config.head_dim
+    q, k, v = (torch.randn(B, H, T, hd, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+
+    def attention():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+    seconds = best_time(attention, 3)
+    total += config.n_layer * seconds
+    print(f"| SDPA forward + backward | {B} x {H} x {T} x {hd} | {config.n_layer} | {seconds * 1e3:.1f} | - |")
+    step_flops = flops_per_token(config, args.seq_len) * tokens
+    ceiling = matmul_flops("cpu", dtype)
+    print(f"products + attention: {total:.3f} s per step; the step's {step_flops / 1e12:.3f} TFLOP at the "
+          f"1024^3 rate ({ceiling / 1e9:.0f} GFLOP/s) take {step_flops / ceiling:.3f} s: a step made of nothing "
+          f"else would reach {step_flops / ceiling / total:.0%} of that ceiling")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="just bench profile", description=summary(__doc__))
-    p.add_argument("what", choices=["train", "decode"])
+    p.add_argument("what", choices=["train", "decode", "products"])
     p.add_argument("--model", default="gpt2")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 to train, fp32 to decode")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     args = p.parse_args(argv)
-    args.precision = args.precision or ("bf16" if args.what == "train" else "fp32")
+    args.precision = args.precision or ("fp32" if args.what == "decode" else "bf16")
     print(machine_line())
-    (profile_train if args.what == "train" else profile_decode)(args)
+    {"train": profile_train, "decode": profile_decode, "products": profile_products}[args.what](args)
 
 
 if __name__ == "__main__":
