@@ -20,6 +20,7 @@ its kernel per shape with the same measurement (`fastest`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -55,11 +56,11 @@ def row_blocks(n_out: int) -> int | None:
     return min(divisors, key=lambda d: abs(d - 16)) if divisors else None
 
 
-def split_product(w: torch.Tensor, parts: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, in] @ W [in, out] (+ bias) with W stored [out, in], as `parts` matrix-vector
-    products over blocks of W.T's rows in one torch.bmm -> [1, out]."""
-    blocks = w.T.view(parts, -1, w.shape[0])  # [parts, out / parts, in], no copy
-    column = x.T.expand(parts, -1, -1)  # [parts, in, 1], no copy
+def split_product(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, in] @ W (+ bias) -> [1, out], W given as `blocks` of its transpose's rows,
+    [parts, out / parts, in]: parts matrix-vector products in one torch.bmm."""
+    parts, _, n_in = blocks.shape
+    column = x.T.expand(parts, n_in, 1)  # no copy; strides (0, 1, in): bmm ran 5x slower on (0, 1, 1)
     y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(parts, -1, 1), blocks, column)
     return y.view(1, -1)
 
@@ -72,10 +73,15 @@ class SplitMatrix:
     weight: torch.Tensor  # [in, out], stored [out, in]
     parts: int
 
+    @functools.cached_property
+    def blocks(self) -> torch.Tensor:
+        """W.T's rows in `parts` blocks, [parts, out / parts, in]: a view, made once."""
+        return self.weight.T.view(self.parts, -1, self.weight.shape[0])
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, in] @ W (+ bias) -> [M, out]."""
         if x.shape[0] == 1 and self.parts > 1:
-            return split_product(self.weight, self.parts, x, bias)
+            return split_product(self.blocks, x, bias)
         return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
