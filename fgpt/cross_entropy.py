@@ -10,7 +10,8 @@ of W, whatever the number of tokens) and x's. A batch that fits one chunk goes t
 F.cross_entropy itself, which is the faster there (on a CPU).
 
 The products run in x's dtype (bf16 under bf16 training, as `x @ W.T` would) and the
-softmax in fp32; W's gradient is summed over chunks in fp32.
+softmax in fp32 (of a bf16 chunk, a slice of rows at a time, written back as bf16: the
+fp32 copy is a slice's, not the chunk's); W's gradient is summed over chunks in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ IGNORE = -1  # targets of -1 are left out of the loss (and of the count it is th
 # one chunk's fp32 logits: 256 MiB, 1335 rows of GPT-2's vocabulary. Smaller chunks make
 # thinner matmuls, which a CPU runs slower (the probe that chose this size: docs/performance.md)
 CHUNK_BYTES = 2 ** 28
+SOFTMAX_BYTES = 2 ** 25  # the fp32 softmax of a bf16 chunk, a slice at a time (`softmax_rows`)
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -47,23 +49,41 @@ def _loss_and_grads(x, weight, targets, rows, grads: bool):
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads else None
     for start in range(0, x.shape[0], rows):
         xc, tc = x[start:start + rows], targets[start:start + rows]
-        logits = (xc @ weight.T).float()  # [r, V]
-        valid = tc != IGNORE
-        picked = tc.clamp(min=0)[:, None]
-        lse = torch.logsumexp(logits, dim=1)
-        total += (lse - logits.gather(1, picked)[:, 0]).masked_fill_(~valid, 0).sum()
+        logits = xc @ weight.T  # [r, V] in x's dtype; becomes d loss / d logits in place
+        step = softmax_rows(logits)
+        for part in range(0, logits.shape[0], step):
+            total += _softmax_part(logits[part:part + step], tc[part:part + step], count, grads)
         if not grads:
             continue
-        # d loss / d logits = (softmax - one_hot(target)) / count, zero on ignored rows
-        weights = valid.to(torch.float32)[:, None]
-        delta = logits.sub_(lse[:, None]).exp_().scatter_add_(1, picked, -weights).mul_(weights / count)
-        delta = delta.to(x.dtype)
-        grad_x[start:start + rows] = delta @ weight
-        if delta.dtype == torch.float32:
-            grad_w.addmm_(delta.T, xc)
+        grad_x[start:start + rows] = logits @ weight
+        if logits.dtype == torch.float32:
+            grad_w.addmm_(logits.T, xc)
         else:  # bf16 products, summed in fp32
-            grad_w += delta.T @ xc
+            grad_w += logits.T @ xc
     return total / count, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+def softmax_rows(logits: torch.Tensor) -> int:
+    """Rows of a chunk's logits whose softmax runs at once: all of them in fp32, where it
+    runs in place; else as many as SOFTMAX_BYTES of fp32 hold, so that the fp32 copy of a
+    bf16 chunk is a slice's, not the chunk's (256 MiB less at the peak of a bf16 step)."""
+    return logits.shape[0] if logits.dtype == torch.float32 else max(1, SOFTMAX_BYTES // (4 * logits.shape[1]))
+
+
+def _softmax_part(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, grads: bool) -> torch.Tensor:
+    """The summed loss of some rows of logits [r, V] (fp32 softmax); with `grads`, the rows
+    become d loss / d logits = (softmax - one_hot(target)) / count, zero on ignored rows."""
+    f = logits.float()  # the same tensor where logits are fp32
+    valid = targets != IGNORE
+    picked = targets.clamp(min=0)[:, None]
+    lse = torch.logsumexp(f, dim=1)
+    loss = (lse - f.gather(1, picked)[:, 0]).masked_fill_(~valid, 0).sum()
+    if grads:
+        weights = valid.to(torch.float32)[:, None]
+        delta = f.sub_(lse[:, None]).exp_().scatter_add_(1, picked, -weights).mul_(weights / count)
+        if delta.data_ptr() != logits.data_ptr():
+            logits.copy_(delta)
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -51,6 +51,20 @@ def test_bf16_is_as_near_the_fp32_gradients_as_the_direct_bf16_loss():
         assert err(a) <= 1.2 * err(b) + 1e-6, (err(a), err(b))
 
 
+def test_a_bf16_chunks_softmax_in_slices_gives_the_whole_chunks_gradients(monkeypatch):
+    """The fp32 softmax of a bf16 chunk runs a slice of rows at a time (less memory): every
+    row's arithmetic is the same, so the gradients are bit for bit those of one slice."""
+    from fgpt import cross_entropy
+    x, w, t = case(300, 64, 3000, seed=2, ignored=0.1, dtype=torch.bfloat16)
+    assert cross_entropy.softmax_rows(torch.empty(64, 3000, dtype=torch.bfloat16)) >= 64
+    whole = loss_and_grads(linear_cross_entropy, x, w, t, 64)
+    monkeypatch.setattr(cross_entropy, "SOFTMAX_BYTES", 4 * 3000 * 10)  # 10-row slices, the chunk's last short
+    assert cross_entropy.softmax_rows(torch.empty(64, 3000, dtype=torch.bfloat16)) == 10
+    sliced = loss_and_grads(linear_cross_entropy, x, w, t, 64)
+    assert torch.equal(sliced[1], whole[1]) and torch.equal(sliced[2], whole[2])
+    torch.testing.assert_close(sliced[0], whole[0], rtol=1e-6, atol=0)  # the loss: summed in another order
+
+
 def test_without_gradients_it_is_the_same_loss_and_keeps_no_graph():
     x, w, t = case(50, 8, 30, seed=1, ignored=0.2)
     with torch.no_grad():
