@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 IGNORE = -1  # targets of -1 are left out of the loss (and of the count it is the mean over)
-# one chunk's fp32 logits: 256 MiB, 1335 rows of GPT-2's vocabulary. Smaller chunks make
+# one chunk: the rows whose fp32 logits take 256 MiB, 1335 of GPT-2's vocabulary. Smaller chunks make
 # thinner matmuls, which a CPU runs slower (the probe that chose this size: docs/performance.md)
 CHUNK_BYTES = 2 ** 28
 SOFTMAX_BYTES = 2 ** 25  # the fp32 softmax of a bf16 chunk, a slice at a time (`softmax_rows`)
