@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from fgpt import GPTConfig, forward, init_params, tree
 from fgpt.inference import batched
 from fgpt.inference.batched import BatchedMatrix, batched_layout, first_winning_rows
+from fgpt.inference.decode_layout import SplitMatrix
 from fgpt.inference.generate import Sampling, generate
 from fgpt.inference.kv_cache import KVCache
 
@@ -21,15 +22,16 @@ BF16_OK = batched.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  
 @needs_onednn
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), pytest.param(
     torch.bfloat16, 2e-2, marks=pytest.mark.skipif(not BF16_OK, reason="oneDNN has no bf16 on this CPU"))])
-@given(rows=st.integers(1, 12), n_in=st.integers(1, 40), block=st.integers(1, 12), parts=st.integers(1, 4),
+@given(rows=st.integers(1, 12), n_in=st.integers(1, 40), n_out=st.integers(1, 40), parts=st.integers(1, 4),
        min_rows=st.integers(2, 8))
 @settings(max_examples=25, deadline=None)
-def test_the_product_equals_the_plain_one_on_both_sides_of_min_rows(dtype, tol, rows, n_in, block, parts, min_rows):
-    n_out = block * parts  # below min_rows: the decode layout's product, split in `parts` (1: plain)
+def test_the_product_equals_the_plain_one_on_both_sides_of_min_rows(dtype, tol, rows, n_in, n_out, parts, min_rows):
+    # below min_rows: the decode layout's product, split in `parts` (1: plain)
     gen = torch.Generator().manual_seed(rows * 1000 + n_in * 10 + n_out)
     w, bias = torch.randn(n_in, n_out, generator=gen).to(dtype), torch.randn(n_out, generator=gen).to(dtype)
     x = torch.randn(rows, 1, n_in, generator=gen).to(dtype)  # one row: the split product
-    m = BatchedMatrix(w.T.contiguous().T, parts, min_rows, max_rows=8)
+    split = SplitMatrix.of(w, parts)
+    m = BatchedMatrix(split.stored, n_out, parts, min_rows, max_rows=8)
     torch.testing.assert_close(m.linear(x, bias), x @ w + bias, rtol=tol, atol=tol)
     torch.testing.assert_close(m.unembed(x), x @ w, rtol=tol, atol=tol)
     tokens = torch.randint(0, n_out, (3,), generator=gen)
@@ -83,11 +85,13 @@ def test_a_batched_model_gives_the_plain_models_logits_and_greedy_tokens(always)
 def test_tree_functions_see_the_plain_weight_and_rebuild_the_matrix_only_as_measured(always):
     config, params = tiny()
     fast = batched_layout(params, 4)
-    flat = tree.flatten(fast)  # a wrapped weight's one leaf is the plain matrix (the head: wte.T)
+    flat = tree.flatten(fast)  # a wrapped weight's one leaf: the rows of W.T (the head's: wte's)
     assert len(flat) == len(tree.flatten(params))
     for path, value in tree.flatten(params).items():
-        got = flat.get(path, flat.get(path + ".weight"))
-        assert torch.equal(got if got.shape == value.shape else got.T, value), path
+        got = flat.get(path)
+        if got is None:
+            got = flat[path + ".stored"] if path == "wte.weight" else flat[path + ".stored"].T
+        assert torch.equal(got, value), path
     same = tree.tree_map(lambda t: t.clone(), fast)
     m = same["h"][0]["mlp"]["c_fc"]["weight"]
     assert isinstance(m, BatchedMatrix) and (m.min_rows, m.max_rows) == (2, 4)

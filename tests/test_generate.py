@@ -313,17 +313,18 @@ def test_bf16_cached_decoding_follows_the_bf16_full_forward():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_decode_layout_changes_strides_to_the_measured_choice_and_nothing_else(dtype):
+def test_decode_layout_stores_each_matrix_as_measured_and_keeps_its_values(dtype):
     from fgpt.inference import int8
-    from fgpt.inference.decode_layout import IN_OUT, SPLIT, SplitMatrix, fastest_layout, row_blocks
+    from fgpt.inference.decode_layout import IN_OUT, SPLIT, fastest_layout
     config = GPTConfig(vocab_size=53, n_ctx=16, n_layer=2, n_head=2, n_embd=32)
     params = init_params(config, seed=0)
     params = int8.quantize(params) if dtype == "int8" else tree.cast(params, getattr(torch, dtype))
     fast = decode_layout(params)
     flat = tree.flatten(fast)
     for path, before in tree.flatten(params).items():
-        split = path + ".weight" in flat  # a SplitMatrix's child: W [in, out] (the head's: wte.T)
-        t = flat[path] if not split else flat[path + ".weight"].T if path == "wte.weight" else flat[path + ".weight"]
+        split = path + ".stored" in flat  # a SplitMatrix's child: W.T's rows [out, in] and zero rows after
+        t = flat[path] if not split else flat[path + ".stored"][:before.shape[path != "wte.weight"]]
+        t = t.T if split and path != "wte.weight" else t  # as `params` has it: W [in, out], wte [V, d]
         assert t.dtype == before.dtype and torch.equal(t, before), path
         if t.dim() == 2 and t.is_floating_point() and path != "wpe.weight":
             used = t.T if path == "wte.weight" else t  # the head multiplies by wte.T
@@ -333,6 +334,3 @@ def test_decode_layout_changes_strides_to_the_measured_choice_and_nothing_else(d
             assert rows_in == (layout == IN_OUT), path
         elif t.dtype == torch.int8:
             assert t.is_contiguous(), path  # [out, in] rows, as torch's int8 kernel reads them
-    for m in tree.leaves(fast, is_leaf=lambda x: isinstance(x, SplitMatrix)):
-        if isinstance(m, SplitMatrix):
-            assert m.parts == row_blocks(m.weight.shape[1])

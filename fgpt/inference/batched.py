@@ -69,17 +69,19 @@ class BatchedMatrix(SplitMatrix):
 
 
 def _flatten(m: BatchedMatrix):
-    return (m.weight,), (m.parts, m.min_rows, m.max_rows, m.weight.dtype, m.weight.device), ("weight",)
+    return (m.stored,), (m.n_out, m.parts, m.min_rows, m.max_rows, m.stored.dtype, m.stored.device), ("stored",)
 
 
 def _unflatten(measured, children):
     """A tree function's result: batched again where the weight kept the dtype and device its
     switch was measured for; else (a cast, a move to a GPU) the plain weight."""
-    parts, min_rows, max_rows, dtype, device = measured
-    (weight,) = children
-    if not isinstance(weight, torch.Tensor) or (weight.dtype, weight.device) != (dtype, device):
-        return weight
-    return BatchedMatrix(weight, parts, min_rows, max_rows)
+    n_out, parts, min_rows, max_rows, dtype, device = measured
+    (stored,) = children
+    if not isinstance(stored, torch.Tensor):
+        return stored
+    if (stored.dtype, stored.device) != (dtype, device):
+        return stored[:n_out].T
+    return BatchedMatrix(stored, n_out, parts, min_rows, max_rows)
 
 
 optree.register_pytree_node(BatchedMatrix, _flatten, _unflatten, namespace=tree.NAMESPACE)
@@ -138,13 +140,14 @@ def batched_layout(params: dict, max_rows: int) -> dict:
     up to max_rows rows on this machine. CPU float trees only; others come back unchanged."""
 
     def wrap(w):
-        plain, parts = (w.weight, w.parts) if type(w) is SplitMatrix else (w, 1)
+        plain = w.weight if type(w) is SplitMatrix else w
         if not isinstance(plain, torch.Tensor) or not plain.is_floating_point() or plain.device.type != "cpu":
             return w
         rows = switch_rows(tuple(plain.shape), plain.dtype, max_rows)
         if rows is None:
             return w
-        m = BatchedMatrix(plain, parts, rows, max_rows)
+        split = (w.stored, w.n_out, w.parts) if type(w) is SplitMatrix else (w.T, w.shape[1], 1)
+        m = BatchedMatrix(*split, rows, max_rows)
         _ = m.reordered  # made now, not in the first batched step a user waits for
         return m
     return map_step_matrices(params, wrap)

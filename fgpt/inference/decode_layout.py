@@ -2,7 +2,7 @@
 
 A decode step multiplies one row vector by every weight W [in, out] (the head: W = wte.T).
 The same W can be stored row-major as [in, out] or as [out, in] (its transpose's rows), and
-the product can run as one matrix-vector kernel or SPLIT: stored [out, in], as `row_blocks`
+the product can run as one matrix-vector kernel or SPLIT: stored [out, in], as SPLIT_PARTS
 blocks of rows in one torch.bmm, which spreads the blocks over torch's threads (on the
 2-core EPYCs measured here, torch's fp32 product of one row ran on one core, MKL's choice
 for a matrix this small, and at half the rate of the split one: docs/performance.md).
@@ -44,21 +44,16 @@ _chosen: dict[tuple, str] = {}  # (device, dtype, (in, out), threads) -> one of 
 
 
 def stored_as(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """W [in, out] with the same values, its memory rows along `layout` (SPLIT: [out, in])."""
+    """W [in, out] with the same values, its memory rows along `layout` (IN_OUT or OUT_IN)."""
     return w.contiguous() if layout == IN_OUT else w.T.contiguous().T
 
 
-def row_blocks(n_out: int) -> int | None:
-    """How many blocks of rows a SPLIT product cuts W.T [out, in] into: the divisor of out
-    in 2..64 nearest 16 (enough for each thread of a 16-core CPU to get a block; GPT-2's
-    head, 50257 = 29 x 1733, gets 29); None where out has none."""
-    divisors = [d for d in range(2, 65) if n_out % d == 0]
-    return min(divisors, key=lambda d: abs(d - 16)) if divisors else None
+SPLIT_PARTS = 16  # blocks per split product: one per thread of a 16-core CPU (2 to 64 ran alike on 2 cores)
 
 
 def split_product(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, in] @ W (+ bias) -> [1, out], W given as `blocks` of its transpose's rows,
-    [parts, out / parts, in]: parts matrix-vector products in one torch.bmm."""
+    """x [1, in] @ W (+ bias) -> [1, parts * rows], W given as `blocks` of its transpose's
+    rows, [parts, rows, in]: parts matrix-vector products in one torch.bmm."""
     parts, _, n_in = blocks.shape
     column = x.T.expand(parts, n_in, 1)  # no copy; strides (0, 1, in): bmm ran 5x slower on (0, 1, 1)
     y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(parts, -1, 1), blocks, column)
@@ -67,21 +62,41 @@ def split_product(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | No
 
 @dataclass(frozen=True, eq=False)
 class SplitMatrix:
-    """W [in, out] stored [out, in], whose products of one row run as `split_product` and
-    of several rows as the plain product. Used as the float weight it wraps is: `linear`;
-    as the tied embedding table (then W = wte.T), `rows` and `unembed`."""
-    weight: torch.Tensor  # [in, out], stored [out, in]
+    """W [in, out] kept as the rows of W.T [out, in], zero rows appended up to a multiple
+    of `parts`, whose products of one row run as `split_product` over `parts` equal blocks
+    (the padding's outputs dropped) and of several rows as the plain product. Used as the
+    float weight it wraps is: `linear`; as the tied embedding table (then W = wte.T), `rows`
+    and `unembed`. `parts` 1: the plain product always (the stored rows then need not be
+    contiguous)."""
+    stored: torch.Tensor  # [out + padding, in]
+    n_out: int
     parts: int
+
+    @classmethod
+    def of(cls, w: torch.Tensor, parts: int = SPLIT_PARTS) -> "SplitMatrix":
+        """W [in, out] split in `parts` blocks (GPT-2's 50,257-row head gets 15 zero rows)."""
+        n_in, n_out = w.shape
+        stored = w.new_zeros(-(-n_out // parts) * parts, n_in)
+        stored[:n_out] = w.T
+        return cls(stored, n_out, parts)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W [in, out], a view."""
+        return self.stored[:self.n_out].T
 
     @functools.cached_property
     def blocks(self) -> torch.Tensor:
-        """W.T's rows in `parts` blocks, [parts, out / parts, in]: a view, made once."""
-        return self.weight.T.view(self.parts, -1, self.weight.shape[0])
+        """The stored rows in `parts` blocks, [parts, rows, in]: a view, made once."""
+        return self.stored.view(self.parts, -1, self.stored.shape[1])
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, in] @ W (+ bias) -> [M, out]."""
         if x.shape[0] == 1 and self.parts > 1:
-            return split_product(self.blocks, x, bias)
+            if self.stored.shape[0] == self.n_out:
+                return split_product(self.blocks, x, bias)
+            y = split_product(self.blocks, x)[:, :self.n_out]
+            return y if bias is None else y + bias
         return x @ self.weight if bias is None else torch.addmm(bias, x, self.weight)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -95,18 +110,22 @@ class SplitMatrix:
 
 
 def _unflatten_split(measured, children):
-    """A tree function's result: split again where the weight kept the dtype, device and
+    """A tree function's result: split again where the rows kept the dtype, device and
     shape its layout was measured for; else (a cast, a move to a GPU) the plain weight."""
-    parts, dtype, device, shape = measured
-    (weight,) = children
-    if not isinstance(weight, torch.Tensor) or (weight.dtype, weight.device, weight.shape) != (dtype, device, shape):
-        return weight
-    return SplitMatrix(weight, parts)
+    n_out, parts, dtype, device, shape = measured
+    (stored,) = children
+    if not isinstance(stored, torch.Tensor):
+        return stored
+    if (stored.dtype, stored.device, stored.shape) != (dtype, device, shape):
+        return stored[:n_out].T
+    return SplitMatrix(stored, n_out, parts)
 
 
-optree.register_pytree_node(
-    SplitMatrix, lambda m: ((m.weight,), (m.parts, m.weight.dtype, m.weight.device, m.weight.shape), ("weight",)),
-    _unflatten_split, namespace=tree.NAMESPACE)
+def _flatten_split(m: SplitMatrix):
+    return (m.stored,), (m.n_out, m.parts, m.stored.dtype, m.stored.device, m.stored.shape), ("stored",)
+
+
+optree.register_pytree_node(SplitMatrix, _flatten_split, _unflatten_split, namespace=tree.NAMESPACE)
 
 
 def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -128,8 +147,7 @@ def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
 
 def decode_matrix(w: torch.Tensor, layout: str) -> torch.Tensor | SplitMatrix:
     """W [in, out] stored in `layout`: a tensor, or for SPLIT a SplitMatrix."""
-    stored = stored_as(w, layout)
-    return SplitMatrix(stored, row_blocks(w.shape[1])) if layout == SPLIT else stored
+    return SplitMatrix.of(w) if layout == SPLIT else stored_as(w, layout)
 
 
 def one_row_product(w: torch.Tensor | SplitMatrix, x: torch.Tensor) -> torch.Tensor:
@@ -221,9 +239,8 @@ def _measure(shape, dtype, device, repeats) -> str:
     K, N = shape
     copies = copies_past_the_caches(K * N * torch.empty((), dtype=dtype).element_size())
     x = torch.full((1, K), 0.5, dtype=dtype, device=device)
-    layouts = LAYOUTS if row_blocks(N) else (IN_OUT, OUT_IN)
     candidates = {layout: [lambda w=decode_matrix(torch.full(shape, 0.01, dtype=dtype, device=device), layout):
-                           one_row_product(w, x) for _ in range(copies)] for layout in layouts}
+                           one_row_product(w, x) for _ in range(copies)] for layout in LAYOUTS}
     return fastest(candidates, repeats, device)
 
 
