@@ -169,6 +169,9 @@ def kernel_rates(model: str = "gpt2", repeats: int = 5) -> tuple[dict[str, tuple
     weights.append(params["wte"]["weight"].T)  # the head: x @ wte.T
     x = {w.shape[0]: torch.randn(1, w.shape[0]) for w in weights}
     kernels = {}
+    plain = [w.contiguous() for w in weights]  # as HF's Conv1D stores them: the peer of the measured layouts
+    kernels["float32, plain x @ W [in, out]"] = ([lambda w=w: x[w.shape[0]] @ w for w in plain],
+                                                  sum(w.numel() * 4 for w in plain))
     for name, dtype in FLOAT_DTYPES.items():
         stored = [decode_matrix(w.to(dtype), fastest_layout(tuple(w.shape), dtype)) for w in weights]
         xs = {k: v.to(dtype) for k, v in x.items()}
