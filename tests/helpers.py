@@ -13,6 +13,13 @@ from einops import repeat
 from fgpt import GPTConfig, forward, init_params, tree
 
 
+def tiny_variant() -> tuple[GPTConfig, dict]:
+    """A two-layer model with every variant (rotary, GQA, a window in one layer) and its params."""
+    config = GPTConfig(vocab_size=96, n_ctx=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos_emb="rope",
+                       window=(8, None))
+    return config, init_params(config, seed=4)
+
+
 def wide_params(config: GPTConfig, seed: int = 0, scale: float = 0.3) -> dict:
     """init_params plus seeded noise of std `scale`: weights far wider than GPT-2's init, so
     every position's logits depend visibly on its context and greedy decoding does not

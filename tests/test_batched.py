@@ -14,6 +14,7 @@ from fgpt.inference.batched import BatchedMatrix, batched_layout, first_winning_
 from fgpt.inference.decode_layout import SplitMatrix
 from fgpt.inference.generate import Sampling, generate
 from fgpt.inference.kv_cache import KVCache
+from helpers import tiny_variant
 
 needs_onednn = pytest.mark.skipif(not batched.available(), reason="torch built without oneDNN")
 BF16_OK = batched.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 here
@@ -49,12 +50,6 @@ def test_the_switch_is_where_the_reordered_product_wins_at_every_larger_count(fa
     assert first_winning_rows(faster) == expected
 
 
-def tiny() -> tuple[GPTConfig, dict]:
-    config = GPTConfig(vocab_size=96, n_ctx=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos_emb="rope",
-                       window=(8, None))
-    return config, init_params(config, seed=4)
-
-
 @pytest.fixture
 def always(monkeypatch):
     """The reordered product from 2 rows up, whatever this machine measures."""
@@ -63,7 +58,7 @@ def always(monkeypatch):
 
 @needs_onednn
 def test_a_batched_model_gives_the_plain_models_logits_and_greedy_tokens(always):
-    config, params = tiny()
+    config, params = tiny_variant()
     fast = batched_layout(params, 4)
     wrapped = [leaf for leaf in tree.leaves(fast, is_leaf=lambda x: isinstance(x, BatchedMatrix))
                if isinstance(leaf, BatchedMatrix)]
@@ -83,7 +78,7 @@ def test_a_batched_model_gives_the_plain_models_logits_and_greedy_tokens(always)
 
 @needs_onednn
 def test_tree_functions_see_the_plain_weight_and_rebuild_the_matrix_only_as_measured(always):
-    config, params = tiny()
+    config, params = tiny_variant()
     fast = batched_layout(params, 4)
     flat = tree.flatten(fast)  # a wrapped weight's one leaf: the rows of W.T (the head's: wte's)
     assert len(flat) == len(tree.flatten(params))
@@ -106,7 +101,7 @@ def test_tree_functions_see_the_plain_weight_and_rebuild_the_matrix_only_as_meas
 def test_batched_weights_refuse_gradients_and_int8_in_one_line(always):
     from fgpt import FgptError, loss_fn
     from fgpt.inference import int8
-    config, params = tiny()
+    config, params = tiny_variant()
     fast = batched_layout(params, 4)
     tokens = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
     trainable = tree.tree_map(lambda t: t.detach().requires_grad_(), fast)
@@ -117,7 +112,7 @@ def test_batched_weights_refuse_gradients_and_int8_in_one_line(always):
 
 
 def test_nothing_changes_where_it_never_pays_or_where_one_row_is_all(monkeypatch):
-    config, params = tiny()
+    config, params = tiny_variant()
     monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: None)
     same = zip(tree.leaves(batched_layout(params, 8)), tree.leaves(params))
     assert all(a.data_ptr() == b.data_ptr() and torch.equal(a, b) for a, b in same)  # the same tensors, no copy

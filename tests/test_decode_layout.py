@@ -8,11 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fgpt import GPTConfig, forward, init_params, tree
+from fgpt import forward, tree
 from fgpt.errors import FgptError
 from fgpt.inference import decode_layout as dl, int8
 from fgpt.inference.generate import Sampling, generate
 from fgpt.inference.kv_cache import KVCache
+from helpers import tiny_variant
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -33,12 +34,6 @@ def test_a_split_matrix_multiplies_as_the_plain_weight(dtype, tol, rows, n_in, n
     assert torch.equal(m.rows(tokens), w.T[tokens])  # as the tied table: rows of W.T
 
 
-def tiny() -> tuple[GPTConfig, dict]:
-    config = GPTConfig(vocab_size=96, n_ctx=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos_emb="rope",
-                       window=(8, None))
-    return config, init_params(config, seed=4)
-
-
 @pytest.fixture
 def split_everywhere(monkeypatch):
     """Every decode matrix split, whatever this machine measures."""
@@ -46,7 +41,7 @@ def split_everywhere(monkeypatch):
 
 
 def test_a_split_model_decodes_as_the_plain_model(split_everywhere):
-    config, params = tiny()
+    config, params = tiny_variant()
     fast = dl.decode_layout(params)
     split = [m for m in tree.leaves(fast, is_leaf=lambda x: isinstance(x, dl.SplitMatrix))
              if isinstance(m, dl.SplitMatrix)]
@@ -65,7 +60,7 @@ def test_a_split_model_decodes_as_the_plain_model(split_everywhere):
 
 
 def test_a_cast_gives_plain_weights_back_and_quantize_refuses_split_ones(split_everywhere):
-    config, params = tiny()
+    config, params = tiny_variant()
     fast = dl.decode_layout(params)
     cast = tree.cast(fast, torch.bfloat16)  # measured for fp32: another dtype gets its own measurement
     assert not any(isinstance(x, dl.SplitMatrix) for x in tree.leaves(cast, is_leaf=lambda x: isinstance(x, dl.SplitMatrix)))
