@@ -113,6 +113,7 @@ class KVCache:
         self._has_padding = None
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store k, v [B, H, T, hd] at `slots`, the T slots from the cursor on (attend's)."""
         size, T = self.slot_pos[layer].numel(), k.shape[2]
         n = min(T, size)  # a rolling buffer keeps the last `size`
         k, v, slots = k[:, :, T - n:], v[:, :, T - n:], slots[T - n:]
