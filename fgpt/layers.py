@@ -12,7 +12,8 @@ def layer_norm(p: dict, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def linear(p: dict, x: torch.Tensor) -> torch.Tensor:
     """HF Conv1D layout: weight is [in, out], so y = x @ w + b with no transpose. A weight
-    that is not a tensor (an int8 matrix, fgpt/inference/int8.py) computes its own product."""
+    that is not a tensor (an int8, split or batched matrix of fgpt/inference/) computes its
+    own product."""
     if not isinstance(p["weight"], torch.Tensor):
         return p["weight"].linear(x, p["bias"])
     return torch.addmm(p["bias"], x.reshape(-1, x.shape[-1]), p["weight"]).view(*x.shape[:-1], -1)

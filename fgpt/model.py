@@ -188,7 +188,7 @@ def head_loss(params: dict, x: torch.Tensor, targets: torch.Tensor, config: GPTC
     Past one chunk of rows, a chunk at a time (fgpt.cross_entropy): the [B, T, V] logits
     never exist whole."""
     x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
-    if not isinstance(params["wte"]["weight"], torch.Tensor):  # int8 or batched (no gradients): its own product
+    if not isinstance(params["wte"]["weight"], torch.Tensor):  # a decode matrix (int8, split, batched): its own product
         logits = unembed(params["wte"], x)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
     return linear_cross_entropy(x.flatten(0, 1), params["wte"]["weight"], targets.flatten())

@@ -53,7 +53,7 @@ def test_the_switch_is_where_the_reordered_product_wins_at_every_larger_count(fa
 @pytest.fixture
 def always(monkeypatch):
     """The reordered product from 2 rows up, whatever this machine measures."""
-    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: 2)
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: 2)
 
 
 @needs_onednn
@@ -92,9 +92,12 @@ def test_tree_functions_see_the_plain_weight_and_rebuild_the_matrix_only_as_meas
     assert isinstance(m, BatchedMatrix) and (m.min_rows, m.max_rows) == (2, 4)
     x = torch.randn(3, config.n_embd)
     torch.testing.assert_close(m.matmul(x), x @ m.weight, rtol=1e-5, atol=1e-5)  # reordered anew from the clone
-    half = tree.cast(fast, torch.bfloat16)  # its switch was measured for fp32: plain weights again
-    assert all(isinstance(leaf, torch.Tensor) and leaf.dtype == torch.bfloat16 for leaf in
-               tree.leaves(half, is_leaf=lambda x: isinstance(x, BatchedMatrix)) if leaf.is_floating_point())
+    half = tree.cast(fast, torch.bfloat16)  # its switch was measured for fp32: split matrices without oneDNN
+    wrapped = [m for m in tree.leaves(half, is_leaf=lambda x: isinstance(x, SplitMatrix)) if isinstance(m, SplitMatrix)]
+    assert len(wrapped) == 4 * config.n_layer + 1 and not any(isinstance(m, BatchedMatrix) for m in wrapped)
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    reference = forward(tree.cast(params, torch.bfloat16), tokens, config)
+    torch.testing.assert_close(forward(half, tokens, config), reference)  # another layout: float rounding
 
 
 @needs_onednn
@@ -113,7 +116,7 @@ def test_batched_weights_refuse_gradients_and_int8_in_one_line(always):
 
 def test_nothing_changes_where_it_never_pays_or_where_one_row_is_all(monkeypatch):
     config, params = tiny_variant()
-    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: None)
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: None)
     same = zip(tree.leaves(batched_layout(params, 8)), tree.leaves(params))
     assert all(a.data_ptr() == b.data_ptr() and torch.equal(a, b) for a, b in same)  # the same tensors, no copy
     monkeypatch.undo()

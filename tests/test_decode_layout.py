@@ -59,10 +59,18 @@ def test_a_split_model_decodes_as_the_plain_model(split_everywhere):
     assert generate(fast, config, prompt, 10, **greedy) == generate(params, config, prompt, 10, **greedy)
 
 
-def test_a_cast_gives_plain_weights_back_and_quantize_refuses_split_ones(split_everywhere):
+def test_a_cast_keeps_the_split_and_the_model_and_quantize_refuses_split_weights(split_everywhere):
     config, params = tiny_variant()
     fast = dl.decode_layout(params)
-    cast = tree.cast(fast, torch.bfloat16)  # measured for fp32: another dtype gets its own measurement
-    assert not any(isinstance(x, dl.SplitMatrix) for x in tree.leaves(cast, is_leaf=lambda x: isinstance(x, dl.SplitMatrix)))
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    for moved in (tree.cast(fast, torch.bfloat16), tree.tree_map(lambda t: t.clone(), fast)):
+        split = [m for m in tree.leaves(moved, is_leaf=lambda x: isinstance(x, dl.SplitMatrix))
+                 if isinstance(m, dl.SplitMatrix)]
+        assert len(split) == 4 * config.n_layer + 1  # the head too, still the tied table
+        dtype = split[0].stored.dtype
+        reference = forward(tree.cast(params, dtype), tokens, config)
+        torch.testing.assert_close(forward(moved, tokens, config), reference)  # another layout: float rounding
+    with pytest.raises(FgptError, match="changed a decode matrix's rows"):
+        tree.tree_map(lambda t: t[:2] if t.dim() == 2 else t, fast)
     with pytest.raises(FgptError, match="quantize the plain parameters"):
         int8.quantize(fast)

@@ -321,6 +321,7 @@ def test_decode_layout_stores_each_matrix_as_measured_and_keeps_its_values(dtype
     params = int8.quantize(params) if dtype == "int8" else tree.cast(params, getattr(torch, dtype))
     fast = decode_layout(params)
     flat = tree.flatten(fast)
+    assert {path.removesuffix(".stored") for path in flat} == tree.flatten(params).keys()
     for path, before in tree.flatten(params).items():
         split = path + ".stored" in flat  # a SplitMatrix's child: W.T's rows [out, in] and zero rows after
         t = flat[path] if not split else flat[path + ".stored"][:before.shape[path != "wte.weight"]]

@@ -261,7 +261,7 @@ def test_engine_rows_join_shift_and_leave_as_if_alone(batched_weights, monkeypat
     with plain weights and with batched ones (from 2 rows up, whatever this machine measures)."""
     import queue
     from fgpt.inference import batched
-    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows: 2 if batched.available() else None)
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: 2 if batched.available() else None)
     from fgpt.inference.kv_cache import KVCache
     from fgpt.serving.engine import DoneEvent, Engine, Job, Row
     shifts = []

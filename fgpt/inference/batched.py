@@ -25,8 +25,8 @@ import torch
 
 from fgpt import tree
 from fgpt.errors import FgptError
-from fgpt.inference.decode_layout import (SplitMatrix, copies_past_the_caches, fastest_layout, map_step_matrices,
-                                          measured_once, on_one_thread, stored_as)
+from fgpt.inference.decode_layout import (IN_OUT, OUT_IN, SplitMatrix, copies_past_the_caches, map_step_matrices,
+                                          measured_once, on_one_thread, rebuilt_rows, stored_as)
 from fgpt.measure import interleaved_best
 
 NEVER = "never"
@@ -69,18 +69,20 @@ class BatchedMatrix(SplitMatrix):
 
 
 def _flatten(m: BatchedMatrix):
-    return (m.stored,), (m.n_out, m.parts, m.min_rows, m.max_rows, m.stored.dtype, m.stored.device), ("stored",)
+    aux = (m.n_out, m.parts, m.min_rows, m.max_rows, m.stored.shape, m.stored.dtype, m.stored.device)
+    return (m.stored,), aux, ("stored",)
 
 
-def _unflatten(measured, children):
-    """A tree function's result: batched again where the weight kept the dtype and device its
-    switch was measured for; else (a cast, a move to a GPU) the plain weight."""
-    n_out, parts, min_rows, max_rows, dtype, device = measured
+def _unflatten(aux, children):
+    """A tree function's result: batched again where the rows kept the dtype and device the
+    switch was measured for; else (a cast, a move to a GPU) a SplitMatrix, without oneDNN."""
+    n_out, parts, min_rows, max_rows, shape, dtype, device = aux
     (stored,) = children
-    if not isinstance(stored, torch.Tensor):
-        return stored
+    other = rebuilt_rows(stored, shape, n_out)
+    if other is not None:
+        return other
     if (stored.dtype, stored.device) != (dtype, device):
-        return stored[:n_out].T
+        return SplitMatrix(stored, n_out, parts)
     return BatchedMatrix(stored, n_out, parts, min_rows, max_rows)
 
 
@@ -93,11 +95,11 @@ def _row_counts(max_rows: int) -> list[int]:
     return counts + [max_rows] if max_rows >= 2 else []
 
 
-def _measure(shape: tuple[int, int], dtype: torch.dtype, max_rows: int) -> str:
-    """Plain (in its decode layout) against reordered at each row count up to max_rows:
-    `first_winning_rows`. NEVER where oneDNN refuses the dtype here (bf16 on some CPUs)."""
+def _measure(shape: tuple[int, int], dtype: torch.dtype, max_rows: int, layout: str) -> str:
+    """Plain (stored as `layout`, IN_OUT or OUT_IN) against reordered at each row count up
+    to max_rows: `first_winning_rows`. NEVER where oneDNN refuses the dtype here (bf16 on
+    some CPUs)."""
     K, N = shape
-    layout = fastest_layout(shape, dtype)
     plain = [stored_as(torch.full(shape, 0.01, dtype=dtype), layout)
              for _ in range(copies_past_the_caches(K * N * dtype.itemsize))]
     try:
@@ -122,15 +124,16 @@ def first_winning_rows(faster: dict[int, bool]) -> str:
 
 
 @functools.cache
-def switch_rows(shape: tuple[int, int], dtype: torch.dtype, max_rows: int) -> int | None:
-    """From how many rows BatchedMatrix should use the reordered product, for steps of up to
-    max_rows rows; None where it never pays (or oneDNN is missing). Measured once per machine,
-    on one thread (`on_one_thread`)."""
+def switch_rows(shape: tuple[int, int], dtype: torch.dtype, max_rows: int, layout: str = IN_OUT) -> int | None:
+    """From how many rows BatchedMatrix should use the reordered product over a weight
+    stored as `layout` (IN_OUT or OUT_IN: what the plain product reads), for steps of up to
+    max_rows rows; None where it never pays (or oneDNN is missing). Measured once per
+    machine, on one thread (`on_one_thread`)."""
     if max_rows < 2 or not available():
         return None
     choices = (*map(str, _row_counts(max_rows)), NEVER)
-    choice = measured_once("batched products", f"batched {dtype} {shape} up to {max_rows} rows",
-                           lambda: on_one_thread(lambda: _measure(shape, dtype, max_rows)), choices)
+    choice = measured_once("batched products", f"batched {dtype} {shape} {layout} up to {max_rows} rows",
+                           lambda: on_one_thread(lambda: _measure(shape, dtype, max_rows, layout)), choices)
     return None if choice == NEVER else int(choice)
 
 
@@ -143,7 +146,8 @@ def batched_layout(params: dict, max_rows: int) -> dict:
         plain = w.weight if type(w) is SplitMatrix else w
         if not isinstance(plain, torch.Tensor) or not plain.is_floating_point() or plain.device.type != "cpu":
             return w
-        rows = switch_rows(tuple(plain.shape), plain.dtype, max_rows)
+        layout = IN_OUT if plain.stride(1) == 1 else OUT_IN  # what its products of several rows read
+        rows = switch_rows(tuple(plain.shape), plain.dtype, max_rows, layout)
         if rows is None:
             return w
         split = (w.stored, w.n_out, w.parts) if type(w) is SplitMatrix else (w.T, w.shape[1], 1)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fgpt import tree
 from fgpt.atomic import atomic_write_text
+from fgpt.errors import FgptError
 from fgpt.measure import cpu_name, interleaved_best
 
 IN_OUT, OUT_IN, SPLIT = "in_out", "out_in", "out_in_split"
@@ -44,7 +45,8 @@ _chosen: dict[tuple, str] = {}  # (device, dtype, (in, out), threads) -> one of 
 
 
 def stored_as(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """W [in, out] with the same values, its memory rows along `layout` (IN_OUT or OUT_IN)."""
+    """W [in, out] with the same values, its memory rows along `layout` (a SPLIT matrix's
+    products of several rows read it as OUT_IN)."""
     return w.contiguous() if layout == IN_OUT else w.T.contiguous().T
 
 
@@ -56,7 +58,7 @@ def split_product(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | No
     rows, [parts, rows, in]: parts matrix-vector products in one torch.bmm."""
     parts, _, n_in = blocks.shape
     column = x.T.expand(parts, n_in, 1)  # no copy; strides (0, 1, in): bmm ran 5x slower on (0, 1, 1)
-    y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(parts, -1, 1), blocks, column)
+    y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.reshape(parts, -1, 1), blocks, column)
     return y.view(1, -1)
 
 
@@ -67,7 +69,9 @@ class SplitMatrix:
     (the padding's outputs dropped) and of several rows as the plain product. Used as the
     float weight it wraps is: `linear`; as the tied embedding table (then W = wte.T), `rows`
     and `unembed`. `parts` 1: the plain product always (the stored rows then need not be
-    contiguous)."""
+    contiguous). A tree function (a cast, a move to another device) gives a SplitMatrix
+    back, whose layout was measured for the old dtype and device: cast the plain parameters
+    before `decode_layout` to have it measured for the new ones."""
     stored: torch.Tensor  # [out + padding, in]
     n_out: int
     parts: int
@@ -109,20 +113,28 @@ class SplitMatrix:
         return self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
-def _unflatten_split(measured, children):
-    """A tree function's result: split again where the rows kept the dtype, device and
-    shape its layout was measured for; else (a cast, a move to a GPU) the plain weight."""
-    n_out, parts, dtype, device, shape = measured
-    (stored,) = children
+def rebuilt_rows(stored, shape: torch.Size, n_out: int):
+    """A tree function's result for a wrapped matrix's stored rows: None where it is a
+    tensor of their shape (rebuild the wrapper around it), else the result itself (not a
+    tensor: a tree of shapes, say). A tensor of another shape is refused: it has no one
+    meaning as W [in, out] or as the tied table."""
     if not isinstance(stored, torch.Tensor):
         return stored
-    if (stored.dtype, stored.device, stored.shape) != (dtype, device, shape):
-        return stored[:n_out].T
-    return SplitMatrix(stored, n_out, parts)
+    if stored.shape != shape:
+        raise FgptError(f"a tree function changed a decode matrix's rows from {tuple(shape)} to "
+                        f"{tuple(stored.shape)} ({n_out} rows are the matrix's)")
+    return None
+
+
+def _unflatten_split(aux, children):
+    n_out, parts, shape = aux
+    (stored,) = children
+    other = rebuilt_rows(stored, shape, n_out)
+    return other if other is not None else SplitMatrix(stored, n_out, parts)
 
 
 def _flatten_split(m: SplitMatrix):
-    return (m.stored,), (m.n_out, m.parts, m.stored.dtype, m.stored.device, m.stored.shape), ("stored",)
+    return (m.stored,), (m.n_out, m.parts, m.stored.shape), ("stored",)
 
 
 optree.register_pytree_node(SplitMatrix, _flatten_split, _unflatten_split, namespace=tree.NAMESPACE)

@@ -114,6 +114,8 @@ class KVCache:
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store k, v [B, H, T, hd] at `slots`, the T slots from the cursor on (attend's)."""
+        if k.dtype != self.k[layer].dtype:  # a slice assignment would cast silently, index_put refuse
+            raise FgptError(f"keys of {k.dtype} into a {self.k[layer].dtype} KV cache: allocate it in the model's dtype")
         size, T = self.slot_pos[layer].numel(), k.shape[2]
         n = min(T, size)  # a rolling buffer keeps the last `size`
         k, v, slots = k[:, :, T - n:], v[:, :, T - n:], slots[T - n:]
