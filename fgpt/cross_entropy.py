@@ -80,9 +80,9 @@ def _softmax_part(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tens
     loss = (lse - f.gather(1, picked)[:, 0]).masked_fill_(~valid, 0).sum()
     if grads:
         weights = valid.to(torch.float32)[:, None]
-        delta = f.sub_(lse[:, None]).exp_().scatter_add_(1, picked, -weights).mul_(weights / count)
-        if delta.data_ptr() != logits.data_ptr():
-            logits.copy_(delta)
+        f.sub_(lse[:, None]).exp_().scatter_add_(1, picked, -weights).mul_(weights / count)
+        if f is not logits:  # a bf16 slice: back into the chunk
+            logits.copy_(f)
     return loss
 
 

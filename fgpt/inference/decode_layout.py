@@ -8,7 +8,7 @@ blocks of rows in one torch.bmm, which spreads the blocks over torch's threads (
 for a matrix this small, and at half the rate of the split one: docs/performance.md).
 Which is faster depends on the dtype, the shape and the machine: MKL's fp32 product and
 torch's bf16 one disagree, and an AVX-512 CPU is not an AVX2 one. So the choice is
-measured, once per (dtype, shape) per CPU machine (cached in $FGPT_CACHE/measured.json,
+measured, once per (dtype, shape, thread count) per CPU machine (cached in $FGPT_CACHE/measured.json,
 default ~/.cache/fgpt; `measured_once`, which says so on stderr the first time), on enough
 copies of a matrix of that shape that they outgrow the caches as the model does.
 Shapes and values stay: a plain layout changes only strides, a split one wraps the weight in
@@ -45,8 +45,7 @@ _chosen: dict[tuple, str] = {}  # (device, dtype, (in, out), threads) -> one of 
 
 
 def stored_as(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """W [in, out] with the same values, its memory rows along `layout` (a SPLIT matrix's
-    products of several rows read it as OUT_IN)."""
+    """W [in, out] with the same values, its memory rows along `layout` (IN_OUT or OUT_IN)."""
     return w.contiguous() if layout == IN_OUT else w.T.contiguous().T
 
 
