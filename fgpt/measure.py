@@ -12,7 +12,6 @@ Timings synchronise CUDA when a GPU is in use. Memory on CPU is the process's re
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -111,22 +110,11 @@ def status_bytes(field: str, pid: int | str = "self") -> int:
     raise OSError(f"{path} has no {field}")
 
 
-def release_freed_memory() -> None:
-    """Make glibc hand large freed blocks straight back to the OS (mmap threshold 64 KiB) and
-    trim what it holds now, so the resident set tracks live tensors. No-op elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_rss_growth(fn: Callable[[], object], device: str | torch.device | None = None) -> int:
     """Bytes by which memory grew at its peak while `fn` ran: torch's peak allocation on
     CUDA; on CPU the resident set's high-water mark (Linux: VmHWM, reset through clear_refs)
-    above its size at the start. Call `release_freed_memory()` once first so freed tensors
-    leave the resident set."""
+    above its size at the start. Call `fgpt.heap.release_freed_memory()` once first so freed
+    tensors leave the resident set."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

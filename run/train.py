@@ -20,6 +20,7 @@ from fgpt.checkpoint import checkpoint_config
 from fgpt.config import GPTConfig, PRESETS
 from fgpt.data import check_text_field
 from fgpt.errors import FgptError
+from fgpt.heap import HEAPS
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
 from fgpt.recompute import RECOMPUTE
@@ -95,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute", choices=RECOMPUTE,
                    help="activations computed again in backward instead of kept: none (default), "
                    "attention (each block's attention half) or full (whole blocks): memory for time")
+    g.add_argument("--heap", choices=HEAPS,
+                   help="kept (default): freed memory stays for the next step, which then needs no fresh "
+                   "pages (faster; the resident peak held, and higher); glibc: glibc's default")
     g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
                    help="windowed layers: band (plain O(T·W), default), flex (compiled flex_attention; CUDA only) or dense (a T² mask)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)

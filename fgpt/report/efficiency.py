@@ -15,7 +15,8 @@ import torch
 from fgpt.attention import causal_attention, dense_window_attention, sliding_window_attention
 from fgpt.config import GPTConfig
 from fgpt.inference.kv_cache import KVCache
-from fgpt.measure import peak_rss_growth, release_freed_memory, repeat_times, spread
+from fgpt.heap import release_freed_memory
+from fgpt.measure import peak_rss_growth, repeat_times, spread
 from fgpt.model import count_params, forward, init_params
 from fgpt.parallel import make_strategy
 from fgpt.training.train import optimizer_step

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from fgpt import recompute, tree
+from fgpt import heap, recompute, tree
 from fgpt.attention import check_window_kernel
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
@@ -25,7 +25,7 @@ SCHEDULES = ("cosine", "wsd")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
                      "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype",
-                     "recompute"}
+                     "recompute", "heap"}
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "off"  # auto | on | off (run.train's default is auto: fgpt/training/autocompile.py)
     recompute: str = "none"  # none | attention | full: activations computed again in backward
+    heap: str = "kept"  # kept | glibc: freed memory kept for the next step, or glibc's default (fgpt/heap.py)
     window_kernel: str = "band"  # kernel of windowed layers: band | flex | dense (fgpt.attention)
     strategy: str = "single"
     progress: bool = True
@@ -128,6 +129,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
     if run.resume and not run.out:
         raise FgptError("--resume needs --out DIR: the run directory to continue")
     recompute.check(run.recompute)
+    heap.check(run.heap)
     autocompile.check(run.compile)
     check_window_kernel(run.window_kernel)
     device = resolve_device(run.device)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from fgpt import data, tree
+from fgpt import data, heap, tree
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
@@ -170,6 +170,8 @@ def train(run: TrainConfig, *, corpus: data.Corpus | None = None) -> TrainResult
     `corpus`: train on these token arrays instead of reading `run.data` (in-process use,
     e.g. the study's restricted-vocabulary corpus)."""
     validate(run)
+    if run.heap == "kept":
+        heap.keep_freed_memory()  # each step reuses the pages the last one freed (fgpt/heap.py)
     strategy = make_strategy(run.strategy, device=resolve_device(run.device), compile=run.compile == "on",
                              reduce_dtype=run.reduce_dtype, recompute=run.recompute, window_kernel=run.window_kernel)
     try:

@@ -35,7 +35,8 @@ from fgpt.attention import causal_attention, dense_window_attention, sliding_win
 from fgpt import measure
 from fgpt.flex_window import flex_window_attention
 from fgpt.inference.kv_cache import KVCache, cached_attention
-from fgpt.measure import peak_rss_growth, release_freed_memory
+from fgpt.heap import release_freed_memory
+from fgpt.measure import peak_rss_growth
 from run._cli import summary
 
 W = 256

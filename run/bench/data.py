@@ -35,7 +35,8 @@ from fgpt import data
 from fgpt.data.pipeline import SHARD_TOKENS, default_workers
 from fgpt.data.shards import FORMAT, MANIFEST, ShardWriter, TokenStream, dtype_for, shard_entries
 from fgpt.data.tokenizer import EOT, gpt2_encoding
-from fgpt.measure import machine_line, peak_rss_growth, release_freed_memory, status_bytes
+from fgpt.heap import release_freed_memory
+from fgpt.measure import machine_line, peak_rss_growth, status_bytes
 from run._cli import summary
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,8 @@ import torch
 
 from fgpt import GPTConfig, model
 from fgpt.cross_entropy import linear_cross_entropy, reference_cross_entropy
-from fgpt.measure import in_child, machine_line, peak_rss_growth, release_freed_memory, repeat_times
+from fgpt.heap import release_freed_memory
+from fgpt.measure import in_child, machine_line, peak_rss_growth, repeat_times
 from run._cli import summary
 from run.bench import loss as bench_loss  # this module by its import name, for the child processes
 

@@ -1,7 +1,8 @@
 """`just bench profile train|decode|products`: where one step's time goes, op by op.
 
   train     one eager training step of GPT-2 124M (forward, backward, clip, fused AdamW)
-            after two warm-up steps; --precision bf16 (default) or fp32, --batch-size x --seq-len.
+            after two warm-up steps, on the training loop's heap (fgpt/heap.py); --precision
+            bf16 (default) or fp32, --batch-size x --seq-len.
   decode    8 greedy decode steps of 124M at batch 1 after a 64-token prefill (KV cache, the
             weights in their measured decode layouts), fp32 or bf16.
   products  the training step's matrix products alone, each shape timed on its own (forward
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from fgpt import GPTConfig, init_params
+from fgpt.heap import keep_freed_memory
 from fgpt.inference.generate import decode_layout
 from fgpt.inference.kv_cache import KVCache
 from fgpt.measure import machine_line
@@ -47,6 +49,7 @@ def print_profile(prof, label: str, wall: float, steps: int = 1, rows: int = 14)
 
 def profile_train(args) -> None:
     from run.bench.train import fgpt_step, make_batches
+    keep_freed_memory()  # the training loop's heap
     config = GPTConfig.preset(args.model)
     step = fgpt_step(config, args.precision, "cpu")
     batches = make_batches(config, args.batch_size, args.seq_len, "cpu", 3)

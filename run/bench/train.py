@@ -8,6 +8,9 @@ first contender, where --only leaves transformers fp32 out). The memory column i
 resident set's peak growth during one step after a warm-up (activations, gradients and
 temporaries: not the weights or AdamW's state), measured in a child process per contender
 (fgpt.measure.in_child). The `recompute` rows are fgpt with --recompute attention / full.
+All contenders share one heap: by default the one fgpt's training loop sets (freed memory
+kept for reuse, fgpt/heap.py); `--heap glibc` leaves glibc's default (large blocks mapped
+and unmapped every step), as a transformers script runs unless it sets this itself.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
-from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth, release_freed_memory
+from fgpt.heap import keep_freed_memory, release_freed_memory
+from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
 from fgpt.training.metrics import flops_per_token
@@ -204,7 +208,12 @@ def main() -> None:
                    help="instead: fgpt's forward + backward with --recompute none / attention / full, "
                    "time and peak memory, each in a child process")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="for --recompute-memory")
+    p.add_argument("--heap", default="kept", choices=["kept", "glibc"],
+                   help="kept: freed memory stays for reuse, as in fgpt's training loop (default); "
+                   "glibc: glibc's default, large blocks mapped afresh every step")
     args = p.parse_args()
+    if args.heap == "kept":
+        keep_freed_memory()
     if args.recompute_memory:
         return recompute_table(args)
     B, T, dev = args.batch_size, args.seq_len, args.device
@@ -238,8 +247,8 @@ def main() -> None:
 
     ceiling = {name: matmul_flops(dev, dtype) for name, dtype in COMPUTE_DTYPES.items()
                if any(name in contender for contender in times)}
-    print(f"training step, {args.model} ({B} x {T} tokens), {dev}, median of {args.rounds} interleaved rounds; "
-          f"{machine_line()}")
+    print(f"training step, {args.model} ({B} x {T} tokens), {dev}, median of {args.rounds} interleaved rounds, "
+          f"{args.heap} heap; {machine_line()}")
     print("matmul ceiling (one 1024^3 matmul): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceiling.items()))
     ref_name = "transformers fp32" if "transformers fp32" in times else next(iter(times))
     ref = statistics.median(times[ref_name])
