@@ -16,8 +16,8 @@ from fgpt.inference.generate import Sampling, generate
 from fgpt.inference.kv_cache import KVCache
 from helpers import tiny_variant
 
-needs_onednn = pytest.mark.skipif(not batched.available(), reason="torch built without oneDNN")
-BF16_OK = batched.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 here
+needs_onednn = pytest.mark.skipif(not batched.onednn_available(), reason="torch built without oneDNN")
+BF16_OK = batched.onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 here
 
 
 @needs_onednn
@@ -133,8 +133,8 @@ def test_run_generate_decodes_its_samples_with_batched_weights_and_prints_the_sa
     params = init_params(config, seed=2)
     save_checkpoint(tmp_path, config, params)
     calls = []
-    product = batched._onednn_linear
-    monkeypatch.setattr(batched, "_onednn_linear", lambda *a: calls.append(a[0].shape[0]) or product(*a))
+    product = batched.onednn_linear
+    monkeypatch.setattr(batched, "onednn_linear", lambda *a: calls.append(a[0].shape[0]) or product(*a))
     run.generate.main(["--checkpoint", str(tmp_path), "--prompt", "Hello there", "--max-new-tokens", "6",
                        "--num-samples", "3", "--seed", "5", "--top-k", "20", "--ignore-eos"])
     printed = capsys.readouterr().out

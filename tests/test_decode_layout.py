@@ -34,18 +34,25 @@ def test_a_split_matrix_multiplies_as_the_plain_weight(dtype, tol, rows, n_in, n
     assert torch.equal(m.rows(tokens), w.T[tokens])  # as the tied table: rows of W.T
 
 
-@pytest.fixture
-def split_everywhere(monkeypatch):
-    """Every decode matrix split, whatever this machine measures."""
-    monkeypatch.setattr(dl, "fastest_layout", lambda shape, dtype, device="cpu": dl.SPLIT)
+WRAPPED = [dl.SPLIT, pytest.param(dl.PACKED, marks=pytest.mark.skipif(
+    not dl.onednn_packs(torch.float32, torch.device("cpu")), reason="torch built without oneDNN"))]
 
 
-def test_a_split_model_decodes_as_the_plain_model(split_everywhere):
+@pytest.fixture(params=WRAPPED)
+def wrapped_everywhere(request, monkeypatch):
+    """Every decode matrix split (or packed for oneDNN), whatever this machine measures."""
+    monkeypatch.setattr(dl, "fastest_layout", lambda shape, dtype, device="cpu": request.param)
+    return request.param
+
+
+def test_a_split_or_packed_model_decodes_as_the_plain_model(wrapped_everywhere):
     config, params = tiny_variant()
     fast = dl.decode_layout(params)
     split = [m for m in tree.leaves(fast, is_leaf=lambda x: isinstance(x, dl.SplitMatrix))
              if isinstance(m, dl.SplitMatrix)]
-    assert len(split) == 4 * config.n_layer + 1 and all(m.parts == dl.SPLIT_PARTS for m in split)  # blocks, head
+    assert len(split) == 4 * config.n_layer + 1  # the blocks' matrices and the head
+    packed = wrapped_everywhere == dl.PACKED
+    assert all(m.parts == (1 if packed else dl.SPLIT_PARTS) and hasattr(m, "reordered") == packed for m in split)
     tokens = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
     cache, plain_cache = (KVCache.allocate(config, 1, 24) for _ in range(2))
     torch.testing.assert_close(forward(fast, tokens, config, cache=cache),
@@ -59,7 +66,7 @@ def test_a_split_model_decodes_as_the_plain_model(split_everywhere):
     assert generate(fast, config, prompt, 10, **greedy) == generate(params, config, prompt, 10, **greedy)
 
 
-def test_a_cast_keeps_the_split_and_the_model_and_quantize_refuses_split_weights(split_everywhere):
+def test_a_cast_keeps_the_split_and_the_model_and_quantize_refuses_split_weights(wrapped_everywhere):
     config, params = tiny_variant()
     fast = dl.decode_layout(params)
     tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -261,7 +261,7 @@ def test_engine_rows_join_shift_and_leave_as_if_alone(batched_weights, monkeypat
     with plain weights and with batched ones (from 2 rows up, whatever this machine measures)."""
     import queue
     from fgpt.inference import batched
-    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: 2 if batched.available() else None)
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: 2 if batched.onednn_available() else None)
     from fgpt.inference.kv_cache import KVCache
     from fgpt.serving.engine import DoneEvent, Engine, Job, Row
     shifts = []
@@ -278,7 +278,7 @@ def test_engine_rows_join_shift_and_leave_as_if_alone(batched_weights, monkeypat
         engine = Engine(params, config, max_batch=3, eos_id=-1, batched_weights=batched_weights)
         leaves = tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, batched.BatchedMatrix))
         wrapped = any(isinstance(leaf, batched.BatchedMatrix) for leaf in leaves)
-        assert wrapped == (batched_weights and batched.available())
+        assert wrapped == (batched_weights and batched.onednn_available())
         gen = torch.Generator().manual_seed(0)
         jobs = []
         for i in range(10):

@@ -26,24 +26,11 @@ import torch
 from fgpt import tree
 from fgpt.errors import FgptError
 from fgpt.inference.decode_layout import (IN_OUT, OUT_IN, SplitMatrix, copies_past_the_caches, map_step_matrices,
-                                          measured_once, on_one_thread, rebuilt_rows, stored_as)
+                                          measured_once, on_one_thread, onednn_available, onednn_linear,
+                                          rebuilt_rows, reorder_for_rows, stored_as)
 from fgpt.measure import interleaved_best
 
 NEVER = "never"
-
-
-def available() -> bool:
-    """oneDNN's reorder and linear ops are in this torch build (x86 and most ARM CPU builds)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-def _reorder(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """W [in, out] as oneDNN's opaque blocked [out, in] weight, laid out for `rows` rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), rows)
-
-
-def _onednn_linear(x: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, reordered, bias, "none", [], "")
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,14 +44,14 @@ class BatchedMatrix(SplitMatrix):
 
     @functools.cached_property
     def reordered(self) -> torch.Tensor:
-        return _reorder(self.weight, self.max_rows)
+        return reorder_for_rows(self.weight, self.max_rows)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, in] @ W (+ bias) -> [M, out]."""
         if x.shape[0] >= self.min_rows:
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 raise FgptError("batched weights (fgpt.inference.batched) are for inference: they have no gradient")
-            return _onednn_linear(x, self.reordered, bias)
+            return onednn_linear(x, self.reordered, bias)
         return super().matmul(x, bias)
 
 
@@ -103,15 +90,15 @@ def _measure(shape: tuple[int, int], dtype: torch.dtype, max_rows: int, layout: 
     plain = [stored_as(torch.full(shape, 0.01, dtype=dtype), layout)
              for _ in range(copies_past_the_caches(K * N * dtype.itemsize))]
     try:
-        packed = [_reorder(w, max_rows) for w in plain]
-        _onednn_linear(torch.ones(1, K, dtype=dtype), packed[0], None)
+        packed = [reorder_for_rows(w, max_rows) for w in plain]
+        onednn_linear(torch.ones(1, K, dtype=dtype), packed[0], None)
     except RuntimeError:
         return NEVER
     faster = {}
     for M in _row_counts(max_rows):
         x = torch.full((M, K), 0.5, dtype=dtype)
         best = interleaved_best({"plain": [lambda w=w: x @ w for w in plain],
-                                 "reordered": [lambda p=p: _onednn_linear(x, p, None) for p in packed]}, 5)
+                                 "reordered": [lambda p=p: onednn_linear(x, p, None) for p in packed]}, 5)
         faster[M] = best["reordered"] < best["plain"]
     return first_winning_rows(faster)
 
@@ -129,7 +116,7 @@ def switch_rows(shape: tuple[int, int], dtype: torch.dtype, max_rows: int, layou
     stored as `layout` (IN_OUT or OUT_IN: what the plain product reads), for steps of up to
     max_rows rows; None where it never pays (or oneDNN is missing). Measured once per
     machine, on one thread (`on_one_thread`)."""
-    if max_rows < 2 or not available():
+    if max_rows < 2 or not onednn_available():
         return None
     choices = (*map(str, _row_counts(max_rows)), NEVER)
     choice = measured_once("batched products", f"batched {dtype} {shape} {layout} up to {max_rows} rows",
@@ -143,6 +130,8 @@ def batched_layout(params: dict, max_rows: int) -> dict:
     up to max_rows rows on this machine. CPU float trees only; others come back unchanged."""
 
     def wrap(w):
+        if isinstance(w, BatchedMatrix):  # decode_layout's PACKED: oneDNN's product at every row count already
+            return w
         plain = w.weight if type(w) is SplitMatrix else w
         if not isinstance(plain, torch.Tensor) or not plain.is_floating_point() or plain.device.type != "cpu":
             return w

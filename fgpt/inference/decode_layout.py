@@ -2,17 +2,19 @@
 
 A decode step multiplies one row vector by every weight W [in, out] (the head: W = wte.T).
 The same W can be stored row-major as [in, out] or as [out, in] (its transpose's rows), and
-the product can run as one matrix-vector kernel or SPLIT: stored [out, in], as SPLIT_PARTS
+the product can run as one matrix-vector kernel; or SPLIT: stored [out, in], as SPLIT_PARTS
 blocks of rows in one torch.bmm, which spreads the blocks over torch's threads (on the
 2-core EPYCs measured here, torch's fp32 product of one row ran on one core, MKL's choice
-for a matrix this small, and at half the rate of the split one: docs/performance.md).
+for a matrix this small, and at half the rate of the split one: docs/performance.md); or
+PACKED: oneDNN's product over a copy of W reordered into its blocked layout for one row
+(there, bf16 products read 1.5x faster so than torch's; the copy doubles W's memory).
 Which is faster depends on the dtype, the shape and the machine: MKL's fp32 product and
 torch's bf16 one disagree, and an AVX-512 CPU is not an AVX2 one. So the choice is
 measured, once per (dtype, shape, thread count) per CPU machine (cached in $FGPT_CACHE/measured.json,
 default ~/.cache/fgpt; `measured_once`, which says so on stderr the first time), on enough
 copies of a matrix of that shape that they outgrow the caches as the model does.
-Shapes and values stay: a plain layout changes only strides, a split one wraps the weight in
-a `SplitMatrix` (products of several rows stay plain), so `forward` runs on the result
+Shapes and values stay: a plain layout changes only strides, a split or packed one wraps the
+weight in a `SplitMatrix` (a split one's products of several rows stay plain), so `forward` runs on the result
 unchanged, up to the float rounding of another summation order.
 `just bench generate` shows the decode rates the chosen layouts reach. fgpt/inference/int8.py picks
 its kernel per shape with the same measurement (`fastest`).
@@ -37,8 +39,8 @@ from fgpt.atomic import atomic_write_text
 from fgpt.errors import FgptError
 from fgpt.measure import cpu_name, interleaved_best
 
-IN_OUT, OUT_IN, SPLIT = "in_out", "out_in", "out_in_split"
-LAYOUTS = (IN_OUT, OUT_IN, SPLIT)
+IN_OUT, OUT_IN, SPLIT, PACKED = "in_out", "out_in", "out_in_split", "onednn_packed"
+LAYOUTS = (IN_OUT, OUT_IN, SPLIT, PACKED)
 _MEASURE_BYTES = 64 << 20  # per layout: past a 32 MiB L3, as a model's weights are
 _MAX_COPIES = 64
 _chosen: dict[tuple, str] = {}  # (device, dtype, (in, out), threads) -> one of LAYOUTS
@@ -150,14 +152,22 @@ def fastest_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
     key = (str(device), dtype, tuple(shape), threads)
     if key not in _chosen:
         measure = lambda: _measure(tuple(shape), dtype, torch.device(device), repeats)  # noqa: E731
-        _chosen[key] = (measured_once("weight layouts", f"decode product {dtype} {tuple(shape)} on {threads} threads",
-                                      measure, LAYOUTS)
+        among = "/".join(LAYOUTS)  # a new candidate layout is measured again, not read from an older cache
+        _chosen[key] = (measured_once("weight layouts", f"decode product {dtype} {tuple(shape)} on {threads} threads"
+                                      f" among {among}", measure, LAYOUTS)
                         if torch.device(device).type == "cpu" else measure())
     return _chosen[key]
 
 
 def decode_matrix(w: torch.Tensor, layout: str) -> torch.Tensor | SplitMatrix:
-    """W [in, out] stored in `layout`: a tensor, or for SPLIT a SplitMatrix."""
+    """W [in, out] stored in `layout`: a tensor, for SPLIT a SplitMatrix, for PACKED a
+    BatchedMatrix that multiplies every row count by oneDNN's product over its reordered
+    copy (kept beside W, which the tied table's rows and tree functions still read)."""
+    if layout == PACKED:
+        from fgpt.inference.batched import BatchedMatrix  # a SplitMatrix with oneDNN's copy
+        m = BatchedMatrix(w.T, w.shape[1], 1, min_rows=1, max_rows=1)
+        _ = m.reordered  # made now, not in the first decode step
+        return m
     return SplitMatrix.of(w) if layout == SPLIT else stored_as(w, layout)
 
 
@@ -250,9 +260,41 @@ def _measure(shape, dtype, device, repeats) -> str:
     K, N = shape
     copies = copies_past_the_caches(K * N * torch.empty((), dtype=dtype).element_size())
     x = torch.full((1, K), 0.5, dtype=dtype, device=device)
-    candidates = {layout: [lambda w=decode_matrix(torch.full(shape, 0.01, dtype=dtype, device=device), layout):
-                           one_row_product(w, x) for _ in range(copies)] for layout in LAYOUTS}
+    candidates = {}
+    for layout in LAYOUTS:
+        if layout == PACKED and not onednn_packs(dtype, device):
+            continue
+        candidates[layout] = [lambda w=decode_matrix(torch.full(shape, 0.01, dtype=dtype, device=device), layout):
+                              one_row_product(w, x) for _ in range(copies)]
     return fastest(candidates, repeats, device)
+
+
+# --- oneDNN's product over a weight reordered into its own blocked layout ----------------------
+
+def onednn_available() -> bool:
+    """oneDNN's reorder and linear ops are in this torch build (x86 and most ARM CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def reorder_for_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """W [in, out] as oneDNN's opaque blocked [out, in] weight, laid out for `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), rows)
+
+
+def onednn_linear(x: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, reordered, bias, "none", [], "")
+
+
+def onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN's reordered product runs here for `dtype` (its ops are in this torch
+    build, the device is a CPU, and the CPU takes the dtype: bf16 is refused on some)."""
+    if device.type != "cpu" or not onednn_available():
+        return False
+    try:
+        onednn_linear(torch.ones(1, 8, dtype=dtype), reorder_for_rows(torch.ones(8, 8, dtype=dtype), 1), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def decode_layout(params: dict) -> dict:
