@@ -8,8 +8,9 @@ faults per eager bf16 step, and the step ran 14% faster without them (docs/perfo
 "The heap"). `keep_freed_memory` serves every block from the heap and never trims it, so
 each step reuses the pages the last one freed. The price: the process holds a step's peak
 between steps, and the heap's fragmentation raised that peak, by 15% for 124M in bf16 at
-4 x 256 (3.42 against 2.96 GB resident, flat from the 8th step to the 45th). `run.train
---heap glibc` trades the speed back for it.
+4 x 256 (3,418 against 2,962 MiB resident, flat from the 9th step to the 45th). `run.train
+--heap glibc` trades the speed back for it. The setting lasts for the process: `train()`
+called in-process (the study, the tests) leaves it on; `release_freed_memory` turns it off.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import ctypes
 from fgpt.errors import FgptError
 
 HEAPS = ("kept", "glibc")  # run.train --heap
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-NEVER = 2 ** 31 - 1  # the largest threshold mallopt takes (an int)
-GLIBC_TRIM_DEFAULT = 128 * 2 ** 10
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+GLIBC_TRIM_DEFAULT, GLIBC_MMAP_MAX_DEFAULT = 128 * 2 ** 10, 65536
 
 
 def check(value: str) -> str:
@@ -45,15 +45,18 @@ def _trim() -> None:
 
 
 def keep_freed_memory() -> bool:
-    """Serve every allocation from the heap and keep freed memory there for reuse (the
-    training loop's setting). Returns whether it took effect."""
-    return _mallopt(M_MMAP_THRESHOLD, NEVER) and _mallopt(M_TRIM_THRESHOLD, NEVER)
+    """Serve every allocation from the heap (no mmap at all: glibc takes that on every
+    version, where a threshold over 32 MiB is refused by some) and never trim it (-1), so
+    freed memory stays for reuse: the training loop's setting. Returns whether it took
+    effect (False where libc is not glibc)."""
+    return _mallopt(M_MMAP_MAX, 0) and _mallopt(M_TRIM_THRESHOLD, -1)
 
 
 def release_freed_memory() -> None:
     """Hand large freed blocks straight back to the OS (mmap threshold 64 KiB, the default
     trim) and trim what is held now, so the resident set tracks live tensors: the setting of
     every memory measurement (fgpt.measure.peak_rss_growth)."""
+    _mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX_DEFAULT)
     _mallopt(M_MMAP_THRESHOLD, 1 << 16)
     _mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_DEFAULT)
     _trim()

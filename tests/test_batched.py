@@ -11,13 +11,13 @@ from hypothesis import given, settings, strategies as st
 from fgpt import GPTConfig, forward, init_params, tree
 from fgpt.inference import batched
 from fgpt.inference.batched import BatchedMatrix, batched_layout, first_winning_rows
-from fgpt.inference.decode_layout import SplitMatrix
+from fgpt.inference.decode_layout import SplitMatrix, onednn_packs
 from fgpt.inference.generate import Sampling, generate
 from fgpt.inference.kv_cache import KVCache
 from helpers import tiny_variant
 
-needs_onednn = pytest.mark.skipif(not batched.onednn_available(), reason="torch built without oneDNN")
-BF16_OK = batched.onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 here
+needs_onednn = pytest.mark.skipif(not onednn_packs(torch.float32, torch.device("cpu")), reason="torch built without oneDNN")
+BF16_OK = onednn_packs(torch.bfloat16, torch.device("cpu"))  # oneDNN's bf16 needs AVX-512 here
 
 
 @needs_onednn

@@ -34,6 +34,24 @@ def test_a_split_matrix_multiplies_as_the_plain_weight(dtype, tol, rows, n_in, n
     assert torch.equal(m.rows(tokens), w.T[tokens])  # as the tied table: rows of W.T
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@given(rows=st.integers(1, 5), n_in=st.integers(1, 40), n_out=st.integers(1, 60), bias=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_a_packed_matrix_multiplies_as_the_plain_weight(dtype, tol, rows, n_in, n_out, bias):
+    if not dl.onednn_packs(dtype, torch.device("cpu")):
+        pytest.skip(f"oneDNN takes no {dtype} here")
+    gen = torch.Generator().manual_seed(rows * 1000 + n_in * 10 + n_out)
+    w = torch.randn(n_in, n_out, generator=gen).to(dtype)
+    b = torch.randn(n_out, generator=gen).to(dtype) if bias else None
+    m = dl.decode_matrix(w, dl.PACKED)  # oneDNN's product at every row count
+    assert torch.equal(m.weight, w)
+    x = torch.randn(rows, n_in, generator=gen).to(dtype)
+    plain = x @ w if b is None else x @ w + b
+    torch.testing.assert_close(m.matmul(x, b), plain, rtol=tol, atol=tol)
+    tokens = torch.randint(0, n_out, (3,), generator=gen)
+    assert torch.equal(m.rows(tokens), w.T[tokens])  # as the tied table: rows of W.T
+
+
 WRAPPED = [dl.SPLIT, pytest.param(dl.PACKED, marks=pytest.mark.skipif(
     not dl.onednn_packs(torch.float32, torch.device("cpu")), reason="torch built without oneDNN"))]
 

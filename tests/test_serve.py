@@ -261,7 +261,8 @@ def test_engine_rows_join_shift_and_leave_as_if_alone(batched_weights, monkeypat
     with plain weights and with batched ones (from 2 rows up, whatever this machine measures)."""
     import queue
     from fgpt.inference import batched
-    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: 2 if batched.onednn_available() else None)
+    from fgpt.inference.decode_layout import onednn_available
+    monkeypatch.setattr(batched, "switch_rows", lambda shape, dtype, max_rows, layout: 2 if onednn_available() else None)
     from fgpt.inference.kv_cache import KVCache
     from fgpt.serving.engine import DoneEvent, Engine, Job, Row
     shifts = []
@@ -277,8 +278,9 @@ def test_engine_rows_join_shift_and_leave_as_if_alone(batched_weights, monkeypat
         params = wide_params(config, seed=3)
         engine = Engine(params, config, max_batch=3, eos_id=-1, batched_weights=batched_weights)
         leaves = tree.leaves(engine.params, is_leaf=lambda x: isinstance(x, batched.BatchedMatrix))
-        wrapped = any(isinstance(leaf, batched.BatchedMatrix) for leaf in leaves)
-        assert wrapped == (batched_weights and batched.onednn_available())
+        # for the batch: reordered for its 3 rows (a decode layout's packed weight is for one)
+        wrapped = any(isinstance(leaf, batched.BatchedMatrix) and leaf.max_rows == 3 for leaf in leaves)
+        assert wrapped == (batched_weights and onednn_available())
         gen = torch.Generator().manual_seed(0)
         jobs = []
         for i in range(10):

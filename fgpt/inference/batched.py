@@ -26,7 +26,7 @@ import torch
 from fgpt import tree
 from fgpt.errors import FgptError
 from fgpt.inference.decode_layout import (IN_OUT, OUT_IN, SplitMatrix, copies_past_the_caches, map_step_matrices,
-                                          measured_once, on_one_thread, onednn_available, onednn_linear,
+                                          measured_once, on_one_thread, onednn_linear, onednn_packs,
                                           rebuilt_rows, reorder_for_rows, stored_as)
 from fgpt.measure import interleaved_best
 
@@ -84,16 +84,11 @@ def _row_counts(max_rows: int) -> list[int]:
 
 def _measure(shape: tuple[int, int], dtype: torch.dtype, max_rows: int, layout: str) -> str:
     """Plain (stored as `layout`, IN_OUT or OUT_IN) against reordered at each row count up
-    to max_rows: `first_winning_rows`. NEVER where oneDNN refuses the dtype here (bf16 on
-    some CPUs)."""
+    to max_rows: `first_winning_rows`."""
     K, N = shape
     plain = [stored_as(torch.full(shape, 0.01, dtype=dtype), layout)
              for _ in range(copies_past_the_caches(K * N * dtype.itemsize))]
-    try:
-        packed = [reorder_for_rows(w, max_rows) for w in plain]
-        onednn_linear(torch.ones(1, K, dtype=dtype), packed[0], None)
-    except RuntimeError:
-        return NEVER
+    packed = [reorder_for_rows(w, max_rows) for w in plain]
     faster = {}
     for M in _row_counts(max_rows):
         x = torch.full((M, K), 0.5, dtype=dtype)
@@ -114,9 +109,9 @@ def first_winning_rows(faster: dict[int, bool]) -> str:
 def switch_rows(shape: tuple[int, int], dtype: torch.dtype, max_rows: int, layout: str = IN_OUT) -> int | None:
     """From how many rows BatchedMatrix should use the reordered product over a weight
     stored as `layout` (IN_OUT or OUT_IN: what the plain product reads), for steps of up to
-    max_rows rows; None where it never pays (or oneDNN is missing). Measured once per
-    machine, on one thread (`on_one_thread`)."""
-    if max_rows < 2 or not onednn_available():
+    max_rows rows; None where it never pays (or oneDNN is missing, or refuses the dtype
+    here: bf16 on some CPUs). Measured once per machine, on one thread (`on_one_thread`)."""
+    if max_rows < 2 or not onednn_packs(dtype, torch.device("cpu")):
         return None
     choices = (*map(str, _row_counts(max_rows)), NEVER)
     choice = measured_once("batched products", f"batched {dtype} {shape} {layout} up to {max_rows} rows",
@@ -130,8 +125,8 @@ def batched_layout(params: dict, max_rows: int) -> dict:
     up to max_rows rows on this machine. CPU float trees only; others come back unchanged."""
 
     def wrap(w):
-        if isinstance(w, BatchedMatrix):  # decode_layout's PACKED: oneDNN's product at every row count already
-            return w
+        if isinstance(w, BatchedMatrix):  # decode_layout's PACKED: oneDNN's product at every row count already,
+            return w  # reordered for one row (for bf16 the hint made no difference up to 16 rows here)
         plain = w.weight if type(w) is SplitMatrix else w
         if not isinstance(plain, torch.Tensor) or not plain.is_floating_point() or plain.device.type != "cpu":
             return w

@@ -7,7 +7,7 @@ blocks of rows in one torch.bmm, which spreads the blocks over torch's threads (
 2-core EPYCs measured here, torch's fp32 product of one row ran on one core, MKL's choice
 for a matrix this small, and at half the rate of the split one: docs/performance.md); or
 PACKED: oneDNN's product over a copy of W reordered into its blocked layout for one row
-(there, bf16 products read 1.5x faster so than torch's; the copy doubles W's memory).
+(there, bf16 products read 1.5x as fast as torch's; the copy doubles W's memory).
 Which is faster depends on the dtype, the shape and the machine: MKL's fp32 product and
 torch's bf16 one disagree, and an AVX-512 CPU is not an AVX2 one. So the choice is
 measured, once per (dtype, shape, thread count) per CPU machine (cached in $FGPT_CACHE/measured.json,
@@ -285,6 +285,7 @@ def onednn_linear(x: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor |
     return torch.ops.mkldnn._linear_pointwise(x, reordered, bias, "none", [], "")
 
 
+@functools.cache
 def onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether oneDNN's reordered product runs here for `dtype` (its ops are in this torch
     build, the device is a CPU, and the CPU takes the dtype: bf16 is refused on some)."""

@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     ap.add_argument("--plain-weights", action="store_true",
-                    help="the engine without batched weights (fgpt.inference.batched): what they change")
+                    help="the engine without batched weights (fgpt.inference.batched): what they change; "
+                    "decode layouts stay, and a packed one (bf16 here) is oneDNN's product at every row count")
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's choice); on "
                     "cores shared with other work, 1 thread spares every op a barrier wait")
     ap.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the child: serve, then exit
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
         child.terminate()
         child.wait(30)
     base = rows[0]["tok_s"]
-    weights = "plain weights" if args.plain_weights else "batched weights where measured faster"
+    weights = "decode-layout weights only" if args.plain_weights else "batched weights where measured faster"
     print(f"completion server, {args.model} shapes, random weights, {args.dtype} ({weights}), greedy, prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens per request, {args.requests} requests per "
           f"stream back to back, max batch {max(levels)}, loopback HTTP + SSE; best of {max(1, args.rounds)} "

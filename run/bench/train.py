@@ -8,9 +8,10 @@ first contender, where --only leaves transformers fp32 out). The memory column i
 resident set's peak growth during one step after a warm-up (activations, gradients and
 temporaries: not the weights or AdamW's state), measured in a child process per contender
 (fgpt.measure.in_child). The `recompute` rows are fgpt with --recompute attention / full.
-All contenders share one heap: by default the one fgpt's training loop sets (freed memory
-kept for reuse, fgpt/heap.py); `--heap glibc` leaves glibc's default (large blocks mapped
-and unmapped every step), as a transformers script runs unless it sets this itself.
+All timed contenders share one heap: by default the one fgpt's training loop sets (freed
+memory kept for reuse, fgpt/heap.py); `--heap glibc` leaves glibc's default (large blocks
+mapped and unmapped every step), as a transformers script runs unless it sets this itself.
+Memory is measured in child processes that hand freed memory back, whatever --heap says.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
-from fgpt.heap import keep_freed_memory, release_freed_memory
+from fgpt.heap import HEAPS, keep_freed_memory, release_freed_memory
 from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
@@ -208,7 +209,7 @@ def main() -> None:
                    help="instead: fgpt's forward + backward with --recompute none / attention / full, "
                    "time and peak memory, each in a child process")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="for --recompute-memory")
-    p.add_argument("--heap", default="kept", choices=["kept", "glibc"],
+    p.add_argument("--heap", default="kept", choices=HEAPS,
                    help="kept: freed memory stays for reuse, as in fgpt's training loop (default); "
                    "glibc: glibc's default, large blocks mapped afresh every step")
     args = p.parse_args()
