@@ -3,7 +3,7 @@ long enough to pay for the compile on this device.
 
     decision = choose(strategy="single", recompute="none", precision="bf16", step_flops=...,
                       steps_left=120, matmul_flops=lambda: measured)
-    decision.on, decision.reason   # False, "--compile auto: off (120 steps x ~0.88 s eager x 10% saved ...)"
+    decision.on, decision.reason   # False, "--compile auto: off (120 steps x ~0.98 s eager x 10% saved ...)"
 
 The estimate is deliberately plain: compiling pays when
 
