@@ -26,8 +26,9 @@ import torch
 from fgpt import tree
 from fgpt.errors import FgptError
 from fgpt.inference.decode_layout import (IN_OUT, OUT_IN, SplitMatrix, copies_past_the_caches, map_step_matrices,
-                                          measured_once, on_one_thread, onednn_linear, onednn_packs,
-                                          rebuilt_rows, reorder_for_rows, stored_as)
+                                          on_one_thread, onednn_linear, onednn_packs, rebuilt_rows,
+                                          reorder_for_rows, stored_as)
+from fgpt.machine_cache import measured_once
 from fgpt.measure import interleaved_best
 
 NEVER = "never"

@@ -11,7 +11,7 @@ PACKED: oneDNN's product over a copy of W reordered into its blocked layout for 
 Which is faster depends on the dtype, the shape and the machine: MKL's fp32 product and
 torch's bf16 one disagree, and an AVX-512 CPU is not an AVX2 one. So the choice is
 measured, once per (dtype, shape, thread count) per CPU machine (cached in $FGPT_CACHE/measured.json,
-default ~/.cache/fgpt; `measured_once`, which says so on stderr the first time), on enough
+default ~/.cache/fgpt; `fgpt.machine_cache.measured_once`, which says so on stderr the first time), on enough
 copies of a matrix of that shape that they outgrow the caches as the model does.
 Shapes and values stay: a plain layout changes only strides, a split or packed one wraps the
 weight in a `SplitMatrix` (a split one's products of several rows stay plain), so `forward` runs on the result
@@ -23,11 +23,7 @@ its kernel per shape with the same measurement (`fastest`).
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import optree
@@ -35,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import tree
-from fgpt.atomic import atomic_write_text
 from fgpt.errors import FgptError
-from fgpt.measure import cpu_name, interleaved_best
+from fgpt.machine_cache import measured_once
+from fgpt.measure import interleaved_best
 
 IN_OUT, OUT_IN, SPLIT, PACKED = "in_out", "out_in", "out_in_split", "onednn_packed"
 LAYOUTS = (IN_OUT, OUT_IN, SPLIT, PACKED)
@@ -177,51 +173,6 @@ def one_row_product(w: torch.Tensor | SplitMatrix, x: torch.Tensor) -> torch.Ten
 
 
 # --- the per-machine cache of measured choices -------------------------------------------------
-
-_announced: set[str] = set()
-
-
-def measured_cache() -> Path:
-    """Where measured choices are kept: $FGPT_CACHE/measured.json (default ~/.cache/fgpt)."""
-    return Path(os.environ.get("FGPT_CACHE", Path.home() / ".cache" / "fgpt")) / "measured.json"
-
-
-def _machine() -> str:
-    """What a measured choice depends on: the CPU, its core count, torch and its kernels."""
-    return f"{cpu_name()} | {os.cpu_count()} cpus | torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
-def measured_once(what: str, key: str, measure: Callable[[], str], choices: tuple[str, ...]) -> str:
-    """This CPU machine's choice for `key`: from the cache file, or `measure()`d now (saying
-    so on stderr, once per process and `what`) and added to it. A cache that is unreadable
-    or names an unknown choice is measured over."""
-    path, machine = measured_cache(), _machine()
-    choice = _read_cache(path).get(machine, {}).get(key)
-    if choice in choices:
-        return choice
-    if what not in _announced:
-        _announced.add(what)
-        logging.getLogger("fgpt").warning(
-            "measuring the fastest %s for each weight shape on this machine: once per machine, a few "
-            "seconds; cached in %s", what, path)
-    choice = measure()
-    cache = _read_cache(path)  # again: another process may have added to it meanwhile
-    entries = cache.get(machine) if isinstance(cache.get(machine), dict) else {}
-    cache[machine] = {**entries, key: choice}
-    try:
-        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    except OSError:  # a read-only home: measure again next time
-        pass
-    return choice
-
 
 def on_one_thread(fn: Callable[[], str]) -> str:
     """fn() with torch on one thread, then as before: where the question is which kernel

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from fgpt import tree
 from fgpt.errors import FgptError
-from fgpt.inference.decode_layout import SplitMatrix, copies_past_the_caches, fastest, measured_once, on_one_thread
+from fgpt.inference.decode_layout import SplitMatrix, copies_past_the_caches, fastest, on_one_thread
+from fgpt.machine_cache import measured_once
 from fgpt.measure import cpu_flags
 
 QMAX = 127  # weights: symmetric -127..127, so the grid is the same on both sides of 0

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fgpt import tree
 from fgpt.config import GPTConfig
+from fgpt.machine_cache import fastest_seen
 from fgpt.measure import matmul_flops
 from fgpt.model import count_params
 from fgpt.parallel import Strategy
@@ -26,8 +27,16 @@ def flops_per_token(model_config: GPTConfig, seq_len: int) -> float:
 
 @functools.cache
 def peak_flops(device: str, dtype: torch.dtype) -> float:
-    """This device's measured matmul FLOP/s in `dtype`: the yardstick for the MFU estimate."""
-    return matmul_flops(device, dtype, 4096 if device == "cuda" else 1024)
+    """This device's matmul FLOP/s in `dtype`: the yardstick for the MFU estimate. On a CPU,
+    the fastest this machine has run it on this many threads, in this process or an earlier
+    one (fgpt.machine_cache): a measurement taken while other work shares the cores comes
+    out slow, and a slow yardstick makes every MFU above it read high (a default run's
+    once read 82% at the speed that read 50-55% in the run before it)."""
+    n = 4096 if device == "cuda" else 1024
+    rate = matmul_flops(device, dtype, n)
+    if torch.device(device).type != "cpu":
+        return rate
+    return fastest_seen(f"matmul {dtype} {n}^3 on {torch.get_num_threads()} threads, FLOP/s", rate)
 
 
 class StepLog:
