@@ -69,8 +69,8 @@ def measured_once(what: str, key: str, measure: Callable[[], str], choices: tupl
     if what not in _announced:
         _announced.add(what)
         logging.getLogger("fgpt").warning(
-            "measuring the fastest %s for each weight shape on this machine: once per machine, a few "
-            "seconds; cached in %s", what, cache_path())
+            "measuring the fastest %s on this machine: once per machine and shape, a few seconds; "
+            "cached in %s", what, cache_path())
     choice = measure()
     _store(key, choice)
     return choice

@@ -32,7 +32,7 @@ from fgpt.errors import FgptError
 from fgpt.model import init_params
 from fgpt.parallel import Strategy, make_strategy
 from fgpt.parallel.process_group import resolve_device
-from fgpt.training import autocompile, precision, run_dir
+from fgpt.training import attention_kernel, autocompile, precision, run_dir
 from fgpt.training.metrics import StepLog, flops_per_token, peak_flops
 from fgpt.training.run_config import TrainConfig, check_batch_split, validate
 from fgpt.training.signals import StopRequest, stop_requests
@@ -210,12 +210,28 @@ def resolve_compile(run: TrainConfig, strategy: Strategy, model_config: GPTConfi
         print(decision.reason, file=sys.stderr)
 
 
+def resolve_attention_kernel(run: TrainConfig, strategy: Strategy, model_config: GPTConfig) -> None:
+    """Full causal layers run the faster of SDPA and explicit scores for this run's
+    micro-batches (fgpt/training/attention_kernel.py), by a vote of the ranks so that all of
+    them run the same one; one stderr line where that is the scores."""
+    def agree(kernel: str) -> str:
+        vote = torch.tensor(1.0 if kernel == "scores" else 0.0)
+        return "scores" if float(strategy.mean_across_ranks(vote)) > 0.5 else "sdpa"
+    batch = run.batch_size // (run.grad_accum * strategy.world_size)
+    dtype = tree.COMPUTE_DTYPES[run.precision]
+    kernel = attention_kernel.use_fastest(model_config, batch, model_config.n_ctx, dtype, strategy.device, agree)
+    if kernel == "scores" and strategy.is_main:
+        print(f"causal attention: explicit scores, measured faster than SDPA here for {batch} x "
+              f"{model_config.n_ctx} tokens in {run.precision}", file=sys.stderr)
+
+
 def _train(run: TrainConfig, strategy: Strategy, stop: StopRequest, corpus: data.Corpus | None) -> TrainResult:
     check_batch_split(run, strategy.world_size)
     run = run_dir.effective_settings(run)
     model_config, corpus, first, elapsed_s = start(run, strategy, corpus)
     if run.compile == "auto":
         resolve_compile(run, strategy, model_config, steps_left=(run.stop_after or run.steps) - first)
+    resolve_attention_kernel(run, strategy, model_config)
     out_dir = Path(run.out) if run.out else None
     result = TrainResult(config=model_config, out_dir=out_dir, step=first)
     log = StepLog(run, strategy, model_config, first=first, elapsed_s=elapsed_s)

@@ -29,6 +29,7 @@ from fgpt.heap import HEAPS, keep_freed_memory, release_freed_memory
 from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth
 from fgpt.parallel.base import adamw_param_groups
 from fgpt.parallel.single import SingleDevice
+from fgpt.training import attention_kernel
 from fgpt.training.metrics import flops_per_token
 from fgpt.tree import COMPUTE_DTYPES
 from run.bench import train as bench_train  # this module by its import name, for the child processes
@@ -40,8 +41,12 @@ def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = Fa
               window_kernel: str = "band"):
     strategy = SingleDevice(device, compile=compile, recompute=recompute, window_kernel=window_kernel)
     strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
+    chosen = set()
 
     def step(x, y):
+        if x.shape not in chosen:  # the causal attention kernel run.train would use for this batch
+            chosen.add(x.shape)
+            attention_kernel.use_fastest(config, *x.shape, COMPUTE_DTYPES[precision], device)
         strategy.forward_backward(x, y, scale=1.0, sync=True)
         strategy.clip_grad_norm(1.0)
         strategy.step()
