@@ -22,7 +22,9 @@ so torch.func.grad / vjp / jacrev apply. The exceptions, all of them:
 - dropout (`train=True` and `config.dropout > 0`) draws from torch's default generator of
   the device: `torch.manual_seed` seeds it, and torch.func.vmap needs `randomness=` then.
 Rotary cos / sin tables are memoised per (length, head dim, base, dtype, device) in
-fgpt/rope.py: a memo of values, which never changes a result.
+fgpt/rope.py: a memo of values, which never changes a result. Which kernel computes a full
+causal attention of a given shape is a per-process choice in fgpt/attention.py, set by the
+training loop: the same maths, up to float rounding.
 """
 
 from __future__ import annotations

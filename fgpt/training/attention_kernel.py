@@ -74,10 +74,19 @@ def use_fastest(config: GPTConfig, batch: int, seq_len: int, dtype: torch.dtype,
     """Choose the kernel of `config`'s full causal layers for micro-batches of `batch`
     sequences of `seq_len` tokens, and have fgpt.attention use it from now on. `agree`: how
     the ranks of a parallel run settle on one kernel (all must run the same maths)."""
-    q_shape = (batch, config.n_head, seq_len, config.head_dim)
-    k_shape = (batch, config.kv_heads, seq_len, config.head_dim)
     if all(w is not None and w < seq_len for w in config.layer_windows):
         return "sdpa"  # no full causal layer
-    kernel = agree(choose(q_shape, k_shape, dtype, device, config.dropout))
-    use_causal_kernel(causal_key(q_shape, k_shape, dtype, torch.device(device).type), kernel)
+    kernel = agree(choose(*step_shapes(config, batch, seq_len), dtype, device, config.dropout))
+    use(config, batch, seq_len, dtype, device, kernel)
     return kernel
+
+
+def step_shapes(config: GPTConfig, batch: int, seq_len: int) -> tuple[tuple, tuple]:
+    """The shapes of q and of k (and v) in the full causal layers of such a step."""
+    return ((batch, config.n_head, seq_len, config.head_dim), (batch, config.kv_heads, seq_len, config.head_dim))
+
+
+def use(config: GPTConfig, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device | str,
+        kernel: str) -> None:
+    """Run such a step's full causal layers with `kernel` from now on."""
+    use_causal_kernel(causal_key(*step_shapes(config, batch, seq_len), dtype, torch.device(device).type), kernel)

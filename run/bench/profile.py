@@ -6,7 +6,8 @@
   decode    8 greedy decode steps of 124M at batch 1 after a 64-token prefill (KV cache, the
             weights in their measured decode layouts), fp32 or bf16.
   products  the training step's matrix products alone, each shape timed on its own (forward
-            x @ W, then dY @ W.T and X.T @ dY per weight), and SDPA forward + backward: a
+            x @ W, then dY @ W.T and X.T @ dY per weight), and attention forward + backward
+            (the kernel run.train picks for the shape, fgpt/training/attention_kernel.py): a
             floor under any training step at that shape, however well fused, and so the most
             of the 1024^3 matmul rate (`just bench train`'s ceiling) such a step can reach.
 The train and decode tables (torch.profiler) list the ops by self CPU time; the first line
@@ -24,11 +25,13 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from fgpt import GPTConfig, init_params
+from fgpt.attention import scores_causal_attention
 from fgpt.heap import keep_freed_memory
 from fgpt.inference.generate import decode_layout
 from fgpt.inference.kv_cache import KVCache
 from fgpt.measure import machine_line
 from fgpt.model import forward
+from fgpt.training import attention_kernel
 from run._cli import summary
 
 KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -117,15 +120,19 @@ def profile_products(args) -> None:
         seconds = best_time(lambda: a @ b, 3)
         total += n * seconds
         print(f"| {name} | {M} x {K} x {N} | {n} | {seconds * 1e3:.1f} | {2 * M * K * N / seconds / 1e9:.0f} |")
-    B, H, T, hd = args.batch_size, config.n_head, args.seq_len, config.head_dim
-    q, k, v = (torch.randn(B, H, T, hd, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    q_shape, k_shape = attention_kernel.step_shapes(config, args.batch_size, args.seq_len)
+    q = torch.randn(q_shape, generator=gen).to(dtype).requires_grad_()
+    k, v = (torch.randn(k_shape, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    kernel = attention_kernel.choose(q_shape, k_shape, dtype, torch.device("cpu"))  # run.train's pick
 
     def attention():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = (scores_causal_attention(q, k, v) if kernel == "scores" else
+               F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q_shape[1] != k_shape[1]))
         out.backward(torch.ones_like(out))
     seconds = best_time(attention, 3)
     total += config.n_layer * seconds
-    print(f"| SDPA forward + backward | {B} x {H} x {T} x {hd} | {config.n_layer} | {seconds * 1e3:.1f} | - |")
+    print(f"| attention forward + backward ({kernel}) | {' x '.join(map(str, q_shape))} | {config.n_layer} | "
+          f"{seconds * 1e3:.1f} | - |")
     step_flops = flops_per_token(config, args.seq_len) * tokens
     ceiling = matmul_flops("cpu", dtype)
     print(f"products + attention: {total:.3f} s per step; the step's {step_flops / 1e12:.3f} TFLOP at the "

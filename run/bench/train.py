@@ -7,7 +7,9 @@ median step time per contender and its speed relative to transformers in fp32 (o
 first contender, where --only leaves transformers fp32 out). The memory column is the
 resident set's peak growth during one step after a warm-up (activations, gradients and
 temporaries: not the weights or AdamW's state), measured in a child process per contender
-(fgpt.measure.in_child). The `recompute` rows are fgpt with --recompute attention / full.
+(fgpt.measure.in_child). The `recompute` rows are fgpt with --recompute attention / full;
+"fgpt bf16" runs full causal attention with the kernel run.train measures for the step's
+shape (fgpt/training/attention_kernel.py), "fgpt bf16 SDPA attention" with SDPA's always.
 All timed contenders share one heap: by default the one fgpt's training loop sets (freed
 memory kept for reuse, fgpt/heap.py); `--heap glibc` leaves glibc's default (large blocks
 mapped and unmapped every step), as a transformers script runs unless it sets this itself.
@@ -38,15 +40,19 @@ OPT = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
 
 def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = False, recompute: str = "none",
-              window_kernel: str = "band"):
+              window_kernel: str = "band", attention: str = "auto"):
+    """`attention`: the kernel of full causal layers, "auto" (run.train's measured choice) or
+    one of fgpt.attention.CAUSAL_KERNELS; set again before every step, since the contenders
+    of one process take turns."""
     strategy = SingleDevice(device, compile=compile, recompute=recompute, window_kernel=window_kernel)
     strategy.setup(init_params(config, seed=0), config, precision=precision, **OPT)
-    chosen = set()
+    dtype, kernels = COMPUTE_DTYPES[precision], {}
 
     def step(x, y):
-        if x.shape not in chosen:  # the causal attention kernel run.train would use for this batch
-            chosen.add(x.shape)
-            attention_kernel.use_fastest(config, *x.shape, COMPUTE_DTYPES[precision], device)
+        if x.shape not in kernels:
+            kernels[x.shape] = attention if attention != "auto" else \
+                attention_kernel.use_fastest(config, *x.shape, dtype, device)
+        attention_kernel.use(config, *x.shape, dtype, device, kernels[x.shape])
         strategy.forward_backward(x, y, scale=1.0, sync=True)
         strategy.clip_grad_norm(1.0)
         strategy.step()
@@ -93,6 +99,7 @@ def builders(config: GPTConfig, dev: str, compile: bool) -> dict:
         "transformers bf16 autocast": lambda: hf_step(shared_hf(), autocast=True, fused=False),
         "fgpt fp32": lambda: fgpt_step(config, "fp32", dev),
         "fgpt bf16": lambda: fgpt_step(config, "bf16", dev),
+        "fgpt bf16 SDPA attention": lambda: fgpt_step(config, "bf16", dev, attention="sdpa"),
         "fgpt bf16 recompute attention": lambda: fgpt_step(config, "bf16", dev, recompute="attention"),
         "fgpt bf16 recompute full": lambda: fgpt_step(config, "bf16", dev, recompute="full"),
     }
