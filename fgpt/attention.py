@@ -6,6 +6,8 @@ All take q [B, H, T, hd] and k, v [B, H_kv, S, hd] with H a multiple of H_kv
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -27,13 +29,42 @@ def _sdpa(q, k, v, *, mask=None, causal=False, dropout_p=0.0):
     )
 
 
-# Full causal attention has two kernels: "sdpa" (F.scaled_dot_product_attention: on a CPU a
-# flash kernel, O(T) memory) and "scores" (`scores_causal_attention`: the T x T scores made
-# explicit, O(T²) memory; in bf16 on a CPU it can be much the faster for short sequences:
-# docs/performance.md, "Causal attention kernels"). Which runs a shape is
-# measured per machine by the training loop (fgpt/training/attention_kernel.py), which
-# records it here with `use_causal_kernel`; a shape it has not chosen for runs sdpa.
-CAUSAL_KERNELS = ("sdpa", "scores")
+def causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+    """Full causal attention: query i sees keys 0..i. O(T²) time; the kernel chosen for the
+    shape (`use_causal_kernel`), SDPA where none was."""
+    key = causal_key(q.shape, k.shape, q.dtype, q.device.type)
+    if dropout_p == 0 and _causal_kernels.get(key) == "scores":
+        return scores_causal_attention(q, k, v)
+    return sdpa_causal_attention(q, k, v, dropout_p)
+
+
+def sdpa_causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+    return _sdpa(q, k, v, causal=True, dropout_p=dropout_p)
+
+
+def scores_causal_attention(q, k, v) -> torch.Tensor:
+    """Full causal attention through its explicit scores, as transformers' eager attention
+    computes it: one baddbmm (q @ k.T scaled, plus a causal bias of 0 / -inf: query i sees
+    keys 0..i, as SDPA's is_causal), the softmax in fp32 (or wider), the probabilities back
+    in q's dtype @ v. Its backward keeps the softmax and the probabilities: 6 bytes a score
+    in bf16. Grouped heads: each kv head's group of query heads is stacked along the query
+    axis, so kv heads are never repeated."""
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = H // Hkv
+    bias = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(bias.repeat(group, 1), q.reshape(B * Hkv, group * T, hd),
+                           k.reshape(B * Hkv, S, hd).transpose(1, 2), alpha=hd ** -0.5)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    return torch.bmm(probs, v.reshape(B * Hkv, S, hd)).view(B, H, T, hd)
+
+
+# Full causal attention has two kernels: SDPA (on a CPU a flash kernel, O(T) memory) and the
+# explicit scores (O(T²) memory; in bf16 on a CPU it can be much the faster for short
+# sequences: docs/performance.md, "Causal attention kernels"). Which one runs a shape is
+# chosen by the training loop (fgpt/training/attention_kernel.py: measured, or
+# --attention-kernel) for the length of a run (`using_causal_kernel`); others run SDPA.
+CAUSAL_KERNELS = {"sdpa": sdpa_causal_attention, "scores": scores_causal_attention}
 _causal_kernels: dict[tuple, str] = {}
 
 
@@ -41,35 +72,26 @@ def causal_key(q_shape, k_shape, dtype: torch.dtype, device_type: str) -> tuple:
     return tuple(q_shape), tuple(k_shape), dtype, device_type
 
 
-def use_causal_kernel(key: tuple, kernel: str) -> None:
-    """Compute full causal attention of `key`'s shapes (`causal_key`) with `kernel` from now on."""
-    if kernel not in CAUSAL_KERNELS:
+def use_causal_kernel(key: tuple, kernel: str | None) -> None:
+    """Compute full causal attention of `key`'s shapes (`causal_key`) with `kernel` from now
+    on; None: with SDPA, as if never chosen."""
+    if kernel is not None and kernel not in CAUSAL_KERNELS:
         raise FgptError(f"unknown causal attention kernel {kernel!r}: one of {', '.join(CAUSAL_KERNELS)}")
-    _causal_kernels[key] = kernel
+    if kernel is None:
+        _causal_kernels.pop(key, None)
+    else:
+        _causal_kernels[key] = kernel
 
 
-def causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
-    """Full causal attention: query i sees keys 0..i. O(T²) time."""
-    key = causal_key(q.shape, k.shape, q.dtype, q.device.type)
-    if dropout_p == 0 and _causal_kernels.get(key) == "scores":
-        return scores_causal_attention(q, k, v)
-    return _sdpa(q, k, v, causal=True, dropout_p=dropout_p)
-
-
-def scores_causal_attention(q, k, v) -> torch.Tensor:
-    """Full causal attention through its explicit scores, as transformers' eager attention
-    computes it: one baddbmm (q @ k.T scaled, plus a causal bias of 0 / -inf), the softmax
-    in fp32 (or wider), the probabilities back in q's dtype @ v. Its backward keeps the fp32 softmax
-    and the probabilities: 6 bytes per score in bf16. Grouped heads read their kv head
-    without a copy: each kv head's group of query heads is stacked along the query axis."""
-    B, H, T, hd = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    group = H // Hkv
-    bias = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(S - T + 1)
-    scores = torch.baddbmm(bias.repeat(group, 1), q.reshape(B * Hkv, group * T, hd),
-                           k.reshape(B * Hkv, S, hd).transpose(1, 2), alpha=hd ** -0.5)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    return torch.bmm(probs, v.reshape(B * Hkv, S, hd)).view(B, H, T, hd)
+@contextlib.contextmanager
+def using_causal_kernel(key: tuple, kernel: str):
+    """`use_causal_kernel` for the length of a with block, then the choice before it."""
+    before = _causal_kernels.get(key)
+    use_causal_kernel(key, kernel)
+    try:
+        yield
+    finally:
+        use_causal_kernel(key, before)
 
 
 def masked_attention(q, k, v, mask: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -20,6 +20,7 @@ import ctypes
 from fgpt.errors import FgptError
 
 HEAPS = ("kept", "glibc")  # run.train --heap
+_kept = False  # whether this process keeps freed memory now
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 GLIBC_TRIM_DEFAULT, GLIBC_MMAP_MAX_DEFAULT = 128 * 2 ** 10, 65536
 
@@ -49,13 +50,22 @@ def keep_freed_memory() -> bool:
     version, where a threshold over 32 MiB is refused by some) and never trim it (-1), so
     freed memory stays for reuse: the training loop's setting. Returns whether it took
     effect (False where libc is not glibc)."""
-    return _mallopt(M_MMAP_MAX, 0) and _mallopt(M_TRIM_THRESHOLD, -1)
+    global _kept
+    _kept = _mallopt(M_MMAP_MAX, 0) and _mallopt(M_TRIM_THRESHOLD, -1)
+    return _kept
+
+
+def current() -> str:
+    """The heap this process runs on now: "kept" or "glibc" (what a timing depends on)."""
+    return "kept" if _kept else "glibc"
 
 
 def release_freed_memory() -> None:
     """Hand large freed blocks straight back to the OS (mmap threshold 64 KiB, the default
     trim) and trim what is held now, so the resident set tracks live tensors: the setting of
     every memory measurement (fgpt.measure.peak_rss_growth)."""
+    global _kept
+    _kept = False
     _mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX_DEFAULT)
     _mallopt(M_MMAP_THRESHOLD, 1 << 16)
     _mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_DEFAULT)

@@ -13,6 +13,8 @@ written is left alone (the next process measures again).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -44,17 +46,31 @@ def _read(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def _entries(path: Path) -> dict:
-    entries = _read(path).get(machine())
+def _entries(cache: dict) -> dict:
+    entries = cache.get(machine())
     return entries if isinstance(entries, dict) else {}
 
 
-def _store(key: str, value) -> None:
+@contextlib.contextmanager
+def _locked():
+    """The cache to read and change, alone: other processes wait at the lock file beside it,
+    so that two measuring at once cannot drop each other's entries."""
     path = cache_path()
-    cache = _read(path)  # read again: another process may have added to it meanwhile
-    cache[machine()] = {**_entries(path), key: value}
     try:
-        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError:  # a read-only home: read what there is, unlocked
+        yield _read(path)
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield _read(path)
+
+
+def _store(cache: dict, key: str, value) -> None:
+    cache[machine()] = {**_entries(cache), key: value}
+    try:
+        atomic_write_text(cache_path(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
     except OSError:  # a read-only home
         pass
 
@@ -63,7 +79,7 @@ def measured_once(what: str, key: str, measure: Callable[[], str], choices: tupl
     """This machine's choice for `key`: from the cache, or `measure()`d now (saying so on
     stderr, once per process and `what`) and kept. A cached value that is not one of
     `choices` is measured over."""
-    choice = _entries(cache_path()).get(key)
+    choice = _entries(_read(cache_path())).get(key)
     if choice in choices:
         return choice
     if what not in _announced:
@@ -72,15 +88,17 @@ def measured_once(what: str, key: str, measure: Callable[[], str], choices: tupl
             "measuring the fastest %s on this machine: once per machine and shape, a few seconds; "
             "cached in %s", what, cache_path())
     choice = measure()
-    _store(key, choice)
+    with _locked() as cache:
+        _store(cache, key, choice)
     return choice
 
 
 def fastest_seen(key: str, rate: float) -> float:
     """The larger of `rate`, just measured, and the fastest rate kept for `key` on this
-    machine; the larger is kept."""
-    kept = _entries(cache_path()).get(key)
-    if isinstance(kept, (int, float)) and kept >= rate:
-        return float(kept)
-    _store(key, rate)
+    machine; the larger is kept. Deleting the cache file forgets it."""
+    with _locked() as cache:
+        kept = _entries(cache).get(key)
+        if isinstance(kept, (int, float)) and kept >= rate:
+            return float(kept)
+        _store(cache, key, rate)
     return rate

@@ -21,6 +21,7 @@ from fgpt.config import GPTConfig, PRESETS
 from fgpt.data import check_text_field
 from fgpt.errors import FgptError
 from fgpt.heap import HEAPS
+from fgpt.training.attention_kernel import CHOICES as ATTENTION_KERNELS
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
 from fgpt.recompute import RECOMPUTE
@@ -99,6 +100,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--heap", choices=HEAPS,
                    help="kept (default): freed memory stays for the next step, which then needs no fresh "
                    "pages (faster; the resident peak held, and higher); glibc: glibc's default")
+    g.add_argument("--attention-kernel", choices=ATTENTION_KERNELS,
+                   help="full causal layers: auto (default: the faster here of sdpa and scores, measured "
+                   "once per machine and shape; bf16 on CPUs only), sdpa (O(T) memory) or scores (the "
+                   "explicit T x T scores: faster for short bf16 sequences on some CPUs, O(T²) memory)")
     g.add_argument("--window-kernel", choices=WINDOW_KERNELS,
                    help="windowed layers: band (plain O(T·W), default), flex (compiled flex_attention; CUDA only) or dense (a T² mask)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-
 from fgpt import attention
 from fgpt.attention import (causal_attention, causal_key, default_block, dense_window_attention,
-                            scores_causal_attention, sliding_window_attention, use_causal_kernel)
+                            scores_causal_attention, sdpa_causal_attention, sliding_window_attention,
+                            use_causal_kernel, using_causal_kernel)
 from fgpt.rope import apply_rope, rope_angles, rope_tables
 from helpers import reference_attention
 
@@ -40,6 +40,59 @@ def _values_and_grads(fn, q, k, v):
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)  # a generic cotangent
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     return out.detach(), grads
+
+
+@given(qkv_cases())
+def test_scores_causal_attention_equals_the_reference_values_and_grads(case):
+    q, k, v, _, _ = case
+    fast, fast_grads = _values_and_grads(scores_causal_attention, q, k, v)
+    ref, ref_grads = _values_and_grads(lambda *a: reference_attention(*a, None), q, k, v)
+    torch.testing.assert_close(fast, ref)
+    for g, r in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@given(qkv_cases(), st.integers(-3, 5))
+def test_scores_causal_attention_is_sdpas_causal_maths_for_any_key_count(case, extra):
+    """On q, k, v laid out as the model's c_attn split leaves them (strided views), and with
+    S != T keys, where SDPA's is_causal lets query i see keys 0..i."""
+    q, k, v, _, _ = case
+    B, H, T, hd = q.shape
+    S = max(T + extra, 1)
+    kv = torch.randn(B, S, 2 * k.shape[1] * hd, dtype=q.dtype)
+    k, v = (x.view(B, S, -1, hd).transpose(1, 2) for x in kv.chunk(2, dim=-1))
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, hd] memory, as the model's
+    torch.testing.assert_close(scores_causal_attention(q, k, v), sdpa_causal_attention(q, k, v))
+
+
+@given(qkv_cases())
+def test_scores_causal_attention_in_bf16_is_as_close_as_sdpa(case):
+    """bf16 probabilities before the product with v (transformers' eager rounding): within
+    a few bf16 steps of the exact result, as SDPA's flash kernel is."""
+    q, k, v, _, _ = case
+    ref = reference_attention(q, k, v, None)
+    low = [x.to(torch.bfloat16) for x in (q, k, v)]
+    err = (scores_causal_attention(*low).double() - ref).abs().max()
+    assert err <= 2 * (sdpa_causal_attention(*low).double() - ref).abs().max() + 0.02
+
+
+def test_causal_attention_runs_the_kernel_chosen_for_its_shape(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "scores_causal_attention",
+                        lambda *a: calls.append(a[0].shape) or scores_causal_attention(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=gen) for _ in range(3))
+    key = causal_key(q.shape, k.shape, q.dtype, "cpu")
+    with using_causal_kernel(key, "scores"):
+        torch.testing.assert_close(causal_attention(q, k, v), sdpa_causal_attention(q, k, v))
+        assert calls == [q.shape]
+        causal_attention(q[:1], k[:1], v[:1])  # another shape: not chosen, so SDPA
+        causal_attention(q, k, v, dropout_p=0.5)  # the scores path has no dropout
+        assert calls == [q.shape]
+    causal_attention(q, k, v)  # the choice ends with the block
+    assert calls == [q.shape]
+    with pytest.raises(Exception, match="unknown causal attention kernel"):
+        use_causal_kernel(key, "flash")
 
 
 @given(qkv_cases())
@@ -99,52 +152,6 @@ def test_default_block_shorter_than_the_window_equals_the_dense_reference(window
 
 
 # --- rotary embeddings ----------------------------------------------------------------
-
-@given(qkv_cases())
-def test_scores_causal_attention_equals_the_reference_values_and_grads(case):
-    q, k, v, _, _ = case
-    fast, fast_grads = _values_and_grads(scores_causal_attention, q, k, v)
-    ref, ref_grads = _values_and_grads(lambda *a: reference_attention(*a, None), q, k, v)
-    torch.testing.assert_close(fast, ref)
-    for g, r in zip(fast_grads, ref_grads):
-        torch.testing.assert_close(g, r)
-
-
-@given(qkv_cases())
-def test_scores_causal_attention_in_bf16_is_as_close_as_sdpa(case):
-    """bf16 probabilities before the product with v (transformers' eager rounding): within
-    a few bf16 steps of the exact result, as SDPA's flash kernel is."""
-    q, k, v, _, _ = case
-    ref = reference_attention(q, k, v, None)
-    low = [x.to(torch.bfloat16) for x in (q, k, v)]
-    err = (scores_causal_attention(*low).double() - ref).abs().max()
-    assert err <= 2 * (causal_attention(*low).double() - ref).abs().max() + 0.02
-
-
-@pytest.fixture
-def kernel_memo():
-    saved = dict(attention._causal_kernels)
-    yield
-    attention._causal_kernels.clear()
-    attention._causal_kernels.update(saved)
-
-
-def test_causal_attention_runs_the_kernel_chosen_for_its_shape(kernel_memo, monkeypatch):
-    calls = []
-    monkeypatch.setattr(attention, "scores_causal_attention",
-                        lambda *a: calls.append(a[0].shape) or scores_causal_attention(*a))
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 16, 8, generator=gen) for _ in range(3))
-    sdpa = causal_attention(q, k, v)
-    use_causal_kernel(causal_key(q.shape, k.shape, q.dtype, "cpu"), "scores")
-    torch.testing.assert_close(causal_attention(q, k, v), sdpa)
-    assert calls == [q.shape]
-    causal_attention(q[:1], k[:1], v[:1])  # another shape: not chosen, so SDPA
-    causal_attention(q, k, v, dropout_p=0.5)  # the scores path has no dropout
-    assert calls == [q.shape]
-    with pytest.raises(Exception, match="unknown causal attention kernel"):
-        use_causal_kernel(causal_key(q.shape, k.shape, q.dtype, "cpu"), "flash")
-
 
 def reference_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Complex rotation of the pairs (i, i + hd/2) by position * base^(-2i/hd), in fp64."""

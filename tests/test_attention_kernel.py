@@ -1,9 +1,13 @@
-"""The causal attention kernel a training run measures and uses (fgpt/training/attention_kernel.py)."""
+"""`--attention-kernel`: the causal attention kernel a training run measures (or is told) and
+uses (fgpt/training/attention_kernel.py)."""
+
+import math
 
 import pytest
 import torch
 
 from fgpt import GPTConfig, attention
+from fgpt.errors import FgptError
 from fgpt.training import attention_kernel
 from fgpt.training.train import train
 from train_case import TINY, tiny_run
@@ -12,23 +16,19 @@ SMALL = ((2, 4, 32, 8), (2, 4, 32, 8))
 
 
 @pytest.fixture(autouse=True)
-def fresh(tmp_path, monkeypatch):
-    """A private machine cache and the kernel memo as it was."""
+def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FGPT_CACHE", str(tmp_path / "cache"))
-    saved = dict(attention._causal_kernels)
-    yield
-    attention._causal_kernels.clear()
-    attention._causal_kernels.update(saved)
 
 
 @pytest.fixture
 def measurements(monkeypatch):
+    """The timings replaced: the scores 2x as fast, every call counted."""
     calls = []
 
-    def measure(*args):
+    def timings(*args):
         calls.append(args)
-        return "scores"
-    monkeypatch.setattr(attention_kernel, "_measure", measure)
+        return {"sdpa": 2.0, "scores": 1.0}
+    monkeypatch.setattr(attention_kernel, "timings", timings)
     return calls
 
 
@@ -46,48 +46,55 @@ def test_only_candidates_that_can_win_are_measured(measurements, case):
 
 
 def test_a_choice_is_measured_once_per_machine_and_shape(measurements):
-    assert attention_kernel.choose(*SMALL, torch.bfloat16, torch.device("cpu")) == "scores"
-    assert attention_kernel.choose(*SMALL, torch.bfloat16, torch.device("cpu")) == "scores"
+    assert attention_kernel.choose(*SMALL, torch.bfloat16, "cpu") == "scores"
+    assert attention_kernel.choose(*SMALL, torch.bfloat16, "cpu") == "scores"
     assert len(measurements) == 1
-    attention_kernel.choose((1, 4, 32, 8), (1, 4, 32, 8), torch.bfloat16, torch.device("cpu"))
+    attention_kernel.choose((1, 4, 32, 8), (1, 4, 32, 8), torch.bfloat16, "cpu")
     assert len(measurements) == 2
 
 
-def test_the_measurement_picks_one_of_the_kernels():
-    """The real timing, on a small GQA shape: whichever wins, it names a kernel."""
-    assert attention_kernel._measure((1, 4, 16, 8), (1, 2, 16, 8), torch.bfloat16, torch.device("cpu")) \
-        in attention.CAUSAL_KERNELS
+@pytest.mark.parametrize("sdpa, scores, picked", [(1.0, 0.5, "scores"), (1.0, 0.95, "sdpa"), (1.0, 1.5, "sdpa")])
+def test_the_scores_must_win_by_the_margin(sdpa, scores, picked):
+    assert attention_kernel.pick({"sdpa": sdpa, "scores": scores}) == picked
 
 
-def test_use_fastest_registers_the_agreed_kernel_for_the_step_shapes(measurements):
-    config = TINY
-    kernel = attention_kernel.use_fastest(config, 3, 32, torch.bfloat16, "cpu", agree=lambda k: "sdpa")
-    assert kernel == "sdpa"  # the ranks' vote overrides this rank's measurement
-    key = attention.causal_key((3, config.n_head, 32, config.head_dim), (3, config.kv_heads, 32, config.head_dim),
-                               torch.bfloat16, "cpu")
-    assert attention._causal_kernels[key] == "sdpa"
-    assert attention_kernel.use_fastest(config, 3, 32, torch.bfloat16, "cpu") == "scores"
-    assert attention._causal_kernels[key] == "scores"
+def test_both_kernels_are_timed_on_the_models_layout():
+    """Real timings, on a small GQA shape (q, k, v as strided views of one projection)."""
+    seconds = attention_kernel.timings((1, 4, 16, 8), (1, 2, 16, 8), torch.bfloat16, torch.device("cpu"))
+    assert set(seconds) == set(attention.CAUSAL_KERNELS) and all(0 < t < math.inf for t in seconds.values())
 
 
 def test_a_model_with_no_full_causal_layer_measures_nothing(measurements):
     windowed = GPTConfig(n_layer=2, n_head=2, n_embd=16, n_ctx=32, vocab_size=64, pos_emb="rope", window=8)
-    assert attention_kernel.use_fastest(windowed, 2, 32, torch.bfloat16, "cpu") == "sdpa"
+    assert attention_kernel.fastest(windowed, 2, 32, torch.bfloat16, "cpu") == "sdpa"
     assert measurements == []
 
 
-@pytest.mark.parametrize("kernel", ["scores", "sdpa"])
-def test_a_bf16_training_run_uses_the_chosen_kernel(text_file, monkeypatch, kernel):
-    """A run whose measurement picks a kernel runs its steps with that kernel, and the
-    scores kernel trains as SDPA does (bf16 losses within bf16 rounding)."""
-    monkeypatch.setattr(attention_kernel, "_measure", lambda *a: kernel)
-    used = []
+@pytest.mark.parametrize("flag, measured, used", [("auto", "scores", True), ("auto", "sdpa", False),
+                                                   ("scores", "sdpa", True), ("sdpa", "scores", False)])
+def test_a_bf16_training_run_uses_its_kernel_and_only_during_the_run(text_file, monkeypatch, flag, measured, used):
+    monkeypatch.setattr(attention_kernel, "timings", lambda *a: {"sdpa": 1.0, "scores": 1.0, measured: 0.1})
+    calls = []
     monkeypatch.setattr(attention, "scores_causal_attention",
-                        lambda *a: used.append(1) or attention_kernel.scores_causal_attention(*a))
-    losses = [m["loss"] for m in train(tiny_run(text_file, precision="bf16", steps=4)).metrics]
-    assert bool(used) == (kernel == "scores")
-    if kernel == "sdpa":
-        return
-    monkeypatch.setattr(attention_kernel, "_measure", lambda *a: "sdpa")
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(
-        [m["loss"] for m in train(tiny_run(text_file, precision="bf16", steps=4)).metrics]), rtol=2e-2, atol=0)
+                        lambda *a: calls.append(1) or attention_kernel.CAUSAL_KERNELS["scores"](*a))
+    train(tiny_run(text_file, precision="bf16", steps=2, attention_kernel=flag))
+    assert bool(calls) == used
+    assert attention._causal_kernels == {}  # nothing chosen outlives the run
+
+
+def test_the_scores_kernel_trains_as_sdpa_does(text_file):
+    """bf16 losses of the two kernels within bf16 rounding of each other."""
+    losses = {kernel: torch.tensor([m["loss"] for m in train(
+        tiny_run(text_file, precision="bf16", steps=4, attention_kernel=kernel)).metrics]) for kernel in ("scores", "sdpa")}
+    torch.testing.assert_close(losses["scores"], losses["sdpa"], rtol=2e-2, atol=0)
+
+
+def test_scores_with_attention_dropout_is_refused_in_one_line(text_file):
+    with pytest.raises(FgptError, match="no attention dropout"):
+        train(tiny_run(text_file, model=TINY.replace(dropout=0.1), precision="bf16", steps=1,
+                       attention_kernel="scores"))
+
+
+def test_an_unknown_kernel_is_refused(text_file):
+    with pytest.raises(FgptError, match="--attention-kernel must be one of"):
+        train(tiny_run(text_file, attention_kernel="flash"))

@@ -2,6 +2,7 @@
 fastest measurement is kept, and the MFU yardstick that reads the latter."""
 
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -49,6 +50,23 @@ def test_an_unreadable_cache_is_measured_over(cache, content):
     assert kept(cache) == {"rate": 7.0}
 
 
+def _keep_rates(prefix: str) -> None:
+    for i in range(20):
+        machine_cache.fastest_seen(f"{prefix} {i}", float(i))
+
+
+def test_processes_writing_at_once_keep_every_entry(cache):
+    """Each write reads the file afresh under a lock: no process drops another's entries."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_keep_rates, args=(f"p{n}",)) for n in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    assert len(kept(cache)) == 60
+
+
 def test_an_unwritable_cache_still_answers(tmp_path, monkeypatch):
     blocker = tmp_path / "a file"
     blocker.write_text("")
@@ -63,7 +81,7 @@ def test_mfu_yardstick_is_not_lowered_by_a_slow_start_up(cache, monkeypatch):
     monkeypatch.setattr(metrics, "matmul_flops", lambda device, dtype, n: next(rates))
     answers = []
     for _ in range(2):  # two runs: each process measures once
-        metrics.peak_flops.cache_clear()
+        metrics.measured_flops.cache_clear()
         answers.append(metrics.peak_flops("cpu", torch.bfloat16))
-    metrics.peak_flops.cache_clear()
+    metrics.measured_flops.cache_clear()
     assert answers == [400e9, 400e9]

@@ -14,7 +14,7 @@ from fgpt import init_params, load_checkpoint, loss_fn, tree
 from fgpt.checkpoint import latest_checkpoint
 from fgpt.errors import FgptError
 from fgpt.parallel.single import SingleDevice
-from fgpt.training.metrics import peak_flops
+from fgpt.training.metrics import measured_flops
 from fgpt.training.train import TrainConfig, lr_at, train
 from train_case import TINY, assert_reordered_losses_match, tiny_run
 
@@ -116,7 +116,7 @@ def test_resume_with_dropout_continues_bit_for_bit(text_file, tmp_path):
     runs = []
     for kw in ({"out": str(tmp_path / "a")}, {"out": str(tmp_path / "b"), "stop_after": 3},
                {"out": str(tmp_path / "b"), "resume": True}):
-        peak_flops.cache_clear()
+        measured_flops.cache_clear()
         runs.append(train(tiny_run(text_file, model=TINY.replace(dropout=0.1), **kw)))
     straight, first, second = runs
     assert [m["loss"] for m in first.metrics + second.metrics] == [m["loss"] for m in straight.metrics]

@@ -172,7 +172,7 @@ def one_row_product(w: torch.Tensor | SplitMatrix, x: torch.Tensor) -> torch.Ten
     return x @ w if isinstance(w, torch.Tensor) else w.matmul(x)
 
 
-# --- the per-machine cache of measured choices -------------------------------------------------
+# --- measuring layouts: one thread, copies past the caches ---------------------------------------
 
 def on_one_thread(fn: Callable[[], str]) -> str:
     """fn() with torch on one thread, then as before: where the question is which kernel

@@ -10,7 +10,8 @@ The estimate is deliberately plain: compiling pays when
     steps left x eager step time x SAVING  >  COMPILE_S
 
 - eager step time: the step's FLOPs (fgpt.training.metrics.flops_per_token x tokens) over EAGER_SHARE of this
-  device's measured matmul FLOP/s in the run's precision (a 1024^3 matmul, the MFU yardstick);
+  device's measured matmul FLOP/s in the run's precision (a 1024^3 matmul timed at start-up:
+  fgpt.training.metrics.measured_flops);
 - SAVING: the share of an eager step that compiled code saved in `just bench train --compile`
   on a 2-core AVX-512 CPU, on the training loop's kept heap (fgpt/heap.py): the tiny preset
   at 8 x 256 (the default run), bf16 0.10, fp32 0.07; 124M at 4 x 256 saved nothing there

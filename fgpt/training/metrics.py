@@ -26,17 +26,22 @@ def flops_per_token(model_config: GPTConfig, seq_len: int) -> float:
 
 
 @functools.cache
+def measured_flops(device: str, dtype: torch.dtype) -> float:
+    """This device's matmul FLOP/s in `dtype` now (one measurement per process): what a step
+    takes at this moment's speed, load included (`--compile auto`'s estimate)."""
+    return matmul_flops(device, dtype, 4096 if device == "cuda" else 1024)
+
+
 def peak_flops(device: str, dtype: torch.dtype) -> float:
-    """This device's matmul FLOP/s in `dtype`: the yardstick for the MFU estimate. On a CPU,
-    the fastest this machine has run it on this many threads, in this process or an earlier
-    one (fgpt.machine_cache): a measurement taken while other work shares the cores comes
-    out slow, and a slow yardstick makes every MFU above it read high (a default run's
-    once read 82% at the speed that read 50-55% in the run before it)."""
-    n = 4096 if device == "cuda" else 1024
-    rate = matmul_flops(device, dtype, n)
+    """The yardstick for the MFU estimate: on a CPU the fastest `measured_flops` this machine
+    has had on this many threads, in this process or an earlier one (fgpt.machine_cache): a
+    measurement taken while other work shares the cores comes out slow, and a slow yardstick
+    makes every MFU above it read high (a default run's once read 82% at the speed that read
+    50-55% in the run before it). So MFU errs low, never high; deleting the cache forgets it."""
+    rate = measured_flops(device, dtype)
     if torch.device(device).type != "cpu":
         return rate
-    return fastest_seen(f"matmul {dtype} {n}^3 on {torch.get_num_threads()} threads, FLOP/s", rate)
+    return fastest_seen(f"matmul {dtype} 1024^3 on {torch.get_num_threads()} threads, FLOP/s", rate)
 
 
 class StepLog:

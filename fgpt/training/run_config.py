@@ -19,13 +19,13 @@ from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import resolve_device
-from fgpt.training import autocompile, precision
+from fgpt.training import attention_kernel, autocompile, precision
 
 SCHEDULES = ("cosine", "wsd")
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"steps", "stop_after", "eval_interval", "eval_iters", "checkpoint_interval", "out",
                      "resume", "device", "compile", "progress", "window_kernel", "strategy", "reduce_dtype",
-                     "recompute", "heap"}
+                     "recompute", "heap", "attention_kernel"}
 
 
 @dataclass
@@ -61,6 +61,7 @@ class TrainConfig:
     recompute: str = "none"  # none | attention | full: activations computed again in backward
     heap: str = "kept"  # kept | glibc: freed memory kept for the next step, or glibc's default (fgpt/heap.py)
     window_kernel: str = "band"  # kernel of windowed layers: band | flex | dense (fgpt.attention)
+    attention_kernel: str = "auto"  # full causal layers: auto | sdpa | scores (fgpt/training/attention_kernel.py)
     strategy: str = "single"
     progress: bool = True
 
@@ -132,6 +133,7 @@ def validate(run: TrainConfig, *, world_size: int = 1) -> None:
     heap.check(run.heap)
     autocompile.check(run.compile)
     check_window_kernel(run.window_kernel)
+    attention_kernel.check(run.attention_kernel)
     device = resolve_device(run.device)
     if run.strategy == "ddp" and run.reduce_dtype == "bf16":  # here, not in each rank
         from fgpt.parallel.ddp import check_bf16_reduction

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from fgpt import data, heap, tree
+from fgpt.attention import using_causal_kernel
 from fgpt.checkpoint import load_checkpoint
 from fgpt.config import GPTConfig
 from fgpt.errors import FgptError
@@ -33,7 +34,7 @@ from fgpt.model import init_params
 from fgpt.parallel import Strategy, make_strategy
 from fgpt.parallel.process_group import resolve_device
 from fgpt.training import attention_kernel, autocompile, precision, run_dir
-from fgpt.training.metrics import StepLog, flops_per_token, peak_flops
+from fgpt.training.metrics import StepLog, flops_per_token, measured_flops
 from fgpt.training.run_config import TrainConfig, check_batch_split, validate
 from fgpt.training.signals import StopRequest, stop_requests
 
@@ -204,25 +205,32 @@ def resolve_compile(run: TrainConfig, strategy: Strategy, model_config: GPTConfi
     decision = autocompile.choose(
         strategy=run.strategy, recompute=run.recompute, precision=run.precision, steps_left=steps_left,
         step_flops=flops_per_token(model_config, model_config.n_ctx) * model_config.n_ctx
-        * run.batch_size // strategy.world_size, matmul_flops=lambda: peak_flops(strategy.device.type, dtype))
+        * run.batch_size // strategy.world_size, matmul_flops=lambda: measured_flops(strategy.device.type, dtype))
     strategy.compile = decision.on
     if strategy.is_main:
         print(decision.reason, file=sys.stderr)
 
 
-def resolve_attention_kernel(run: TrainConfig, strategy: Strategy, model_config: GPTConfig) -> None:
-    """Full causal layers run the faster of SDPA and explicit scores for this run's
-    micro-batches (fgpt/training/attention_kernel.py), by a vote of the ranks so that all of
-    them run the same one; one stderr line where that is the scores."""
-    def agree(kernel: str) -> str:
-        vote = torch.tensor(1.0 if kernel == "scores" else 0.0)
-        return "scores" if float(strategy.mean_across_ranks(vote)) > 0.5 else "sdpa"
+def resolve_attention_kernel(run: TrainConfig, strategy: Strategy, model_config: GPTConfig) -> tuple[tuple, str]:
+    """(fgpt.attention's key of this run's full causal layers, their kernel): --attention-kernel,
+    or for auto the faster of SDPA and explicit scores here (fgpt/training/attention_kernel.py)
+    by a vote of the ranks, so that all of them run the same maths; one stderr line where
+    auto picked the scores."""
     batch = run.batch_size // (run.grad_accum * strategy.world_size)
     dtype = tree.COMPUTE_DTYPES[run.precision]
-    kernel = attention_kernel.use_fastest(model_config, batch, model_config.n_ctx, dtype, strategy.device, agree)
+    key = attention_kernel.step_key(model_config, batch, model_config.n_ctx, dtype, strategy.device)
+    if run.attention_kernel == "scores" and model_config.dropout > 0:
+        raise FgptError(f"--attention-kernel scores has no attention dropout; this model's dropout is "
+                        f"{model_config.dropout} (use auto or sdpa)")
+    if run.attention_kernel != "auto":
+        return key, run.attention_kernel
+    mine = attention_kernel.fastest(model_config, batch, model_config.n_ctx, dtype, strategy.device)
+    votes = float(strategy.mean_across_ranks(torch.tensor(1.0 if mine == "scores" else 0.0)))
+    kernel = "scores" if votes > 0.5 else "sdpa"
     if kernel == "scores" and strategy.is_main:
-        print(f"causal attention: explicit scores, measured faster than SDPA here for {batch} x "
+        print(f"--attention-kernel auto: scores, measured faster than SDPA here for {batch} x "
               f"{model_config.n_ctx} tokens in {run.precision}", file=sys.stderr)
+    return key, kernel
 
 
 def _train(run: TrainConfig, strategy: Strategy, stop: StopRequest, corpus: data.Corpus | None) -> TrainResult:
@@ -231,35 +239,36 @@ def _train(run: TrainConfig, strategy: Strategy, stop: StopRequest, corpus: data
     model_config, corpus, first, elapsed_s = start(run, strategy, corpus)
     if run.compile == "auto":
         resolve_compile(run, strategy, model_config, steps_left=(run.stop_after or run.steps) - first)
-    resolve_attention_kernel(run, strategy, model_config)
+    kernel_key, kernel = resolve_attention_kernel(run, strategy, model_config)
     out_dir = Path(run.out) if run.out else None
     result = TrainResult(config=model_config, out_dir=out_dir, step=first)
     log = StepLog(run, strategy, model_config, first=first, elapsed_s=elapsed_s)
-    try:
-        for step in range(first, run.steps):
-            n = step + 1
-            row = _train_step(run, strategy, corpus, model_config.n_ctx, step, log)
-            if run.eval_interval and (n % run.eval_interval == 0 or n == run.steps):
-                row["val_loss"] = evaluate(strategy, corpus, run, model_config)
-                row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
-            log.write(row)
-            result.metrics.append(row)
-            result.step = n
-            stopping = stop.anywhere(strategy) or n == run.stop_after
-            periodic = run.checkpoint_interval and n % run.checkpoint_interval == 0
-            if out_dir and (periodic or stopping or n == run.steps):
-                run_dir.save_train_checkpoint(out_dir, strategy, run, model_config, step=n,
-                                              elapsed_s=log.elapsed_s())
-            if stopping:
-                result.interrupted = True
-                break
-    except NonFiniteLoss as e:
-        saved = run_dir.train_state(out_dir)
-        where = (f"; the last good checkpoint (step {saved['step']}) stays in {out_dir}" if saved
-                 else "; no checkpoint had been written" if out_dir else "")
-        raise FgptError(f"{e}{where}") from None
-    finally:
-        log.close()
+    with using_causal_kernel(kernel_key, kernel):  # this run's steps and evaluations
+        try:
+            for step in range(first, run.steps):
+                n = step + 1
+                row = _train_step(run, strategy, corpus, model_config.n_ctx, step, log)
+                if run.eval_interval and (n % run.eval_interval == 0 or n == run.steps):
+                    row["val_loss"] = evaluate(strategy, corpus, run, model_config)
+                    row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+                log.write(row)
+                result.metrics.append(row)
+                result.step = n
+                stopping = stop.anywhere(strategy) or n == run.stop_after
+                periodic = run.checkpoint_interval and n % run.checkpoint_interval == 0
+                if out_dir and (periodic or stopping or n == run.steps):
+                    run_dir.save_train_checkpoint(out_dir, strategy, run, model_config, step=n,
+                                                  elapsed_s=log.elapsed_s())
+                if stopping:
+                    result.interrupted = True
+                    break
+        except NonFiniteLoss as e:
+            saved = run_dir.train_state(out_dir)
+            where = (f"; the last good checkpoint (step {saved['step']}) stays in {out_dir}" if saved
+                     else "; no checkpoint had been written" if out_dir else "")
+            raise FgptError(f"{e}{where}") from None
+        finally:
+            log.close()
     result.params = strategy.full_params()
     return result
 

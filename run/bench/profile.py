@@ -21,11 +21,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from fgpt import GPTConfig, init_params
-from fgpt.attention import scores_causal_attention
+from fgpt.attention import CAUSAL_KERNELS
 from fgpt.heap import keep_freed_memory
 from fgpt.inference.generate import decode_layout
 from fgpt.inference.kv_cache import KVCache
@@ -123,11 +122,10 @@ def profile_products(args) -> None:
     q_shape, k_shape = attention_kernel.step_shapes(config, args.batch_size, args.seq_len)
     q = torch.randn(q_shape, generator=gen).to(dtype).requires_grad_()
     k, v = (torch.randn(k_shape, generator=gen).to(dtype).requires_grad_() for _ in range(2))
-    kernel = attention_kernel.choose(q_shape, k_shape, dtype, torch.device("cpu"))  # run.train's pick
+    kernel = attention_kernel.fastest(config, args.batch_size, args.seq_len, dtype, "cpu")  # run.train's pick
 
     def attention():
-        out = (scores_causal_attention(q, k, v) if kernel == "scores" else
-               F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q_shape[1] != k_shape[1]))
+        out = CAUSAL_KERNELS[kernel](q, k, v)
         out.backward(torch.ones_like(out))
     seconds = best_time(attention, 3)
     total += config.n_layer * seconds

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fgpt import GPTConfig, init_params
+from fgpt.attention import use_causal_kernel
 from fgpt.heap import HEAPS, keep_freed_memory, release_freed_memory
 from fgpt.measure import in_child, machine_line, matmul_flops, peak_rss_growth
 from fgpt.parallel.base import adamw_param_groups
@@ -51,8 +52,8 @@ def fgpt_step(config: GPTConfig, precision: str, device: str, compile: bool = Fa
     def step(x, y):
         if x.shape not in kernels:
             kernels[x.shape] = attention if attention != "auto" else \
-                attention_kernel.use_fastest(config, *x.shape, dtype, device)
-        attention_kernel.use(config, *x.shape, dtype, device, kernels[x.shape])
+                attention_kernel.fastest(config, *x.shape, dtype, device)
+        use_causal_kernel(attention_kernel.step_key(config, *x.shape, dtype, device), kernels[x.shape])
         strategy.forward_backward(x, y, scale=1.0, sync=True)
         strategy.clip_grad_norm(1.0)
         strategy.step()
