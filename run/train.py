@@ -21,11 +21,11 @@ from fgpt.config import GPTConfig, PRESETS
 from fgpt.data import check_text_field
 from fgpt.errors import FgptError
 from fgpt.heap import HEAPS
-from fgpt.training.attention_kernel import CHOICES as ATTENTION_KERNELS
 from fgpt.parallel import STRATEGIES
 from fgpt.parallel.process_group import DEVICES
 from fgpt.recompute import RECOMPUTE
 from fgpt.training import precision, run_dir
+from fgpt.training.attention_kernel import CHOICES as ATTENTION_KERNELS
 from fgpt.training.autocompile import CHOICES
 from fgpt.training.run_config import SCHEDULES
 from fgpt.training.train import TrainConfig, check_launch, train
